@@ -1,0 +1,7 @@
+"""`python -m jaxbooth ...` (also what `accelerate launch -m jaxbooth train ...` runs)."""
+
+import sys
+
+from jaxbooth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Which backend supports which run-spec option, and the ``backend: auto`` decision.
+
+The table is data: one row per option (or per option value) that not every backend
+supports, plus rows that record the JAX path's coverage of features diffusers' Flax
+script lacked. Options without a row are framework-neutral (paths, prompts, data
+loading) and work on both. An option counts as *set* when it differs from its default.
+
+Imports only the standard library at module level (``jaxbooth.spec`` is imported inside
+functions, so either module can be imported first). Probing devices is the CLI's job;
+everything here is pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jaxbooth.errors import JaxboothError
+
+if TYPE_CHECKING:
+    from jaxbooth.spec import RunSpec
+
+JAX, TORCH = "jax", "torch"
+BOTH = frozenset({JAX, TORCH})
+JAX_ONLY = frozenset({JAX})
+TORCH_ONLY = frozenset({TORCH})
+
+# `backend: auto` uses JAX on GPUs with at least this much memory (the diffusers guide's
+# ">30GB" for Flax). Decimal GB, so a "32 GB" V100 (34.1e9 bytes) counts.
+JAX_MIN_GPU_MEMORY_BYTES = 30 * 10**9
+
+
+@dataclass(frozen=True)
+class Capability:
+    """``key`` set to a non-default value (or, when ``values`` is given, to one of them) needs
+    one of ``backends``."""
+
+    key: str
+    backends: frozenset[str]
+    values: tuple[Any, ...] = ()
+    note: str = ""
+
+
+CAPABILITIES: tuple[Capability, ...] = (
+    # Supported by both; listed because the old Flax script lacked them or they are core.
+    Capability("train_text_encoder", BOTH),
+    Capability("with_prior_preservation", BOTH),
+    Capability("snr_gamma", BOTH, note="Min-SNR weighting, computed once in jaxbooth.diffusion"),
+    Capability("offset_noise", BOTH),
+    Capability("gradient_checkpointing", BOTH, note="remat on jax"),
+    Capability("mixed_precision", BOTH, values=("bf16", "fp16", "no")),
+    Capability("gradient_accumulation_steps", BOTH, note="optax.MultiSteps on jax"),
+    Capability("lr_scheduler", BOTH),
+    Capability("checkpointing_steps", BOTH),
+    Capability("resume_from_checkpoint", BOTH),
+    Capability("validation_prompt", BOTH),
+    Capability("push_to_hub", BOTH),
+    Capability("cache_latents", BOTH),
+    Capability("pre_compute_text_embeddings", BOTH),
+    Capability("text_encoder_use_attention_mask", BOTH),
+    Capability("tokenizer_max_length", BOTH),
+    Capability("dataloader_num_workers", BOTH, note="harmless on both"),
+    # Torch only.
+    Capability("use_8bit_adam", TORCH_ONLY, note="bitsandbytes"),
+    Capability("enable_xformers_memory_efficient_attention", TORCH_ONLY, note="xFormers is a CUDA library"),
+    Capability("set_grads_to_none", TORCH_ONLY, note="a torch optimizer.zero_grad option"),
+    Capability("allow_tf32", TORCH_ONLY, note="a torch.backends.cuda switch"),
+    Capability("class_labels_conditioning", TORCH_ONLY, note="DeepFloyd IF stage II"),
+    Capability("model_family", TORCH_ONLY, values=("deepfloyd_if",), note="DeepFloyd IF training"),
+    Capability("model_family", TORCH_ONLY, values=("sdxl",), note="SDXL training (jax: planned)"),
+    Capability("use_lora", TORCH_ONLY, note="LoRA training (jax: planned)"),
+    Capability("do_edm_style_training", TORCH_ONLY),
+    Capability("optimizer", TORCH_ONLY, values=("prodigy",), note="prodigyopt"),
+    Capability("prodigy_beta3", TORCH_ONLY),
+    Capability("prodigy_decouple", TORCH_ONLY),
+    Capability("prodigy_use_bias_correction", TORCH_ONLY),
+    Capability("prodigy_safeguard_warmup", TORCH_ONLY),
+    Capability("report_to", TORCH_ONLY,
+               values=("aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "trackio"),
+               note="accelerate trackers; jax logs to tensorboard and wandb"),
+    # JAX only.
+    Capability("optimizer", JAX_ONLY, values=("adafactor", "lion"), note="optax"),
+    Capability("fsdp_parallelism", JAX_ONLY, note="sharded params and optimizer state"),
+    Capability("data_parallelism", JAX_ONLY, note="torch takes the process count from its launcher"),
+    Capability("attention", JAX_ONLY, values=("xla", "dot_product", "flash")),
+    Capability("compilation_cache_dir", JAX_ONLY),
+    Capability("coordinator_address", JAX_ONLY, note="jax.distributed; torch uses accelerate launch"),
+    Capability("num_processes", JAX_ONLY),
+    Capability("process_id", JAX_ONLY),
+)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the CLI found: platform ('cpu' | 'gpu' | 'tpu'), memory per device (total, not the
+    allocator's limit; None if unknown) and device count."""
+
+    platform: str
+    memory_bytes: int | None
+    count: int
+
+    def __post_init__(self) -> None:
+        aliases = {"cuda": "gpu", "rocm": "gpu"}
+        object.__setattr__(self, "platform", aliases.get(self.platform, self.platform))
+        if self.platform not in ("cpu", "gpu", "tpu"):
+            raise ValueError(f"DeviceInfo.platform={self.platform!r}; expected cpu, gpu or tpu")
+        if self.count < 1:
+            raise ValueError(f"DeviceInfo.count={self.count}; expected >= 1")
+
+
+def unsupported_options(spec: RunSpec, backend: str, *, model_family: str | None = None
+                        ) -> list[tuple[str, Any, frozenset[str]]]:
+    """(key, value, backends that support it) for every set option that ``backend`` lacks.
+
+    ``model_family`` is the family the CLI detected from the model files; it stands in for
+    ``model_family: auto``.
+    """
+    from jaxbooth.spec import FIELDS
+
+    values = spec.flat()
+    if model_family is not None and values["model_family"] == "auto":
+        values["model_family"] = model_family
+    out = []
+    for cap in CAPABILITIES:
+        value = values[cap.key]
+        if value == FIELDS[cap.key].default or (cap.values and value not in cap.values):
+            continue
+        if backend not in cap.backends:
+            out.append((cap.key, value, cap.backends))
+    return out
+
+
+def _flag(key: str, value: Any) -> str:
+    return f"--{key}" if value is True else f"--{key}={value}"
+
+
+def check_backend(spec: RunSpec, backend: str, *, model_family: str | None = None) -> None:
+    """Raise naming every set option ``backend`` cannot honour and the backend that can.
+
+    A JAX run never drops a torch-only option silently (and vice versa).
+    """
+    if backend not in (JAX, TORCH):
+        raise JaxboothError(f"--backend={backend!r}: expected jax or torch here (auto is resolved first)")
+    problems = []
+    for key, value, backends in unsupported_options(spec, backend, model_family=model_family):
+        other = "/".join(sorted(backends))
+        problems.append(f"{_flag(key, value)} is only supported by the {other} backend; "
+                        f"use --backend={other} or drop it")
+    if problems:
+        raise JaxboothError("\n".join(problems))
+
+
+def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | None = None
+                   ) -> tuple[str, str]:
+    """(backend, reason) for this spec on this device; the reason is printed for the user.
+
+    auto: an option only one backend supports decides; otherwise jax on TPU, CPU and GPUs
+    with >= 30 GB, torch on smaller GPUs (it has 8-bit Adam, xFormers and DeepSpeed).
+    An explicit backend is validated with ``check_backend``.
+    """
+    if spec.backend != "auto":
+        check_backend(spec, spec.backend, model_family=model_family)
+        _check_platform(spec.backend, device, f"--backend={spec.backend}")
+        return spec.backend, f"backend {spec.backend} (set explicitly)"
+    needs_torch = unsupported_options(spec, JAX, model_family=model_family)
+    needs_jax = unsupported_options(spec, TORCH, model_family=model_family)
+    if needs_torch and needs_jax:
+        raise JaxboothError(f"no backend supports all options: {_names(needs_torch)} need torch and "
+                            f"{_names(needs_jax)} need jax; drop one side")
+    if needs_torch:
+        _check_platform(TORCH, device, _names(needs_torch))
+        return TORCH, f"backend auto -> torch: {_names(needs_torch)} {_is(needs_torch)} torch-only"
+    if needs_jax:
+        return JAX, f"backend auto -> jax: {_names(needs_jax)} {_is(needs_jax)} jax-only"
+    return _by_device(device)
+
+
+def _by_device(device: DeviceInfo) -> tuple[str, str]:
+    if device.platform == "tpu":
+        return JAX, f"backend auto -> jax: TPU ({device.count} devices)"
+    if device.platform == "cpu":
+        return JAX, "backend auto -> jax: CPU"
+    if device.memory_bytes is None:
+        return TORCH, "backend auto -> torch: GPU memory unknown, torch has more memory savers"
+    gb = device.memory_bytes / 1e9
+    if device.memory_bytes >= JAX_MIN_GPU_MEMORY_BYTES:
+        return JAX, f"backend auto -> jax: GPU with {gb:.0f} GB (>= 30 GB)"
+    return TORCH, f"backend auto -> torch: GPU with {gb:.0f} GB (< 30 GB; torch has 8-bit Adam, xFormers)"
+
+
+def _check_platform(backend: str, device: DeviceInfo, why: str) -> None:
+    if backend == TORCH and device.platform == "tpu":
+        raise JaxboothError(f"{why} needs the torch backend, which does not run on TPU; "
+                            "drop it to train with jax")
+
+
+def _names(found: list[tuple[str, Any, frozenset[str]]]) -> str:
+    return ", ".join(_flag(key, value) for key, value, _ in found)
+
+
+def _is(found: list) -> str:
+    return "is" if len(found) == 1 else "are"

@@ -1,0 +1,154 @@
+"""`jaxbooth train | generate | tiny-model | spec`: parse, pick the backend, hand over.
+
+Kept thin on purpose: the work is in libraries that tests call directly. Backends are
+imported lazily, so the JAX path never imports torch and vice versa. Every
+``JaxboothError`` is printed as one message with no traceback (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from jaxbooth.errors import JaxboothError
+
+USAGE = """usage: jaxbooth <command> [options]
+
+commands:
+  train        DreamBooth fine-tuning; takes diffusers' train_dreambooth.py flags
+               (jaxbooth train --help lists them) and --config RUN.yaml
+  generate     images from a trained pipeline: jaxbooth generate MODEL_DIR "prompt" -n 4
+  tiny-model   write a random-weight SD-shaped pipeline: jaxbooth tiny-model OUT [--size tiny|small]
+  spec         print the resolved run spec as YAML (same flags as train)
+"""
+
+
+def probe_device():
+    """What the default JAX device is, for ``backend: auto`` (torch's view if jax is absent)."""
+    from jaxbooth.spec import DeviceInfo
+
+    try:
+        import jax
+
+        devices = jax.devices()
+        memory = None
+        if devices[0].platform == "gpu":
+            stats = devices[0].memory_stats() or {}
+            memory = stats.get("bytes_limit")
+        return DeviceInfo(platform=devices[0].platform, memory_bytes=memory, count=len(devices))
+    except ImportError:
+        import torch
+
+        if torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(0).total_memory
+            return DeviceInfo(platform="gpu", memory_bytes=memory, count=torch.cuda.device_count())
+        return DeviceInfo(platform="cpu", memory_bytes=None, count=1)
+
+
+def resolve_backend(spec) -> str:
+    from jaxbooth.spec import check_backend, choose_backend
+
+    if spec.backend != "auto":
+        check_backend(spec, spec.backend)
+        return spec.backend
+    backend, reason = choose_backend(spec, probe_device())
+    print(reason, file=sys.stderr)
+    return backend
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from jaxbooth.spec import load_spec
+
+    spec = load_spec(list(argv))
+    backend = resolve_backend(spec)
+    if backend == "jax":
+        from jaxbooth.jax_backend.train import train
+
+        train(spec)
+    else:
+        try:
+            from jaxbooth.torch_backend.train import train as torch_train
+        except ImportError as error:
+            raise JaxboothError(f"backend torch is not available here ({error}); install the torch extra: "
+                                "pip install 'jaxbooth[torch]'") from None
+        torch_train(spec)
+    return 0
+
+
+def cmd_spec(argv: Sequence[str]) -> int:
+    import yaml
+
+    from jaxbooth.spec import load_spec, spec_to_dict
+
+    print(yaml.safe_dump(spec_to_dict(load_spec(list(argv))), sort_keys=False), end="")
+    return 0
+
+
+def cmd_tiny_model(argv: Sequence[str]) -> int:
+    from jaxbooth.tiny import SIZES, write_tiny_pipeline
+
+    parser = argparse.ArgumentParser(prog="jaxbooth tiny-model", description="random-weight SD-shaped pipeline")
+    parser.add_argument("out")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_pipeline(args.out, args.size, args.seed))
+    return 0
+
+
+def cmd_generate(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxbooth generate", description="sample images from a pipeline")
+    parser.add_argument("model_dir", help="a diffusers SD pipeline folder (or Hub id in the local cache)")
+    parser.add_argument("prompt")
+    parser.add_argument("-n", "--num_images", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=None, help="default: from the model")
+    parser.add_argument("--out", default="samples")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.steps < 1:
+        raise JaxboothError("generate: -n and --steps must be at least 1")
+    from jaxbooth.jax_backend.generate import generate_to_dir
+
+    for path in generate_to_dir(args.model_dir, args.prompt, num_images=args.num_images, steps=args.steps,
+                                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                                scheduler=args.scheduler, seed=args.seed, resolution=args.resolution,
+                                out_dir=args.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "tiny-model": cmd_tiny_model, "spec": cmd_spec}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"jaxbooth: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except JaxboothError as error:
+        print(f"jaxbooth {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxbooth {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The JAX/Flax backend. Imports the shared core, never torch or the torch backend."""

@@ -1,0 +1,175 @@
+"""Checkpoints in the layout diffusers users know, written asynchronously with orbax.
+
+``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (orbax: params, optimizer state, step, RNG),
+``unet/`` (and ``text_encoder/`` when trained) in diffusers' PyTorch layout, so
+``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works
+while training goes on, and ``jaxbooth_checkpoint.json`` (data position, resolved spec).
+That json is written last: a checkpoint without it (killed mid-write) is never resumed
+from, and is cleared away by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxbooth import output, spec as spec_lib
+from jaxbooth.errors import JaxboothError
+
+PREFIX = "checkpoint-"
+MARKER = "jaxbooth_checkpoint.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (not complete_only or (path / MARKER).is_file()):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | None:
+    """``latest`` -> newest complete checkpoint; a name or path -> that one (it must be complete).
+
+    As in diffusers, ``latest`` with no checkpoint yet starts a fresh run.
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
+            return None
+        return found[-1][1]
+    path = Path(resume_from)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume_from
+    if not (path / MARKER).is_file():
+        complete = [p.name for _, p in list_checkpoints(output_dir)]
+        raise JaxboothError(f"--resume_from_checkpoint={resume_from}: {path} is not a complete jaxbooth checkpoint "
+                            f"(no {MARKER}); complete ones in {output_dir}: {complete or 'none'}; "
+                            "use one of them or 'latest'")
+    return path
+
+
+def restore(path: Path, state: Any, shardings: Any) -> tuple[Any, dict]:
+    """Restore the train state into the shardings of ``state``; returns (state, marker record)."""
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path.absolute() / "state", target)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise JaxboothError(f"{path}: the saved train state does not fit this run ({error}); resume with the "
+                            "same model and options, or start a new output_dir") from None
+    return restored, json.loads((path / MARKER).read_text())
+
+
+def maybe_resume(spec: spec_lib.RunSpec, output_dir: Path, state: Any, shardings: Any, iterator) -> tuple[Any, Path | None]:
+    path = resolve_resume_path(output_dir, spec.checkpointing.resume_from_checkpoint)
+    if path is None:
+        return state, None
+    state, record = restore(path, state, shardings)
+    iterator.load_state_dict(record["data"])
+    return state, path
+
+
+class CheckpointWriter:
+    """Saves in the background: the loop only waits for the device-to-host copy.
+
+    One save is in flight at a time. ``keep`` (checkpoints_total_limit) prunes the oldest
+    complete checkpoints once a new one is complete, across resumes too.
+    """
+
+    def __init__(self, output_dir: Path, keep: int | None):
+        self.output_dir, self.keep = output_dir, keep
+        self._checkpointer = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if jax.process_index() == 0:
+            self._clear_incomplete()
+
+    def _clear_incomplete(self) -> None:
+        for _, path in list_checkpoints(self.output_dir, complete_only=False):
+            if not (path / MARKER).is_file():
+                _log(f"removing {path}: an interrupted checkpoint (no {MARKER})")
+                shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, state: Any, data_state: dict, spec: spec_lib.RunSpec,
+             export: Callable[[Path, Any], None], gather: Callable[[Any], Any]) -> None:
+        self.wait()
+        path = self.output_dir / f"{PREFIX}{step}"
+        if jax.process_index() == 0 and path.exists():
+            shutil.rmtree(path)
+        self._checkpointer.save(path.absolute() / "state", args=ocp.args.StandardSave(state))
+        params_host = gather(state)
+        record = {"step": step, "data": data_state, "spec": spec_lib.spec_to_dict(spec)}
+        self._thread = threading.Thread(target=self._finish, args=(path, params_host, record, export), daemon=True)
+        self._thread.start()
+
+    def _finish(self, path: Path, params_host: Any, record: dict, export: Callable) -> None:
+        try:
+            self._checkpointer.wait_until_finished()
+            if jax.process_index() != 0:
+                return
+            export(path, params_host)
+            output.atomic_write_text(path / MARKER, json.dumps(record, indent=1, default=str) + "\n")
+            self._prune()
+            _log(f"saved {path}")
+        except BaseException as error:  # surfaced on the main thread by wait()
+            self._error = error
+
+    def _prune(self) -> None:
+        if not self.keep:
+            return
+        complete = list_checkpoints(self.output_dir)
+        for _, path in complete[: max(0, len(complete) - self.keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise JaxboothError(f"saving a checkpoint failed: {error}") from error
+
+
+class StopOnSignal:
+    """SIGTERM (TPU preemption, `kill`) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.requested = True
+        _log(f"received signal {signum}: saving a checkpoint after this step")
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

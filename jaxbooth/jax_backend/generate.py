@@ -1,0 +1,81 @@
+"""`jaxbooth generate`: a diffusers SD pipeline folder -> PNG files, on the Flax models.
+
+Works on any SD 1.x/2.x pipeline folder in the PyTorch (safetensors) or old Flax
+(msgpack) layout, including what `jaxbooth train` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxbooth.errors import JaxboothError
+from jaxbooth.jax_backend import pretrained
+from jaxbooth.jax_backend.models import clip as clip_lib
+from jaxbooth.jax_backend.models.unet import FlaxUNet2DConditionModel
+from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
+from jaxbooth.jax_backend.sample import StableDiffusionSampler, make_pipeline_sampler
+from jaxbooth.text import load_tokenizer
+
+
+def read_scheduler_config(model_dir: Path) -> dict:
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise JaxboothError(f"{path}: cannot read the scheduler config ({error}); is {model_dir} a diffusers "
+                            "pipeline folder?") from None
+
+
+def vae_scale_factor(vae_config: Any) -> int:
+    """Pixels per latent, as diffusers' pipelines derive it from the VAE's block count."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def sampler_from_models(*, model_dir: Path, tokenizer: Any, unet: FlaxUNet2DConditionModel, unet_params: Any,
+                        text_encoder: Any, text_params: Any, vae_config: Any, vae_params: Any,
+                        sampler_name: str, use_attention_mask: bool = False, mesh=None) -> StableDiffusionSampler:
+    """Bind loaded (or in-training) models into a sampler; shared by `generate` and validation."""
+    scale = vae_scale_factor(vae_config)
+    return make_pipeline_sampler(
+        tokenizer=tokenizer, text_encoder=text_encoder, text_params=text_params, unet=unet, unet_params=unet_params,
+        vae=FlaxAutoencoderKL(vae_config), vae_params=vae_params, scheduler_config=read_scheduler_config(model_dir),
+        sampler_name=sampler_name, scaling_factor=float(vae_config.scaling_factor), vae_scale_factor=scale,
+        latent_channels=int(vae_config.latent_channels), default_size=int(unet.config.sample_size) * scale,
+        use_attention_mask=use_attention_mask, mesh=mesh)
+
+
+def load_pipeline_sampler(model_dir: Path, *, sampler_name: str, variant: str | None = None,
+                          mesh=None) -> StableDiffusionSampler:
+    """Load tokenizer, text encoder, UNet and VAE of a pipeline folder into a sampler (fp32)."""
+    unet_config, _, unet_params = pretrained.load_pretrained(model_dir, "unet", variant=variant, dtype=jnp.float32)
+    text_config, _, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant,
+                                                             dtype=jnp.float32)
+    vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae", variant=variant, dtype=jnp.float32)
+    return sampler_from_models(
+        model_dir=model_dir, tokenizer=load_tokenizer(model_dir), unet=FlaxUNet2DConditionModel(unet_config),
+        unet_params=unet_params, text_encoder=clip_lib.make_text_encoder(text_config), text_params=text_params,
+        vae_config=vae_config, vae_params=vae_params, sampler_name=sampler_name, mesh=mesh)
+
+
+def generate_to_dir(model_dir: str, prompt: str, *, num_images: int, steps: int, guidance_scale: float,
+                    negative_prompt: str | None, scheduler: str, seed: int, resolution: int | None,
+                    out_dir: str) -> list[Path]:
+    """Sample ``num_images`` images of ``prompt`` and write them as PNG files; returns their paths."""
+    from jaxbooth.hub import resolve_model_dir
+
+    folder = Path(resolve_model_dir(model_dir))
+    sampler = load_pipeline_sampler(folder, sampler_name=scheduler)
+    images = sampler.generate([prompt] * num_images, negative_prompt=negative_prompt, num_inference_steps=steps,
+                              guidance_scale=guidance_scale, seed=seed, height=resolution, width=resolution)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = out / f"sample-seed{seed}-{index:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,249 @@
+"""Learning-rate schedules and the optax optimizer for the JAX backend.
+
+Owns the reproduction of diffusers' `get_scheduler` (optimization.py) and of the
+`torch.optim.AdamW` + `clip_grad_norm_` + accelerate gradient-accumulation update that
+`examples/dreambooth/train_dreambooth.py` performs. Imports jax, optax and numpy only,
+never torch or the torch backend.
+
+How the reference steps its schedule (accelerate `AcceleratedScheduler.step`): the script
+calls `lr_scheduler.step()` on every micro-batch, but the wrapper only advances the
+underlying `LambdaLR` when `GradientState.sync_gradients` is true, i.e. once per optimizer
+update (`adjust_scheduler` only bumps `_step_count`, which no LR value reads), and then
+`num_processes` times. The script multiplies warmup and total steps by `num_processes`,
+so update n (0-based) uses `lr * lambda(n * P)` with `W * P`, `T * P`: the same value as
+`lr * lambda(n)` with W and T unscaled. Our schedules are therefore built with the
+unscaled `lr_warmup_steps` / `max_train_steps` and indexed by optax's update count.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbooth.errors import JaxboothError
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+
+# diffusers `get_polynomial_decay_schedule_with_warmup` default; `get_scheduler` never overrides it.
+POLYNOMIAL_LR_END = 1e-7
+
+_Factor = Callable[[jax.Array], jax.Array]
+
+
+def _unknown_choice(key: str, value: object, choices: tuple[str, ...]) -> JaxboothError:
+    """Build the 'not one of' error with a closest-match hint."""
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return JaxboothError(f"{key}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _as_float(count: jax.Array | int) -> jax.Array:
+    """The update count as the default float (f64 under `jax.enable_x64`, for parity tests)."""
+    return jnp.asarray(count, dtype=jnp.result_type(float))
+
+
+def _warmup(step: jax.Array, num_warmup_steps: int) -> jax.Array:
+    """Linear 0 -> 1 ramp shared by every diffusers warmup: step / max(1, W)."""
+    return step / max(1, num_warmup_steps)
+
+
+def _decay_factor(name: str, num_warmup_steps: int, num_training_steps: int, num_cycles: int) -> _Factor:
+    """Post-warmup multiplier of diffusers' linear / cosine / cosine_with_restarts lambdas."""
+    w, t = num_warmup_steps, num_training_steps
+    span = max(1, t - w)
+
+    def linear(step: jax.Array) -> jax.Array:
+        return jnp.maximum(0.0, (t - step) / span)
+
+    def cosine(step: jax.Array) -> jax.Array:
+        # get_scheduler never forwards num_cycles here: diffusers' cosine is always the
+        # half-cosine default (num_cycles=0.5), so --lr_num_cycles only affects restarts.
+        progress = (step - w) / span
+        return jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    def cosine_with_restarts(step: jax.Array) -> jax.Array:
+        progress = (step - w) / span
+        cycle = jnp.mod(float(num_cycles) * progress, 1.0)
+        value = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * cycle)))
+        return jnp.where(progress >= 1.0, 0.0, value)
+
+    return {"linear": linear, "cosine": cosine, "cosine_with_restarts": cosine_with_restarts}[name]
+
+
+def _polynomial_lr(
+    learning_rate: float, num_warmup_steps: int, num_training_steps: int, power: float
+) -> optax.Schedule:
+    """diffusers `get_polynomial_decay_schedule_with_warmup` with its fixed lr_end=1e-7."""
+    w, t = num_warmup_steps, num_training_steps
+    lr_range = learning_rate - POLYNOMIAL_LR_END
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = _as_float(count)
+        # W <= step <= T in the branch that is kept, so the clamp only guards the others
+        # (and T == W, where diffusers divides by zero).
+        remaining = jnp.clip(1.0 - (step - w) / max(1, t - w), 0.0, 1.0)
+        decay = lr_range * remaining**power + POLYNOMIAL_LR_END
+        after = jnp.where(step > t, POLYNOMIAL_LR_END, decay)
+        return jnp.where(step < w, learning_rate * _warmup(step, w), after)
+
+    return schedule
+
+
+def make_lr_schedule(
+    name: str,
+    *,
+    learning_rate: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> optax.Schedule:
+    """Optax schedule equal to diffusers `get_scheduler(name, ...)` per optimizer update.
+
+    `count` is optax's 0-based update count; update n uses `lr * lambda(n)`, as torch's
+    `LambdaLR` does (it sets `lambda(0)` at construction, then steps after each update).
+    Pass the *unscaled* `lr_warmup_steps` / `max_train_steps` (see module docstring).
+    `num_cycles` only affects cosine_with_restarts and `power` only polynomial, exactly
+    as `get_scheduler` forwards them. Parity-tested in tests/jax_backend/test_optim.py.
+    """
+    if name not in LR_SCHEDULERS:
+        raise _unknown_choice("lr_scheduler", name, LR_SCHEDULERS)
+    if num_warmup_steps < 0 or num_training_steps < 0:
+        raise JaxboothError(
+            f"lr_warmup_steps={num_warmup_steps} and max_train_steps={num_training_steps} "
+            "must both be >= 0"
+        )
+    if name == "polynomial":
+        if not learning_rate > POLYNOMIAL_LR_END:
+            raise JaxboothError(
+                f"learning_rate={learning_rate} must be larger than the polynomial scheduler's "
+                f"end lr {POLYNOMIAL_LR_END} (diffusers' fixed lr_end); raise learning_rate"
+            )
+        return _polynomial_lr(learning_rate, num_warmup_steps, num_training_steps, power)
+    if name == "constant":
+        return lambda count: jnp.full((), learning_rate, _as_float(count).dtype)
+
+    w = num_warmup_steps
+    if name == "constant_with_warmup":
+        after: _Factor = lambda step: jnp.ones_like(step)
+    else:
+        after = _decay_factor(name, w, num_training_steps, num_cycles)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = _as_float(count)
+        return learning_rate * jnp.where(step < w, _warmup(step, w), after(step))
+
+    return schedule
+
+
+def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
+    """`torch.nn.utils.clip_grad_norm_`: scale by min(1, max_norm / (norm + 1e-6)).
+
+    Unlike `optax.clip_by_global_norm` (divides by the bare norm, only above max_norm),
+    torch adds 1e-6 to the norm; keeping it makes the AdamW parity test exact in f64.
+    """
+
+    def clip(updates: Any, params: Any = None) -> Any:
+        del params
+        coef = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates)
+
+    return optax.stateless(clip)
+
+
+def _make_base_optimizer(
+    name: str,
+    schedule: optax.ScalarOrSchedule,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+    weight_decay: float,
+) -> optax.GradientTransformation:
+    """The per-update rule without clipping or accumulation."""
+    if name == "adamw":
+        # optax.adamw == torch.optim.AdamW: bias-corrected moments, eps outside the sqrt,
+        # decoupled decay lr*wd*param on every trainable leaf (the script passes one
+        # param group, so biases and norms decay too).
+        return optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay)
+    if name == "lion":
+        # Decay is decoupled and scaled by lr, like AdamW; betas come from the adam_* keys.
+        return optax.lion(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay)
+    if name == "adafactor":
+        # optax's adafactor adds weight decay *after* the lr scaling (not lr-scaled), so
+        # adam_weight_decay would decay 1%/step: it is not applied here. Parameter-scale
+        # multiplication is off so learning_rate is an absolute step size, as with AdamW.
+        return optax.adafactor(schedule, multiply_by_parameter_scale=False)
+    raise _unknown_choice("optimizer", name, OPTIMIZERS)
+
+
+def _mask_labels(trainable_mask: Any) -> Any:
+    """Map a bool mask (pytree or params -> pytree callable) to multi_transform labels."""
+
+    def to_labels(mask_tree: Any) -> Any:
+        return jax.tree.map(lambda keep: "trainable" if keep else "frozen", mask_tree)
+
+    if callable(trainable_mask):
+        return lambda params: to_labels(trainable_mask(params))
+    return to_labels(trainable_mask)
+
+
+def make_optimizer(
+    *,
+    learning_rate_schedule: optax.ScalarOrSchedule,
+    optimizer: str = "adamw",
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    adam_epsilon: float = 1e-8,
+    adam_weight_decay: float = 1e-2,
+    max_grad_norm: float | None = 1.0,
+    gradient_accumulation_steps: int = 1,
+    trainable_mask: Any = None,
+) -> optax.GradientTransformation:
+    """The train_dreambooth.py update: accumulate -> clip -> AdamW, as one optax transform.
+
+    Mirrors accelerate + torch: micro-step gradients are averaged (accelerate divides the
+    loss by k) by `optax.MultiSteps`, which emits zero updates on the first k-1 calls; the
+    clip (`clip_grad_norm_` runs only when `sync_gradients`) then sees the averaged
+    gradient, and the schedule advances once per real update. `trainable_mask` (bool
+    pytree or callable on params) routes frozen leaves to `set_to_zero`, so they get no
+    moments and no accumulator, like params with `requires_grad=False`, and are left out
+    of the clip norm, as torch only sees params that have a `.grad`.
+    """
+    if gradient_accumulation_steps < 1:
+        raise JaxboothError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
+    tx = _make_base_optimizer(
+        optimizer, learning_rate_schedule, adam_beta1, adam_beta2, adam_epsilon, adam_weight_decay
+    )
+    if max_grad_norm is not None and max_grad_norm > 0:
+        tx = optax.chain(clip_by_global_norm_like_torch(max_grad_norm), tx)
+    if gradient_accumulation_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=gradient_accumulation_steps).gradient_transformation()
+    if trainable_mask is None:
+        return tx
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, _mask_labels(trainable_mask))
+
+
+def count_optimizer_state_bytes(opt_state: Any) -> int:
+    """Bytes held by an optimizer state; works on arrays and `jax.eval_shape` structs alike."""
+    total = 0
+    for leaf in jax.tree.leaves(opt_state):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        else:
+            total += np.asarray(leaf).nbytes
+    return total

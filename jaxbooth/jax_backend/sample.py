@@ -1,0 +1,322 @@
+"""Text-to-image sampling with jaxbooth's Flax models: the denoising loop, VAE decode, and a
+prompt-to-PIL sampler for validation images.
+
+Mirrors diffusers `StableDiffusionPipeline.__call__` (classifier-free guidance, initial noise
+times `init_noise_sigma`, `latents / scaling_factor` before decode, the uint8 post-process),
+but the whole denoising loop is one jitted `jax.lax.fori_loop` over a `schedulers.Sampler`.
+Models are passed in as pure apply functions, so this module depends on no model class:
+
+- `unet_apply(params, sample_nhwc, timesteps[B] float32, conditioning) -> prediction_nhwc`, where
+  `conditioning` is whatever the text encoder produced: an array [B, L, D] for SD 1.x/2.x, or
+  any pytree of arrays with a leading batch axis (e.g. SDXL's hidden states, pooled embeddings
+  and time ids), concatenated and passed through untouched;
+- `vae_decode(params, latents_nhwc) -> image_nhwc` roughly in [-1, 1].
+
+Randomness: example b of a batch starts from noise drawn with `fold_in(rng, b)`, so an image
+depends only on (seed, its position), not on the batch size, the padding or the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxbooth.errors import JaxboothError
+from jaxbooth.jax_backend.mesh import BATCH_AXES
+from jaxbooth.jax_backend.schedulers import Sampler, canonical_sampler_name, make_sampler
+
+UNetApply = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+VAEDecode = Callable[[Any, jax.Array], jax.Array]
+Tokenize = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+EncodeText = Callable[[np.ndarray, np.ndarray], Any]
+
+
+def make_initial_noise(rng: jax.Array, latent_shape: Sequence[int],
+                       init_noise_sigma: float = 1.0) -> jax.Array:
+    """float32 standard normal noise of `latent_shape` [B, ...] times `init_noise_sigma`;
+    example b uses key `fold_in(rng, b)` (see module docstring)."""
+    batch, *rest = latent_shape
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+    noise = jax.vmap(lambda key: jax.random.normal(key, tuple(rest), jnp.float32))(keys)
+    return noise * init_noise_sigma
+
+
+def apply_guidance(uncond: jax.Array, cond: jax.Array, guidance_scale: jax.Array | float) -> jax.Array:
+    """Classifier-free guidance, as diffusers: uncond + g * (cond - uncond)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng: jax.Array,
+             guidance_scale: jax.Array, *, unet_apply: UNetApply, sampler: Sampler,
+             latent_shape: tuple[int, ...], latents_sharding: NamedSharding | None) -> jax.Array:
+    """The traced denoising loop behind `generate_latents` (guidance when uncond is given)."""
+    guided = uncond_embeddings is not None
+    x = make_initial_noise(rng, latent_shape, sampler.init_noise_sigma)
+    if latents_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, latents_sharding)
+    cond = text_embeddings
+    if guided:  # one UNet pass over [uncond; cond], as diffusers
+        cond = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_embeddings, text_embeddings)
+    timesteps = jnp.asarray(sampler.timesteps)
+
+    def body(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        x, state = carry
+        model_in = sampler.scale_model_input(state, x, i)
+        if guided:
+            model_in = jnp.concatenate([model_in, model_in])
+        t = jnp.broadcast_to(timesteps[i], (model_in.shape[0],))
+        out = unet_apply(unet_params, model_in, t, cond).astype(jnp.float32)
+        if guided:
+            uncond_out, cond_out = jnp.split(out, 2)
+            out = apply_guidance(uncond_out, cond_out, guidance_scale)
+        return sampler.step(state, out, i, x)
+
+    x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
+    return x
+
+
+_denoise_jit = jax.jit(_denoise,
+                       static_argnames=("unet_apply", "sampler", "latent_shape", "latents_sharding"))
+
+
+def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, *,
+                     sampler: Sampler, rng: jax.Array, latent_shape: Sequence[int], guidance_scale: float,
+                     latents_sharding: NamedSharding | None = None) -> jax.Array:
+    """Denoise fresh noise into float32 NHWC latents [B, h, w, c] (`latent_shape`), in one jit.
+
+    `text_embeddings` / `uncond_embeddings`: the conditioning for the prompts and the negative
+    prompts (arrays or pytrees with leading batch axis B). With `guidance_scale <= 1` the
+    unconditional pass is skipped (as diffusers' `do_classifier_free_guidance`) and
+    `uncond_embeddings` may be None. Compiled once per (unet_apply, sampler, shape) — reuse
+    the same `sampler` object; the guidance scale is traced, so changing it does not recompile.
+    `latents_sharding` (e.g. the batch sharding of a mesh) places the noise and the loop.
+    """
+    latent_shape = tuple(int(n) for n in latent_shape)
+    guided = guidance_scale > 1.0
+    if guided and uncond_embeddings is None:
+        raise ValueError(f"guidance_scale={guidance_scale} > 1 needs uncond_embeddings")
+    trees = {"text_embeddings": text_embeddings, "uncond_embeddings": uncond_embeddings if guided else None}
+    for name, tree in trees.items():
+        for leaf in jax.tree.leaves(tree):
+            if leaf.shape[0] != latent_shape[0]:
+                raise ValueError(f"{name} has batch {leaf.shape[0]} but latent_shape is {latent_shape}")
+    return _denoise_jit(unet_params, text_embeddings, uncond_embeddings if guided else None, rng,
+                        jnp.float32(guidance_scale), unet_apply=unet_apply, sampler=sampler,
+                        latent_shape=latent_shape, latents_sharding=latents_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("vae_decode",))
+def _decode(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, *,
+            vae_decode: VAEDecode) -> jax.Array:
+    image = vae_decode(vae_params, latents / scaling_factor).astype(jnp.float32)
+    return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array,
+                   scaling_factor: float) -> jax.Array:
+    """uint8 NHWC images from NHWC latents: decode(latents / scaling_factor), then diffusers'
+    `VaeImageProcessor` post-process round(clip(x / 2 + 0.5, 0, 1) * 255). Jitted per vae_decode."""
+    return _decode(vae_params, latents, jnp.float32(scaling_factor), vae_decode=vae_decode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts in, PIL images out
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    if not axes:
+        raise JaxboothError(f"sampling mesh has axes {mesh.axis_names}; it needs one of {BATCH_AXES} "
+                            "to split the batch over (use jaxbooth.jax_backend.mesh.make_mesh)")
+    return axes
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """Place every leaf with `sharding`; host arrays go through make_array_from_callback so the
+    same code works when the mesh spans several processes (each holds the full host value)."""
+    def put(leaf: Any) -> jax.Array:
+        if isinstance(leaf, jax.Array):
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _onto_mesh(params: Any, mesh: Mesh) -> Any:
+    """Params already sharded on `mesh` stay as they are; everything else is replicated on it."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return _put(leaf, replicated)
+
+    return jax.tree.map(place, params)
+
+
+def _to_host(images: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    return np.asarray(images)
+
+
+def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
+    """diffusers' rule: None -> "" for every prompt, a string -> repeated, a list -> one per prompt."""
+    if negative_prompt is None:
+        return [""] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negatives = list(negative_prompt)
+    if len(negatives) != count:
+        raise JaxboothError(f"negative_prompt has {len(negatives)} entries for {count} prompts; give one per "
+                            "prompt or a single string")
+    return negatives
+
+
+@dataclasses.dataclass(eq=False)
+class StableDiffusionSampler:
+    """Prompts -> PIL images with loaded models; the JAX counterpart of diffusers'
+    `StableDiffusionPipeline(...)(prompts, negative_prompt=..., num_inference_steps=...,
+    guidance_scale=..., generator=...)` for validation images.
+
+    With a `mesh`, the batch is split over its data/fsdp axes (padded to a multiple of their
+    size, padding dropped after decode) and params not already on the mesh are replicated
+    onto it once, here. Samplers are cached per step count, so repeated `generate` calls with
+    the same settings and batch size reuse one compiled loop.
+    """
+
+    tokenize: Tokenize
+    """prompts -> (input_ids int32 [n, L], attention_mask [n, L]); see `jaxbooth.text.make_tokenize_fn`."""
+    encode_text: EncodeText
+    """(input_ids, attention_mask) host arrays -> the UNet conditioning [n, L, D] (or a pytree)."""
+    unet_apply: UNetApply
+    unet_params: Any
+    vae_decode: VAEDecode
+    vae_params: Any
+    scheduler_config: Mapping[str, Any]
+    """The pipeline's scheduler/scheduler_config.json, of any scheduler class."""
+    sampler_name: str = "DPMSolverMultistepScheduler"
+    """Which sampler to run (`schedulers.SAMPLER_NAMES`); the run spec's validation_scheduler."""
+    scaling_factor: float = 0.18215
+    """The VAE config's scaling_factor (SD 1.x/2.x: 0.18215, SDXL: 0.13025)."""
+    vae_scale_factor: int = 8
+    """Pixels per latent: 2 ** (len(vae block_out_channels) - 1)."""
+    latent_channels: int = 4
+    default_size: int = 512
+    """Height and width when `generate` gets none: unet sample_size * vae_scale_factor."""
+    mesh: Mesh | None = None
+    _samplers: dict[int, Sampler] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        canonical_sampler_name(self.sampler_name)  # fail at construction, not at the first validation
+        if self.mesh is not None:
+            self.unet_params = _onto_mesh(self.unet_params, self.mesh)
+            self.vae_params = _onto_mesh(self.vae_params, self.mesh)
+
+    def sampler(self, num_inference_steps: int) -> Sampler:
+        """The (cached) sampler for a step count."""
+        if num_inference_steps not in self._samplers:
+            self._samplers[num_inference_steps] = make_sampler(self.sampler_name, self.scheduler_config,
+                                                               num_inference_steps)
+        return self._samplers[num_inference_steps]
+
+    def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        height, width = height or self.default_size, width or self.default_size
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise JaxboothError(f"validation image size {height}x{width} must be divisible by the VAE's "
+                                f"scale factor {self.vae_scale_factor}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _encode(self, prompts: list[str], sharding: NamedSharding | None) -> Any:
+        ids, mask = self.tokenize(prompts)
+        embeddings = self.encode_text(np.asarray(ids), np.asarray(mask))
+        return embeddings if sharding is None else _put(embeddings, sharding)
+
+    def generate_latents(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                         num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                         height: int | None = None, width: int | None = None) -> jax.Array:
+        """Denoised NHWC latents for `prompts`, padded to a multiple of the mesh's batch size."""
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise JaxboothError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        negatives = _negative_prompts(negative_prompt, len(prompts))
+        shards = math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh)) if self.mesh else 1
+        padded = -(-len(prompts) // shards) * shards
+        pad = padded - len(prompts)  # padding repeats the last prompt; its images are dropped
+        prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
+        sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
+        guided = guidance_scale > 1.0
+        return generate_latents(
+            self.unet_apply, self.unet_params, self._encode(prompts, sharding),
+            self._encode(negatives, sharding) if guided else None,
+            sampler=self.sampler(num_inference_steps), rng=jax.random.key(seed),
+            latent_shape=(padded, *self._latent_size(height, width), self.latent_channels),
+            guidance_scale=guidance_scale, latents_sharding=sharding)
+
+    def generate(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                 height: int | None = None, width: int | None = None) -> list[Any]:
+        """One PIL RGB image per prompt (diffusers' defaults for steps and guidance).
+
+        The image of prompt k depends only on (seed, k), the prompts and the settings.
+        """
+        from PIL import Image
+
+        prompts = list(prompts)
+        latents = self.generate_latents(
+            prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, height=height, width=width)
+        images = _to_host(decode_latents(self.vae_decode, self.vae_params, latents, self.scaling_factor))
+        return [Image.fromarray(image) for image in images[: len(prompts)]]
+
+
+def make_pipeline_sampler(*, tokenizer: Any, text_encoder: Any, text_params: Any, unet: Any, unet_params: Any,
+                          vae: Any, vae_params: Any, scheduler_config: Mapping[str, Any],
+                          sampler_name: str = "DPMSolverMultistepScheduler", scaling_factor: float = 0.18215,
+                          vae_scale_factor: int = 8, latent_channels: int = 4, default_size: int = 512,
+                          use_attention_mask: bool = False,
+                          mesh: Mesh | None = None) -> StableDiffusionSampler:
+    """Bind SD 1.x/2.x Flax modules and their params into a `StableDiffusionSampler`.
+
+    `tokenizer` is a transformers CLIPTokenizer; `text_encoder` a jaxbooth Flax CLIP text model
+    (its `last_hidden_state` conditions the UNet; the attention mask is passed only with
+    `use_attention_mask`, as diffusers' `encode_prompt`); `unet` a `FlaxUNet2DConditionModel`;
+    `vae` a Flax module with a `decode(latents_nhwc)` method returning the NHWC image (or an
+    output with `.sample`). SDXL needs its own `encode_text`/`unet_apply`: build
+    `StableDiffusionSampler` directly.
+    """
+    from jaxbooth.text import make_tokenize_fn
+
+    if mesh is not None:
+        text_params = _onto_mesh(text_params, mesh)
+    text_fn = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask).last_hidden_state)
+
+    def encode_text(ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+        return text_fn(text_params, jnp.asarray(ids), jnp.asarray(mask) if use_attention_mask else None)
+
+    def unet_apply(params: Any, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        return unet.apply({"params": params}, sample, timesteps, context)
+
+    def vae_decode(params: Any, latents: jax.Array) -> jax.Array:
+        out = vae.apply({"params": params}, latents, method=vae.decode)
+        return getattr(out, "sample", out)
+
+    return StableDiffusionSampler(
+        tokenize=make_tokenize_fn(tokenizer), encode_text=encode_text, unet_apply=unet_apply,
+        unet_params=unet_params, vae_decode=vae_decode, vae_params=vae_params,
+        scheduler_config=scheduler_config, sampler_name=sampler_name, scaling_factor=scaling_factor,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=latent_channels, default_size=default_size, mesh=mesh)

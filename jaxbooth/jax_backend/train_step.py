@@ -1,0 +1,118 @@
+"""The pure DreamBooth train step: state in, state and metrics out.
+
+Static pieces (model apply functions, the optax transform, noise tables, the loss
+options) are bound with ``functools.partial`` by :func:`make_train_step`; the jitted
+step then sees only arrays. The noise/target/loss math is the shared numpy-defined
+code in ``jaxbooth.diffusion``, so both backends compute the same loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbooth import diffusion
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; donated into each step.
+
+    ``params`` holds only what is trained: ``{"unet": ...}`` plus ``"text_encoder"`` when
+    ``train_text_encoder`` is set, so a frozen encoder has no gradient and no optimizer state.
+    ``step`` counts micro-batches (optimizer updates happen every accumulation window).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The run-spec fields the step needs; hashable so it can be bound statically."""
+
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    text_encoder_use_attention_mask: bool = False
+    latent_scaling_factor: float = 0.18215
+    latent_shift_factor: float = 0.0
+
+
+def sample_latents(frozen: dict, example_idx: jax.Array, key: jax.Array, options: LossOptions) -> jax.Array:
+    """Draw latents from the cached VAE posterior, as diffusers' ``latent_dist.sample()`` does each step."""
+    mean = frozen["latent_mean"][example_idx]
+    std = frozen["latent_std"][example_idx]
+    latents = mean + std * jax.random.normal(key, mean.shape, mean.dtype)
+    return (latents - options.latent_shift_factor) * options.latent_scaling_factor
+
+
+def encode_prompts(params: Any, frozen: dict, prompt_idx: jax.Array, text_apply: Callable | None,
+                   options: LossOptions) -> jax.Array:
+    """Text conditioning: cached embeddings for a frozen encoder, a forward pass for a trained one."""
+    if not options.train_text_encoder:
+        return frozen["text_embeddings"][prompt_idx]
+    input_ids = frozen["input_ids"][prompt_idx]
+    mask = frozen["attention_mask"][prompt_idx] if options.text_encoder_use_attention_mask else None
+    return text_apply({"params": params["text_encoder"]}, input_ids, mask)
+
+
+def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,
+                 text_apply: Callable | None, tables: diffusion.NoiseTables, options: LossOptions):
+    """DreamBooth loss for one micro-batch; returns (loss, aux metrics)."""
+    latent_key, noise_key, offset_key, time_key = jax.random.split(key, 4)
+    latents = sample_latents(frozen, batch["example_idx"], latent_key, options)
+    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    if options.offset_noise:
+        rows, channels = latents.shape[0], latents.shape[-1]
+        offsets = jax.random.normal(offset_key, (rows, 1, 1, channels), latents.dtype)
+        noise = diffusion.offset_noise(noise, offsets)
+    num_train_timesteps = tables.snr.shape[0]
+    timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
+    noisy = diffusion.add_noise(latents, noise, timesteps, tables)
+    encoder_hidden_states = encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options)
+    pred = unet_apply({"params": params["unet"]}, noisy, timesteps, encoder_hidden_states)
+    target = diffusion.training_target(latents, noise, timesteps, tables, options.prediction_type)
+    weights = None
+    if options.snr_gamma is not None:
+        snr = diffusion.compute_snr(timesteps, tables)
+        weights = diffusion.min_snr_loss_weights(snr, options.snr_gamma, options.prediction_type)
+    loss, instance_loss, prior_loss = diffusion.dreambooth_loss(
+        pred.astype(jnp.float32), target.astype(jnp.float32),
+        with_prior_preservation=options.with_prior_preservation,
+        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
+    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
+               text_apply: Callable | None, tx: optax.GradientTransformation,
+               lr_schedule: Callable, tables: diffusion.NoiseTables, options: LossOptions,
+               gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+    """One micro-step: gradients, optax update (accumulation lives inside ``tx``), metrics."""
+    key = jax.random.fold_in(state.rng, state.step)
+    loss_fn = functools.partial(compute_loss, frozen=frozen, batch=batch, key=key, unet_apply=unet_apply,
+                                text_apply=text_apply, tables=tables, options=options)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+               "lr": lr_schedule(state.step // gradient_accumulation_steps)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def make_train_step(**static) -> Callable:
+    """Bind the static pieces; the result is ``step(state, frozen, batch) -> (state, metrics)``."""
+    return functools.partial(train_step, **static)

@@ -1,0 +1,1 @@
+"""The PyTorch backend. Imports the shared core, never jax or the JAX backend."""

@@ -71,6 +71,7 @@ def test_a_file_is_rejected_with_the_single_file_hint(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, expected", [
     ("owner/name", True), ("stable-diffusion-v1-5/stable-diffusion-v1-5", True), ("a.b/c_d-1", True),
     ("./owner/name", False), ("/abs/path", False), ("a/b/c", False), ("../x", False), ("name", False),
+    ("own..er/name", False),
 ])
 def test_looks_like_hub_id(name: str, expected: bool) -> None:
     assert hub.looks_like_hub_id(name) is expected

@@ -125,8 +125,7 @@ def make_lr_schedule(
         raise _unknown_choice("lr_scheduler", name, LR_SCHEDULERS)
     if num_warmup_steps < 0 or num_training_steps < 0:
         raise JaxboothError(
-            f"lr_warmup_steps={num_warmup_steps} and max_train_steps={num_training_steps} "
-            "must both be >= 0"
+            f"lr_warmup_steps={num_warmup_steps} and max_train_steps={num_training_steps} must both be >= 0"
         )
     if name == "polynomial":
         if not learning_rate > POLYNOMIAL_LR_END:
@@ -235,7 +234,9 @@ def make_optimizer(
         tx = optax.MultiSteps(tx, every_k_schedule=gradient_accumulation_steps).gradient_transformation()
     if trainable_mask is None:
         return tx
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, _mask_labels(trainable_mask))
+    return optax.multi_transform(
+        {"trainable": tx, "frozen": optax.set_to_zero()}, _mask_labels(trainable_mask)
+    )
 
 
 def count_optimizer_state_bytes(opt_state: Any) -> int:

@@ -158,7 +158,7 @@ def _strict_safetensors_files(folder: Path, variant: str | None) -> list[Path] |
         if single.is_file():
             return [single]
         # diffusers/transformers `_add_variant` put the variant before the last suffix.
-        index = folder / f"{stem}{dot_variant}.safetensors.index.json"
+        index = folder / f"{stem}.safetensors.index{dot_variant}.json"
         if index.is_file():
             return _shards_from_index(index)
     return None
@@ -415,7 +415,8 @@ def save_diffusers_component(params: Mapping, config_dict: Mapping[str, Any], ou
     ``config.json`` is ``config_dict`` unchanged; weights go to
     ``diffusion_pytorch_model.safetensors`` (UNet, VAE) or ``model.safetensors`` (text
     encoders) with ``{"format": "pt"}`` metadata, as ``save_pretrained`` writes them.
-    ``params`` may be jax arrays (fetched with ``jax.device_get``); ``dtype`` casts floats.
+    ``params`` may be jax arrays (fetched with ``jax.device_get``, so on multi-host runs
+    gather them to one process first and write from it); ``dtype`` casts floats.
     Returns the component folder.
     """
     import jax

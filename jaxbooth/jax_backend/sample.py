@@ -36,7 +36,7 @@ from jaxbooth.jax_backend.schedulers import Sampler, canonical_sampler_name, mak
 UNetApply = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 VAEDecode = Callable[[Any, jax.Array], jax.Array]
 Tokenize = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
-EncodeText = Callable[[np.ndarray, np.ndarray], Any]
+EncodeText = Callable[[Any, np.ndarray, np.ndarray], Any]
 
 
 def make_initial_noise(rng: jax.Array, latent_shape: Sequence[int],
@@ -109,7 +109,7 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
             if leaf.shape[0] != latent_shape[0]:
                 raise ValueError(f"{name} has batch {leaf.shape[0]} but latent_shape is {latent_shape}")
     return _denoise_jit(unet_params, text_embeddings, uncond_embeddings if guided else None, rng,
-                        jnp.float32(guidance_scale), unet_apply=unet_apply, sampler=sampler,
+                        jax.device_put(np.float32(guidance_scale)), unet_apply=unet_apply, sampler=sampler,
                         latent_shape=latent_shape, latents_sharding=latents_sharding)
 
 
@@ -124,7 +124,7 @@ def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array,
                    scaling_factor: float) -> jax.Array:
     """uint8 NHWC images from NHWC latents: decode(latents / scaling_factor), then diffusers'
     `VaeImageProcessor` post-process round(clip(x / 2 + 0.5, 0, 1) * 255). Jitted per vae_decode."""
-    return _decode(vae_params, latents, jnp.float32(scaling_factor), vae_decode=vae_decode)
+    return _decode(vae_params, latents, jax.device_put(np.float32(scaling_factor)), vae_decode=vae_decode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,12 +165,18 @@ def _onto_mesh(params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, params)
 
 
+def _seed_key(seed: int) -> jax.Array:
+    """`jax.random.key(seed)`; its seed upload is deliberate, so allowed under a transfer guard."""
+    with jax.transfer_guard("allow"):
+        return jax.random.key(seed)
+
+
 def _to_host(images: jax.Array) -> np.ndarray:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(images, tiled=True))
-    return np.asarray(images)
+    return np.asarray(jax.device_get(images))
 
 
 def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
@@ -195,13 +201,17 @@ class StableDiffusionSampler:
     With a `mesh`, the batch is split over its data/fsdp axes (padded to a multiple of their
     size, padding dropped after decode) and params not already on the mesh are replicated
     onto it once, here. Samplers are cached per step count, so repeated `generate` calls with
-    the same settings and batch size reuse one compiled loop.
+    the same settings and batch size reuse one compiled loop. For validation during training,
+    build it once and pass the current `unet_params` / `text_params` to each `generate` call
+    (a new instance, or new apply closures, would recompile).
     """
 
     tokenize: Tokenize
     """prompts -> (input_ids int32 [n, L], attention_mask [n, L]); see `jaxbooth.text.make_tokenize_fn`."""
     encode_text: EncodeText
-    """(input_ids, attention_mask) host arrays -> the UNet conditioning [n, L, D] (or a pytree)."""
+    """(text_params, input_ids, attention_mask host arrays) -> the UNet conditioning [n, L, D]
+    (or a pytree)."""
+    text_params: Any
     unet_apply: UNetApply
     unet_params: Any
     vae_decode: VAEDecode
@@ -224,6 +234,7 @@ class StableDiffusionSampler:
         canonical_sampler_name(self.sampler_name)  # fail at construction, not at the first validation
         if self.mesh is not None:
             self.unet_params = _onto_mesh(self.unet_params, self.mesh)
+            self.text_params = _onto_mesh(self.text_params, self.mesh)
             self.vae_params = _onto_mesh(self.vae_params, self.mesh)
 
     def sampler(self, num_inference_steps: int) -> Sampler:
@@ -240,15 +251,22 @@ class StableDiffusionSampler:
                                 f"scale factor {self.vae_scale_factor}")
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def _encode(self, prompts: list[str], sharding: NamedSharding | None) -> Any:
+    def _params(self, params: Any, default: Any) -> Any:
+        if params is None:
+            return default
+        return params if self.mesh is None else _onto_mesh(params, self.mesh)
+
+    def _encode(self, prompts: list[str], text_params: Any, sharding: NamedSharding | None) -> Any:
         ids, mask = self.tokenize(prompts)
-        embeddings = self.encode_text(np.asarray(ids), np.asarray(mask))
+        embeddings = self.encode_text(text_params, np.asarray(ids), np.asarray(mask))
         return embeddings if sharding is None else _put(embeddings, sharding)
 
     def generate_latents(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
                          num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
-                         height: int | None = None, width: int | None = None) -> jax.Array:
-        """Denoised NHWC latents for `prompts`, padded to a multiple of the mesh's batch size."""
+                         height: int | None = None, width: int | None = None, unet_params: Any = None,
+                         text_params: Any = None) -> jax.Array:
+        """Denoised NHWC latents for `prompts`, padded to a multiple of the mesh's batch size.
+        `unet_params` / `text_params` replace the bound ones for this call."""
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise JaxboothError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -258,27 +276,30 @@ class StableDiffusionSampler:
         pad = padded - len(prompts)  # padding repeats the last prompt; its images are dropped
         prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
         sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
-        guided = guidance_scale > 1.0
+        text_params = self._params(text_params, self.text_params)
+        uncond = self._encode(negatives, text_params, sharding) if guidance_scale > 1.0 else None
         return generate_latents(
-            self.unet_apply, self.unet_params, self._encode(prompts, sharding),
-            self._encode(negatives, sharding) if guided else None,
-            sampler=self.sampler(num_inference_steps), rng=jax.random.key(seed),
+            self.unet_apply, self._params(unet_params, self.unet_params),
+            self._encode(prompts, text_params, sharding), uncond,
+            sampler=self.sampler(num_inference_steps), rng=_seed_key(seed),
             latent_shape=(padded, *self._latent_size(height, width), self.latent_channels),
             guidance_scale=guidance_scale, latents_sharding=sharding)
 
     def generate(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
-                 height: int | None = None, width: int | None = None) -> list[Any]:
+                 height: int | None = None, width: int | None = None, unet_params: Any = None,
+                 text_params: Any = None) -> list[Any]:
         """One PIL RGB image per prompt (diffusers' defaults for steps and guidance).
 
-        The image of prompt k depends only on (seed, k), the prompts and the settings.
+        The image of prompt k depends only on (seed, k), the prompts, the settings and the params.
         """
         from PIL import Image
 
         prompts = list(prompts)
         latents = self.generate_latents(
             prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, height=height, width=width)
+            guidance_scale=guidance_scale, seed=seed, height=height, width=width, unet_params=unet_params,
+            text_params=text_params)
         images = _to_host(decode_latents(self.vae_decode, self.vae_params, latents, self.scaling_factor))
         return [Image.fromarray(image) for image in images[: len(prompts)]]
 
@@ -300,12 +321,10 @@ def make_pipeline_sampler(*, tokenizer: Any, text_encoder: Any, text_params: Any
     """
     from jaxbooth.text import make_tokenize_fn
 
-    if mesh is not None:
-        text_params = _onto_mesh(text_params, mesh)
     text_fn = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask).last_hidden_state)
 
-    def encode_text(ids: np.ndarray, mask: np.ndarray) -> jax.Array:
-        return text_fn(text_params, jnp.asarray(ids), jnp.asarray(mask) if use_attention_mask else None)
+    def encode_text(params: Any, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+        return text_fn(params, jax.device_put(ids), jax.device_put(mask) if use_attention_mask else None)
 
     def unet_apply(params: Any, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         return unet.apply({"params": params}, sample, timesteps, context)
@@ -315,7 +334,8 @@ def make_pipeline_sampler(*, tokenizer: Any, text_encoder: Any, text_params: Any
         return getattr(out, "sample", out)
 
     return StableDiffusionSampler(
-        tokenize=make_tokenize_fn(tokenizer), encode_text=encode_text, unet_apply=unet_apply,
+        tokenize=make_tokenize_fn(tokenizer), encode_text=encode_text, text_params=text_params,
+        unet_apply=unet_apply,
         unet_params=unet_params, vae_decode=vae_decode, vae_params=vae_params,
         scheduler_config=scheduler_config, sampler_name=sampler_name, scaling_factor=scaling_factor,
         vae_scale_factor=vae_scale_factor,

@@ -38,23 +38,16 @@ from jaxbooth.errors import JaxboothError
 State = Any
 """A small pytree of fixed-shape arrays carried between steps (() for one-step methods)."""
 
-# Accepted sampler names (case-insensitive) -> canonical name. The run spec's
+# Accepted sampler names (case-insensitive) per canonical name. The run spec's
 # `validation_scheduler` uses diffusers class names; the short names are for the CLI.
-_NAMES = {
-    "ddimscheduler": "ddim",
-    "ddim": "ddim",
-    "dpmsolvermultistepscheduler": "dpm++",
-    "dpm++": "dpm++",
-    "dpmsolver++": "dpm++",
-    "eulerdiscretescheduler": "euler",
-    "euler": "euler",
-    "pndmscheduler": "pndm",
-    "pndm": "pndm",
+_ALIASES = {
+    "ddim": ("DDIMScheduler", "ddim"),
+    "dpm++": ("DPMSolverMultistepScheduler", "dpm++", "dpmsolver++"),
+    "euler": ("EulerDiscreteScheduler", "euler"),
+    "pndm": ("PNDMScheduler", "pndm"),
 }
-SAMPLER_NAMES = (
-    "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
-    "ddim", "dpm++", "dpmsolver++", "euler", "pndm",
-)
+SAMPLER_NAMES = tuple(name for names in _ALIASES.values() for name in names)
+_NAMES = {name.lower(): kind for kind, names in _ALIASES.items() for name in names}
 
 # The __init__ defaults of each mirrored diffusers class, for the keys we read.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -549,7 +542,8 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_s
     if not isinstance(scheduler_config, Mapping):
         raise JaxboothError(f"{source}: expected a JSON object, found {type(scheduler_config).__name__}")
     train_steps = scheduler_config.get("num_train_timesteps") or 1000
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+            or not 1 <= num_inference_steps <= train_steps:
         raise JaxboothError(f"num_inference_steps={num_inference_steps!r} must be an integer in "
                             f"[1, {train_steps}] (num_train_timesteps in {source})")
-    return _BUILDERS[kind](scheduler_config, source, num_inference_steps)
+    return _BUILDERS[kind](scheduler_config, source, int(num_inference_steps))

@@ -53,8 +53,9 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
     """Multi-host start-up and the persistent compilation cache (a relaunch skips compiling)."""
     par = spec.parallelism
     mesh_lib.initialize_distributed(par.coordinator_address, par.num_processes, par.process_id)
-    cache_dir = spec.precision.compilation_cache_dir or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxbooth", "xla")
+    from jaxbooth.tiny import default_cache_dir
+
+    cache_dir = spec.precision.compilation_cache_dir or str(default_cache_dir() / "xla")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

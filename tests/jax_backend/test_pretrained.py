@@ -280,6 +280,25 @@ def test_damaged_safetensors_checkpoint_error_lists_the_key(checkpoints: dict, c
     assert expected in message and str(tmp_path / component) in message
 
 
+def test_vae_with_pre_0_14_attention_names_loads_equal(checkpoints: dict, tmp_path: Path) -> None:
+    """Old diffusers VAE files name the mid-block attention query/key/value/proj_attn."""
+    entry = saved(checkpoints, "vae")
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def rename(state: dict) -> None:
+        for key in [k for k in state if ".attentions." in k]:
+            new_key = key
+            for new, old in old_names.items():
+                new_key = new_key.replace(f".{new}.", f".{old}.")
+            state[new_key] = state.pop(key)
+        assert any(".proj_attn." in k for k in state)
+
+    _edit_checkpoint(entry["root"] / "plain", tmp_path, "vae", rename)
+    *_, plain = pretrained.load_pretrained(entry["root"] / "plain", "vae")
+    *_, old = pretrained.load_pretrained(tmp_path, "vae")
+    assert_trees_equal(plain, old)
+
+
 def test_allow_missing_lets_a_deleted_key_through(checkpoints: dict, tmp_path: Path) -> None:
     entry = saved(checkpoints, "text_encoder_2")
     _edit_checkpoint(entry["root"] / "plain", tmp_path, "text_encoder_2",

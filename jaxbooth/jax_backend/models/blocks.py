@@ -31,19 +31,42 @@ Dtype = Any
 ATTENTION_NAMES = ("to_q", "to_k", "to_v", "to_out_0")
 
 
-def conv2d(features: int, kernel: int, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
-           stride: int = 1, padding: int | str | None = None) -> nn.Conv:
+def conv2d(
+    features: int,
+    kernel: int,
+    *,
+    name: str | None = None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    stride: int = 1,
+    padding: int | str | None = None,
+) -> nn.Conv:
     """A square conv with torch's symmetric padding (``(kernel - 1) // 2`` unless given)."""
     pad = (kernel - 1) // 2 if padding is None else padding
     padding_spec = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding_spec,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding_spec,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
-def group_norm(groups: int, eps: float, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+def group_norm(
+    groups: int, eps: float, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype
+) -> nn.GroupNorm:
     """``torch.nn.GroupNorm`` equivalent; two-pass variance, as torch computes it."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name)
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
 
 
 def maybe_remat(module_cls: type[nn.Module], enabled: bool, static_argnums: tuple[int, ...]) -> Any:
@@ -54,8 +77,32 @@ def maybe_remat(module_cls: type[nn.Module], enabled: bool, static_argnums: tupl
     return nn.remat(module_cls, static_argnums=static_argnums) if enabled else module_cls
 
 
-def compute_sinusoidal_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
-                                 freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+def random_params(abstract: Any, rng: jax.Array | int) -> Any:
+    """Random params shaped like ``abstract`` (``ShapeDtypeStruct`` leaves), drawn on the host.
+
+    Same scheme as Flax's defaults (LeCun-normal kernels, zero biases, unit norm scales,
+    normal embeddings) but drawn with NumPy: jitting a model's ``init`` just to sample
+    weights costs a long XLA compile on CPU, which tiny test models should not pay.
+    """
+    seed = rng if isinstance(rng, int) else np.asarray(jax.random.key_data(rng)).ravel().tolist()
+    generator = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name, shape = getattr(path[-1], "key", str(path[-1])), tuple(leaf.shape)
+        if name == "kernel":
+            values = generator.standard_normal(shape) / math.sqrt(max(1, math.prod(shape[:-1])))
+        elif name == "embedding":
+            values = generator.standard_normal(shape) / math.sqrt(shape[-1])
+        else:
+            values = np.ones(shape) if name == "scale" else np.zeros(shape)
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def compute_sinusoidal_embedding(
+    timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> jax.Array:
     """Sinusoidal features ``[N] -> [N, dim]`` (float32), matching diffusers ``get_timestep_embedding``.
 
     Frequencies are ``exp(-log(max_period) * i / (dim // 2 - freq_shift))``; ``flip_sin_to_cos``
@@ -91,7 +138,7 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on sinusoidal features: ``linear_1`` -> SiLU -> ``linear_2``; mirrors diffusers ``TimestepEmbedding``.
+    """``linear_1`` -> SiLU -> ``linear_2`` on sinusoidal features; mirrors diffusers ``TimestepEmbedding``.
 
     Also serves as SDXL's ``add_embedding`` and the ``class_embedding`` of
     ``class_embed_type="timestep"/"projection"`` (same torch class there).
@@ -160,16 +207,30 @@ class Downsample2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-            conv = conv2d(self.out_channels, 3, stride=2, padding="VALID", name="conv",
-                          dtype=self.dtype, param_dtype=self.param_dtype)
+            conv = conv2d(
+                self.out_channels,
+                3,
+                stride=2,
+                padding="VALID",
+                name="conv",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
         else:
-            conv = conv2d(self.out_channels, 3, stride=2, padding=self.padding, name="conv",
-                          dtype=self.dtype, param_dtype=self.param_dtype)
+            conv = conv2d(
+                self.out_channels,
+                3,
+                stride=2,
+                padding=self.padding,
+                name="conv",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
         return conv(x)
 
 
 class Upsample2D(nn.Module):
-    """Nearest 2x (or to ``output_size``) then 3x3 ``conv``; mirrors diffusers ``Upsample2D(use_conv=True)``."""
+    """Nearest 2x (or to ``output_size``), 3x3 ``conv``; mirrors diffusers ``Upsample2D(use_conv=True)``."""
 
     out_channels: int
     dtype: Dtype = jnp.float32
@@ -205,8 +266,9 @@ def multi_head_attention(
     ``hidden``: ``[B, Lq, C]``, ``context``: ``[B, Lk, Ck]`` -> ``[B, Lq, out_features]``.
     """
     inner = heads * dim_head
-    dense = lambda features, name, bias: nn.Dense(features, use_bias=bias, dtype=dtype,
-                                                   param_dtype=param_dtype, name=name)
+    dense = lambda features, name, bias: nn.Dense(
+        features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name
+    )
     batch = hidden.shape[0]
     q = dense(inner, names[0], qkv_bias)(hidden).reshape(batch, -1, heads, dim_head)
     k = dense(inner, names[1], qkv_bias)(context).reshape(batch, -1, heads, dim_head)
@@ -216,7 +278,7 @@ def multi_head_attention(
 
 
 class Attention(nn.Module):
-    """Multi-head (self or cross) attention; mirrors diffusers ``Attention`` as built by ``BasicTransformerBlock``.
+    """Multi-head self/cross attention; mirrors diffusers ``Attention`` inside ``BasicTransformerBlock``.
 
     Params ``to_q``/``to_k``/``to_v`` (no bias) and ``to_out_0``. ``upcast`` is diffusers
     ``upcast_attention`` (scores and softmax in float32). ``mask``: boolean, broadcastable to
@@ -233,12 +295,25 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
         out = multi_head_attention(
-            x, x if context is None else context, heads=self.heads, dim_head=self.dim_head,
-            out_features=self.out_features, mask=mask, upcast=self.upcast, kernel=self.kernel,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+            x,
+            x if context is None else context,
+            heads=self.heads,
+            dim_head=self.dim_head,
+            out_features=self.out_features,
+            mask=mask,
+            upcast=self.upcast,
+            kernel=self.kernel,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
@@ -260,7 +335,7 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU (``net_0``) -> dropout -> Dense (``net_2``); mirrors diffusers ``FeedForward(activation_fn="geglu")``."""
+    """GEGLU ``net_0``, dropout, Dense ``net_2``; mirrors diffusers ``FeedForward(activation_fn="geglu")``."""
 
     dim: int
     mult: int = 4
@@ -277,7 +352,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attn, cross-attn, GEGLU MLP; mirrors diffusers ``BasicTransformerBlock`` (``layer_norm``).
+    """Pre-norm self-attn, cross-attn, GEGLU MLP; mirrors diffusers ``BasicTransformerBlock`` (layer_norm).
 
     With ``only_cross_attention`` the first attention also reads ``context`` (and, as in torch,
     gets no mask: diffusers passes it ``attention_mask``, not the encoder mask).
@@ -294,20 +369,31 @@ class BasicTransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        attn = lambda name: Attention(self.heads, self.dim_head, self.dim, upcast=self.upcast_attention,
-                                      dropout=self.dropout, kernel=self.attention_kernel, name=name, **kw)
+        attn = lambda name: Attention(
+            self.heads,
+            self.dim_head,
+            self.dim,
+            upcast=self.upcast_attention,
+            dropout=self.dropout,
+            kernel=self.attention_kernel,
+            name=name,
+            **kw,
+        )
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
         self_context = context if self.only_cross_attention else None
         x = x + attn("attn1")(norm("norm1")(x), self_context, None, deterministic)
         x = x + attn("attn2")(norm("norm2")(x), context, mask, deterministic)
-        return x + FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(norm("norm3")(x), deterministic)
+        return x + FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
+            norm("norm3")(x), deterministic
+        )
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm, ``proj_in``, ``depth`` transformer blocks, ``proj_out``, residual; mirrors diffusers ``Transformer2DModel``.
+    """Norm, proj_in, transformer blocks, proj_out, residual; mirrors diffusers ``Transformer2DModel``.
 
     ``use_linear_projection`` (SD2/SDXL) makes ``proj_in``/``proj_out`` Dense layers on tokens;
     otherwise (SD1) they are 1x1 convs on the NHWC map. ``gradient_checkpointing`` remats each
@@ -328,8 +414,9 @@ class Transformer2DModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         batch, height, width, channels = x.shape
         inner = self.heads * self.dim_head
@@ -343,10 +430,17 @@ class Transformer2DModel(nn.Module):
             h = project(inner, "proj_in")(h).reshape(batch, height * width, inner)
         block_cls = maybe_remat(BasicTransformerBlock, self.gradient_checkpointing, static_argnums=(4,))
         for i in range(self.depth):
-            h = block_cls(inner, self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
-                          upcast_attention=self.upcast_attention, dropout=self.dropout,
-                          attention_kernel=self.attention_kernel, name=f"transformer_blocks_{i}",
-                          **kw)(h, context, mask, deterministic)
+            h = block_cls(
+                inner,
+                self.heads,
+                self.dim_head,
+                only_cross_attention=self.only_cross_attention,
+                upcast_attention=self.upcast_attention,
+                dropout=self.dropout,
+                attention_kernel=self.attention_kernel,
+                name=f"transformer_blocks_{i}",
+                **kw,
+            )(h, context, mask, deterministic)
         if self.use_linear_projection:
             h = project(channels, "proj_out")(h).reshape(batch, height, width, channels)
         else:

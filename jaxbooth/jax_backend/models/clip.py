@@ -109,7 +109,9 @@ def _validate_clip_dict(d: Mapping[str, Any], source: str) -> None:
         )
     act = d.get("hidden_act", CLIPTextConfig.hidden_act)
     if act not in _ACTIVATIONS:
-        raise JaxboothError(f"{source}: hidden_act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        raise JaxboothError(
+            f"{source}: hidden_act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
+        )
     for key in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings"):
         _check_int(d, key, source, minimum=1)
@@ -131,7 +133,9 @@ def _validate_clip_dict(d: Mapping[str, Any], source: str) -> None:
         )
 
 
-def clip_config_from_dict(d: Mapping[str, Any], *, source: str = "text_encoder/config.json") -> CLIPTextConfig:
+def clip_config_from_dict(
+    d: Mapping[str, Any], *, source: str = "text_encoder/config.json"
+) -> CLIPTextConfig:
     """Read a transformers ``CLIPTextConfig`` dict (``text_encoder/config.json`` as is).
 
     Keys that do not change the encoder's maths (``initializer_range``, ``dtype``, ...) are
@@ -161,15 +165,27 @@ class CLIPTextOutput:
     text_embeds: jax.Array | None = None
 
 
-class _Dims(nn.Module):
-    """Fields every CLIP submodule shares (a base, so they are declared once)."""
+class _CLIPModule(nn.Module):
+    """Fields every CLIP module shares, declared once and handed down by :meth:`settings`.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the stored one; ``attention_kernel``
+    goes to :func:`attend`; ``gradient_checkpointing`` remats each encoder layer.
+    """
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: str = "xla"
+    gradient_checkpointing: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        return {"config": self.config, "dtype": self.dtype, "param_dtype": self.param_dtype,
+                "attention_kernel": self.attention_kernel,
+                "gradient_checkpointing": self.gradient_checkpointing}
 
     def dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=name)
 
     def layer_norm(self, name: str) -> nn.LayerNorm:
         # Two-pass variance like torch.nn.LayerNorm; the fast E[x^2]-E[x]^2 form drifts.
@@ -177,10 +193,8 @@ class _Dims(nn.Module):
                             param_dtype=self.param_dtype, use_fast_variance=False, name=name)
 
 
-class CLIPAttention(_Dims):
+class CLIPAttention(_CLIPModule):
     """transformers ``CLIPAttention`` (causal self-attention), softmax via :func:`attend`."""
-
-    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -193,7 +207,7 @@ class CLIPAttention(_Dims):
         return self.dense(width, "out_proj")(out.reshape(batch, length, width))
 
 
-class CLIPMLP(_Dims):
+class CLIPMLP(_CLIPModule):
     """transformers ``CLIPMLP``: fc1 -> activation -> fc2."""
 
     @nn.compact
@@ -203,52 +217,40 @@ class CLIPMLP(_Dims):
         return self.dense(self.config.hidden_size, "fc2")(hidden_states)
 
 
-class CLIPEncoderLayer(_Dims):
+class CLIPEncoderLayer(_CLIPModule):
     """transformers ``CLIPEncoderLayer``: pre-LN attention and MLP, each with a residual."""
-
-    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> jax.Array:
-        dims = {"config": self.config, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        attn = CLIPAttention(**dims, attention_kernel=self.attention_kernel, name="self_attn")
+        attn = CLIPAttention(**self.settings(), name="self_attn")
         hidden_states = hidden_states + attn(self.layer_norm("layer_norm1")(hidden_states), mask)
-        mlp = CLIPMLP(**dims, name="mlp")
+        mlp = CLIPMLP(**self.settings(), name="mlp")
         return hidden_states + mlp(self.layer_norm("layer_norm2")(hidden_states))
 
 
-class _CLIPLayers(_Dims):
+class _CLIPLayers(_CLIPModule):
     """The ``encoder/layers/<i>`` level of the old Flax tree (``FlaxCLIPLayerCollection``)."""
-
-    attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
         """Returns the input and every layer's output (``num_hidden_layers + 1`` arrays)."""
-        # remat per layer: activations of one layer live at a time in the backward pass.
+        # remat per layer: only layer inputs are kept; the backward pass recomputes the rest.
         layer_cls = nn.remat(CLIPEncoderLayer) if self.gradient_checkpointing else CLIPEncoderLayer
         states = [hidden_states]
         for i in range(self.config.num_hidden_layers):
-            layer = layer_cls(self.config, self.dtype, self.param_dtype,
-                              attention_kernel=self.attention_kernel, name=str(i))
-            states.append(layer(states[-1], mask))
+            states.append(layer_cls(**self.settings(), name=str(i))(states[-1], mask))
         return tuple(states)
 
 
-class _CLIPEncoder(_Dims):
+class _CLIPEncoder(_CLIPModule):
     """transformers ``CLIPEncoder``; only a naming level (``encoder/layers``) here."""
-
-    attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
-        return _CLIPLayers(self.config, self.dtype, self.param_dtype, attention_kernel=self.attention_kernel,
-                           gradient_checkpointing=self.gradient_checkpointing, name="layers")(hidden_states, mask)
+        return _CLIPLayers(**self.settings(), name="layers")(hidden_states, mask)
 
 
-class CLIPTextEmbeddings(_Dims):
+class CLIPTextEmbeddings(_CLIPModule):
     """transformers ``CLIPTextEmbeddings``: token + learned absolute position embeddings."""
 
     @nn.compact
@@ -273,11 +275,8 @@ def compute_eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
-class CLIPTextTransformer(_Dims):
+class CLIPTextTransformer(_CLIPModule):
     """The ``text_model`` subtree (old ``FlaxCLIPTextTransformer``)."""
-
-    attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None,
@@ -290,33 +289,26 @@ class CLIPTextTransformer(_Dims):
                 f"CLIP input length {input_ids.shape[1]} exceeds max_position_embeddings="
                 f"{cfg.max_position_embeddings}; tokenize with max_length={cfg.max_position_embeddings}"
             )
-        dims = {"config": cfg, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        hidden_states = CLIPTextEmbeddings(**dims, name="embeddings")(input_ids)
+        hidden_states = CLIPTextEmbeddings(**self.settings(), name="embeddings")(input_ids)
         # Padding mask over keys, [batch, 1, 1, kv]; attend() adds the causal part.
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-        states = _CLIPEncoder(**dims, attention_kernel=self.attention_kernel,
-                              gradient_checkpointing=self.gradient_checkpointing,
-                              name="encoder")(hidden_states, mask)
+        states = _CLIPEncoder(**self.settings(), name="encoder")(hidden_states, mask)
         last = self.layer_norm("final_layer_norm")(states[-1])
         pooled = last[jnp.arange(last.shape[0]), compute_eos_positions(input_ids, cfg.eos_token_id)]
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled,
                               hidden_states=states if output_hidden_states else None)
 
 
-class FlaxCLIPTextModel(_Dims):
+class FlaxCLIPTextModel(_CLIPModule):
     """transformers ``CLIPTextModel`` in linen; params ``{"text_model": ...}``.
 
-    ``attention_kernel`` is passed to :func:`attend` (``xla``, ``dot_product``, ``flash``,
-    ``auto``); ``gradient_checkpointing`` remats each encoder layer (for training the
-    text encoder). ``dtype`` is the compute dtype, ``param_dtype`` the stored one.
+    Fields: ``config``, ``dtype``, ``param_dtype``, ``attention_kernel`` (``xla``,
+    ``dot_product``, ``flash``, ``auto``; see :mod:`.attention`) and
+    ``gradient_checkpointing`` (remat per encoder layer, for training the text encoder).
     """
 
-    attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
-
     def _text_model(self) -> CLIPTextTransformer:
-        return CLIPTextTransformer(self.config, self.dtype, self.param_dtype, attention_kernel=self.attention_kernel,
-                                   gradient_checkpointing=self.gradient_checkpointing, name="text_model")
+        return CLIPTextTransformer(**self.settings(), name="text_model")
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -342,8 +334,8 @@ class FlaxCLIPTextModelWithProjection(FlaxCLIPTextModel):
                  output_hidden_states: bool = False, train: bool = False) -> CLIPTextOutput:
         del train
         out = self._text_model()(jnp.asarray(input_ids, jnp.int32), attention_mask, output_hidden_states)
-        text_embeds = self.dense(self.config.projection_dim, "text_projection", use_bias=False)(out.pooler_output)
-        return out.replace(text_embeds=text_embeds)
+        projection = self.dense(self.config.projection_dim, "text_projection", use_bias=False)
+        return out.replace(text_embeds=projection(out.pooler_output))
 
 
 def make_text_encoder(config: CLIPTextConfig, *, with_projection: bool = False,

@@ -26,6 +26,7 @@ from jaxbooth.jax_backend.models.blocks import (
     compute_sinusoidal_embedding,
     conv2d,
     group_norm,
+    random_params,
 )
 from jaxbooth.jax_backend.models.unet_blocks import UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock
 from jaxbooth.jax_backend.models.unet_config import UNetConfig, unet_config_from_dict
@@ -93,41 +94,70 @@ class FlaxUNet2DConditionModel(nn.Module):
         mask = None
         if encoder_attention_mask is not None:
             mask = jnp.asarray(encoder_attention_mask).astype(bool)[:, None, None, :]
-        block_kw = {"attention_kernel": self.attention_kernel, "gradient_checkpointing": self.gradient_checkpointing,
-                    "dtype": self.dtype, "param_dtype": self.param_dtype}
-        x = conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in", dtype=self.dtype,
-                   param_dtype=self.param_dtype)(sample)
+        block_kw = {
+            "attention_kernel": self.attention_kernel,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+        }
+        x = conv2d(
+            cfg.block_out_channels[0],
+            cfg.conv_in_kernel,
+            name="conv_in",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(sample)
         skips = [x]
         for i in range(len(cfg.down_block_types)):
             x, block_skips = UNetDownBlock(cfg, i, name=f"down_blocks_{i}", **block_kw)(
-                x, temb, encoder_hidden_states, mask, deterministic)
+                x, temb, encoder_hidden_states, mask, deterministic
+            )
             skips.extend(block_skips)
         if cfg.mid_block_type is not None:
             x = UNetMidBlock2DCrossAttn(cfg, name="mid_block", **block_kw)(
-                x, temb, encoder_hidden_states, mask, deterministic)
+                x, temb, encoder_hidden_states, mask, deterministic
+            )
         for i, n_skips in enumerate(cfg.up_layers_per_block):
             block_skips, skips = tuple(skips[-n_skips:]), skips[:-n_skips]
             upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
             x = UNetUpBlock(cfg, i, name=f"up_blocks_{i}", **block_kw)(
-                x, block_skips, temb, encoder_hidden_states, mask, deterministic, upsample_size)
-        x = group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x)
-        return conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(nn.silu(x))
+                x, block_skips, temb, encoder_hidden_states, mask, deterministic, upsample_size
+            )
+        x = group_norm(
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            name="conv_norm_out",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+        return conv2d(
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            name="conv_out",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(nn.silu(x))
 
     def _time_proj(self, values: jax.Array) -> jax.Array:
         """diffusers ``Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)``."""
         cfg = self.config
-        return compute_sinusoidal_embedding(values, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                            freq_shift=cfg.freq_shift).astype(self.dtype)
+        return compute_sinusoidal_embedding(
+            values, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        ).astype(self.dtype)
 
-    def _embed(self, batch: int, timesteps: jax.Array | float | int,
-               added_cond_kwargs: Mapping[str, jax.Array] | None, class_labels: jax.Array | None) -> jax.Array:
-        """Time embedding plus the optional class and SDXL ``text_time`` embeddings: ``[B, time_embed_dim]``."""
+    def _embed(
+        self,
+        batch: int,
+        timesteps: jax.Array | float | int,
+        added_cond_kwargs: Mapping[str, jax.Array] | None,
+        class_labels: jax.Array | None,
+    ) -> jax.Array:
+        """Time embedding + optional class and SDXL ``text_time`` embeddings, ``[B, time_embed_dim]``."""
         cfg = self.config
         t = jnp.broadcast_to(jnp.atleast_1d(jnp.asarray(timesteps, jnp.float32)), (batch,))
-        emb = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                                name="time_embedding")(self._time_proj(t))
+        emb = TimestepEmbedding(
+            cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="time_embedding"
+        )(self._time_proj(t))
         class_emb = self._class_embed(class_labels)
         if class_emb is not None:
             emb = emb + class_emb
@@ -136,13 +166,15 @@ class FlaxUNet2DConditionModel(nn.Module):
         return emb
 
     def _class_embed(self, class_labels: jax.Array | None) -> jax.Array | None:
-        """diffusers ``class_embedding``: timestep/identity/projection types or a ``num_class_embeds`` table."""
+        """diffusers ``class_embedding``: timestep/identity/projection, or a ``num_class_embeds`` table."""
         cfg = self.config
         if cfg.class_embed_type is None and cfg.num_class_embeds is None:
             return None
         if class_labels is None:
-            raise ValueError(f"class_labels is required: the UNet config sets class_embed_type="
-                             f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds!r}")
+            raise ValueError(
+                f"class_labels is required: the UNet config sets class_embed_type="
+                f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds!r}"
+            )
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "name": "class_embedding"}
         if cfg.class_embed_type == "timestep":
             return TimestepEmbedding(cfg.time_embed_dim, **kw)(self._time_proj(jnp.ravel(class_labels)))
@@ -153,35 +185,49 @@ class FlaxUNet2DConditionModel(nn.Module):
         return nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, **kw)(jnp.asarray(class_labels, jnp.int32))
 
     def _text_time_embed(self, added_cond_kwargs: Mapping[str, jax.Array] | None) -> jax.Array:
-        """SDXL: sinusoids of each ``time_ids`` entry, concatenated after ``text_embeds``, through ``add_embedding``."""
+        """SDXL: sinusoids of each ``time_ids`` entry after ``text_embeds``, through ``add_embedding``."""
         cfg = self.config
-        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
+        missing = [
+            k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs
+        ]
         if missing:
-            raise ValueError(f"added_cond_kwargs needs {missing}: the UNet config sets addition_embed_type='text_time'")
+            raise ValueError(
+                f"added_cond_kwargs needs {missing}: the UNet config sets addition_embed_type='text_time'"
+            )
         text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-        time_embeds = compute_sinusoidal_embedding(jnp.ravel(time_ids), cfg.addition_time_embed_dim,
-                                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        time_embeds = compute_sinusoidal_embedding(
+            jnp.ravel(time_ids),
+            cfg.addition_time_embed_dim,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        )
         time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
         add_embeds = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), time_embeds], axis=-1)
-        return TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name="add_embedding")(add_embeds.astype(self.dtype))
+        return TimestepEmbedding(
+            cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="add_embedding"
+        )(add_embeds.astype(self.dtype))
 
 
 def dummy_inputs(config: UNetConfig) -> tuple[tuple[jax.Array, ...], dict[str, object]]:
     """Smallest valid inputs for ``init``: every param shape follows from them.
 
     The spatial size is the total stride (``2 ** (blocks - 1)``), not ``sample_size``: param
-    shapes do not depend on it, and :func:`init_params` stays cheap for SDXL-sized configs.
+    shapes do not depend on it, and tracing stays cheap for SDXL-sized configs.
     """
     size = 2 ** (len(config.block_out_channels) - 1)
-    args = (jnp.zeros((1, size, size, config.in_channels), jnp.float32), jnp.ones((1,), jnp.float32),
-            jnp.zeros((1, 1, config.encoder_hidden_dim), jnp.float32))
+    args = (
+        jnp.zeros((1, size, size, config.in_channels), jnp.float32),
+        jnp.ones((1,), jnp.float32),
+        jnp.zeros((1, 1, config.encoder_hidden_dim), jnp.float32),
+    )
     kwargs: dict[str, object] = {}
     if config.addition_embed_type == "text_time":
         # add_embedding's input width is all that matters, so one time id carries the rest as text.
         text_dim = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": jnp.zeros((1, text_dim), jnp.float32),
-                                       "time_ids": jnp.zeros((1, 1), jnp.float32)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": jnp.zeros((1, text_dim), jnp.float32),
+            "time_ids": jnp.zeros((1, 1), jnp.float32),
+        }
     if config.class_embed_type == "identity":
         kwargs["class_labels"] = jnp.zeros((1, config.time_embed_dim), jnp.float32)
     elif config.class_embed_type == "projection":
@@ -198,8 +244,6 @@ def abstract_params(config: UNetConfig, dtype: Dtype = jnp.float32) -> dict:
     return jax.eval_shape(lambda rng: model.init(rng, *args, **kwargs)["params"], jax.random.key(0))
 
 
-def init_params(config: UNetConfig, rng: jax.Array, dtype: Dtype = jnp.float32) -> dict:
-    """Random params (Flax default initialisers): for tiny test models and from-scratch runs."""
-    model = FlaxUNet2DConditionModel(config, param_dtype=dtype)
-    args, kwargs = dummy_inputs(config)
-    return model.init(rng, *args, **kwargs)["params"]
+def init_params(config: UNetConfig, rng: jax.Array | int, dtype: Dtype = jnp.float32) -> dict:
+    """Random params for tiny test models (see :func:`jaxbooth.jax_backend.models.blocks.random_params`)."""
+    return random_params(abstract_params(config, dtype), rng)

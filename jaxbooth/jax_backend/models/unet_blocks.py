@@ -38,18 +38,34 @@ class _UNetBlock(nn.Module):
         # static_argnums=(3,): `deterministic` (self is 0) is a Python bool under remat.
         cls = maybe_remat(ResnetBlock2D, self.gradient_checkpointing, static_argnums=(3,))
         cfg = self.config
-        return cls(out_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
-                   output_scale_factor=output_scale_factor, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name=name)
+        return cls(
+            out_channels,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            dropout=cfg.dropout,
+            output_scale_factor=output_scale_factor,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
 
     def _transformer(self, channels: int, heads: int, depth: int, only_cross: bool, name: str) -> nn.Module:
         cfg = self.config
         return Transformer2DModel(
-            heads, channels // heads, depth=depth, norm_num_groups=cfg.norm_num_groups,
-            use_linear_projection=cfg.use_linear_projection, only_cross_attention=only_cross,
-            upcast_attention=cfg.upcast_attention, dropout=cfg.dropout, attention_kernel=self.attention_kernel,
-            gradient_checkpointing=self.gradient_checkpointing, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name)
+            heads,
+            channels // heads,
+            depth=depth,
+            norm_num_groups=cfg.norm_num_groups,
+            use_linear_projection=cfg.use_linear_projection,
+            only_cross_attention=only_cross,
+            upcast_attention=cfg.upcast_attention,
+            dropout=cfg.dropout,
+            attention_kernel=self.attention_kernel,
+            gradient_checkpointing=self.gradient_checkpointing,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
 
 
 class UNetDownBlock(_UNetBlock):
@@ -60,8 +76,14 @@ class UNetDownBlock(_UNetBlock):
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, mask: jax.Array | None,
-                 deterministic: bool = True) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def __call__(
+        self,
+        x: jax.Array,
+        temb: jax.Array,
+        context: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         cfg, i = self.config, self.index
         channels = cfg.block_out_channels[i]
         cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
@@ -69,14 +91,23 @@ class UNetDownBlock(_UNetBlock):
         for layer in range(cfg.layers_per_block[i]):
             x = self._resnet(channels, f"resnets_{layer}")(x, temb, deterministic)
             if cross:
-                transformer = self._transformer(channels, cfg.num_attention_heads[i],
-                                                cfg.transformer_layers_per_block[i][layer],
-                                                cfg.only_cross_attention[i], f"attentions_{layer}")
+                transformer = self._transformer(
+                    channels,
+                    cfg.num_attention_heads[i],
+                    cfg.transformer_layers_per_block[i][layer],
+                    cfg.only_cross_attention[i],
+                    f"attentions_{layer}",
+                )
                 x = transformer(x, context, mask, deterministic)
             skips.append(x)
         if i < len(cfg.down_block_types) - 1:
-            x = Downsample2D(channels, padding=cfg.downsample_padding, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="downsamplers_0")(x)
+            x = Downsample2D(
+                channels,
+                padding=cfg.downsample_padding,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="downsamplers_0",
+            )(x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -88,14 +119,21 @@ class UNetMidBlock2DCrossAttn(_UNetBlock):
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, mask: jax.Array | None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        temb: jax.Array,
+        context: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool = True,
+    ) -> jax.Array:
         cfg = self.config
         channels = cfg.block_out_channels[-1]
         scale = cfg.mid_block_scale_factor
         x = self._resnet(channels, "resnets_0", scale)(x, temb, deterministic)
-        x = self._transformer(channels, cfg.num_attention_heads[-1], cfg.mid_transformer_layers, False,
-                              "attentions_0")(x, context, mask, deterministic)
+        x = self._transformer(
+            channels, cfg.num_attention_heads[-1], cfg.mid_transformer_layers, False, "attentions_0"
+        )(x, context, mask, deterministic)
         return self._resnet(channels, "resnets_1", scale)(x, temb, deterministic)
 
 
@@ -108,9 +146,16 @@ class UNetUpBlock(_UNetBlock):
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array, context: jax.Array,
-                 mask: jax.Array | None, deterministic: bool = True,
-                 upsample_size: tuple[int, int] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        skips: tuple[jax.Array, ...],
+        temb: jax.Array,
+        context: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool = True,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
         cfg, i = self.config, self.index
         channels = cfg.up_block_out_channels[i]
         cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
@@ -118,11 +163,16 @@ class UNetUpBlock(_UNetBlock):
             x = jnp.concatenate([x, skips[-1 - layer]], axis=-1)
             x = self._resnet(channels, f"resnets_{layer}")(x, temb, deterministic)
             if cross:
-                transformer = self._transformer(channels, cfg.up_num_attention_heads[i],
-                                                cfg.reverse_transformer_layers_per_block[i][layer],
-                                                cfg.up_only_cross_attention[i], f"attentions_{layer}")
+                transformer = self._transformer(
+                    channels,
+                    cfg.up_num_attention_heads[i],
+                    cfg.reverse_transformer_layers_per_block[i][layer],
+                    cfg.up_only_cross_attention[i],
+                    f"attentions_{layer}",
+                )
                 x = transformer(x, context, mask, deterministic)
         if i < len(cfg.up_block_types) - 1:
-            x = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(
+                x, upsample_size
+            )
         return x

@@ -40,23 +40,48 @@ _ONLY_VALUES: dict[str, tuple[Any, ...]] = {
     "cross_attention_norm": (None,),
 }
 _DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "only_cross_attention": False, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1.0, "dropout": 0.0, "norm_num_groups": 32,
-    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "attention_head_dim": 8, "num_attention_heads": None,
-    "use_linear_projection": False, "num_class_embeds": None, "addition_time_embed_dim": None,
-    "upcast_attention": False, "time_embedding_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "only_cross_attention": False,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1.0,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "num_class_embeds": None,
+    "addition_time_embed_dim": None,
+    "upcast_attention": False,
+    "time_embedding_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None,
     **{key: values[0] for key, values in _ONLY_VALUES.items()},
     # Accepted at any value because they do not change this network: diffusers passes them
     # only to block types jaxbooth does not build (Simple*/Resnet* blocks, the "text" add-embedding).
-    "mid_block_only_cross_attention": None, "addition_embed_type_num_heads": 64,
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "mid_block_only_cross_attention": None,
+    "addition_embed_type_num_heads": 64,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
 }
 
 PerBlock = tuple[int, ...]
@@ -117,7 +142,7 @@ class UNetConfig:
 
     @property
     def up_layers_per_block(self) -> PerBlock:
-        """Resnets per up block: one more than the mirrored down block (it also eats that block's input skip)."""
+        """Resnets per up block: one more than its mirrored down block (it also eats that block's input)."""
         return tuple(n + 1 for n in reversed(self.layers_per_block))
 
     @property
@@ -135,16 +160,20 @@ class UNetConfig:
 
 
 def _error(source: str, key: str, value: Any, supported: str) -> JaxboothError:
-    return JaxboothError(f"{source}: {key}={value!r} is not supported; jaxbooth supports {supported}. "
-                         "Fix: use a Stable Diffusion 1.x/2.x/XL-style UNet config, or the torch backend.")
+    return JaxboothError(
+        f"{source}: {key}={value!r} is not supported; jaxbooth supports {supported}. "
+        "Fix: use a Stable Diffusion 1.x/2.x/XL-style UNet config, or the torch backend."
+    )
 
 
 def _per_block(source: str, key: str, value: Any, n: int) -> tuple:
     """An int/bool/None (same for every block) or a list with one entry per down block."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != n:
-            raise JaxboothError(f"{source}: {key} has {len(value)} entries but down_block_types has {n}; "
-                                f"give one per block or a single value.")
+            raise JaxboothError(
+                f"{source}: {key} has {len(value)} entries but down_block_types has {n}; "
+                f"give one per block or a single value."
+            )
         return tuple(value)
     return (value,) * n
 
@@ -167,8 +196,12 @@ def _check_values(d: Mapping[str, Any], source: str) -> None:
     if d["num_attention_heads"] is not None:
         # diffusers' UNet2DConditionModel refuses this key too (issue #2011), so a model using it
         # could not be exported back; the head count belongs in `attention_head_dim`.
-        raise _error(source, "num_attention_heads", d["num_attention_heads"],
-                     "None (put the per-block head counts in attention_head_dim, as diffusers requires)")
+        raise _error(
+            source,
+            "num_attention_heads",
+            d["num_attention_heads"],
+            "None (put the per-block head counts in attention_head_dim, as diffusers requires)",
+        )
     if d["norm_num_groups"] is None:
         raise _error(source, "norm_num_groups", None, "an int (GroupNorm everywhere)")
     if d["addition_embed_type"] == "text_time":
@@ -176,34 +209,50 @@ def _check_values(d: Mapping[str, Any], source: str) -> None:
             if d[key] is None:
                 raise _error(source, key, None, "an int when addition_embed_type='text_time'")
     if d["class_embed_type"] == "projection" and d["projection_class_embeddings_input_dim"] is None:
-        raise _error(source, "projection_class_embeddings_input_dim", None,
-                     "an int when class_embed_type='projection'")
+        raise _error(
+            source, "projection_class_embeddings_input_dim", None, "an int when class_embed_type='projection'"
+        )
 
 
 def _check_lengths(d: Mapping[str, Any], source: str) -> int:
     n = len(d["down_block_types"])
     for key in ("up_block_types", "block_out_channels"):
         if len(d[key]) != n:
-            raise JaxboothError(f"{source}: {key} has {len(d[key])} entries but down_block_types has {n} "
-                                f"({list(d['down_block_types'])}); they must match.")
+            raise JaxboothError(
+                f"{source}: {key} has {len(d[key])} entries but down_block_types has {n} "
+                f"({list(d['down_block_types'])}); they must match."
+            )
     tlpb = d["transformer_layers_per_block"]
     nested = not isinstance(tlpb, int) and any(not isinstance(t, int) for t in tlpb)
     if nested and d["reverse_transformer_layers_per_block"] is None:
-        raise JaxboothError(f"{source}: transformer_layers_per_block={tlpb!r} lists depths per layer, so "
-                            "reverse_transformer_layers_per_block must be given too (as diffusers requires).")
+        raise JaxboothError(
+            f"{source}: transformer_layers_per_block={tlpb!r} lists depths per layer, so "
+            "reverse_transformer_layers_per_block must be given too (as diffusers requires)."
+        )
     return n
 
 
 def _check_cross_attention_dim(config: UNetConfig, source: str) -> None:
     """Every block that cross-attends reads the same encoder_hidden_states, so one width."""
-    used = {dim for dim, kind in zip(config.cross_attention_dim, config.down_block_types) if "CrossAttn" in kind}
-    used |= {dim for dim, kind in zip(reversed(config.cross_attention_dim), config.up_block_types)
-             if "CrossAttn" in kind}
+    used = {
+        dim
+        for dim, kind in zip(config.cross_attention_dim, config.down_block_types, strict=True)
+        if "CrossAttn" in kind
+    }
+    used |= {
+        dim
+        for dim, kind in zip(reversed(config.cross_attention_dim), config.up_block_types, strict=True)
+        if "CrossAttn" in kind
+    }
     if config.mid_block_type is not None:
         used.add(config.cross_attention_dim[-1])
     if len(used) > 1:
-        raise _error(source, "cross_attention_dim", list(config.cross_attention_dim),
-                     "one width for all cross-attention blocks")
+        raise _error(
+            source,
+            "cross_attention_dim",
+            list(config.cross_attention_dim),
+            "one width for all cross-attention blocks",
+        )
 
 
 def unet_config_from_dict(d: Mapping[str, Any], *, source: str = "unet/config.json") -> UNetConfig:
@@ -221,35 +270,56 @@ def unet_config_from_dict(d: Mapping[str, Any], *, source: str = "unet/config.js
     # CrossAttn blocks it is the number of heads and the head width is channels // heads.
     heads = _per_block(source, "attention_head_dim", merged["attention_head_dim"], n)
     tlpb = merged["transformer_layers_per_block"]
-    tlpb = _per_block(source, "transformer_layers_per_block", tlpb, n) if not isinstance(tlpb, int) else (tlpb,) * n
+    tlpb = (
+        _per_block(source, "transformer_layers_per_block", tlpb, n)
+        if not isinstance(tlpb, int)
+        else (tlpb,) * n
+    )
     reverse = merged["reverse_transformer_layers_per_block"]
     up_layers = tuple(n_layers + 1 for n_layers in reversed(layers))
-    up_depths = tuple(reversed(tlpb)) if reverse is None else _per_block(
-        source, "reverse_transformer_layers_per_block", reverse, n)
+    up_depths = (
+        tuple(reversed(tlpb))
+        if reverse is None
+        else _per_block(source, "reverse_transformer_layers_per_block", reverse, n)
+    )
     config = UNetConfig(
-        sample_size=merged["sample_size"], in_channels=int(merged["in_channels"]),
-        out_channels=int(merged["out_channels"]), center_input_sample=bool(merged["center_input_sample"]),
-        flip_sin_to_cos=bool(merged["flip_sin_to_cos"]), freq_shift=merged["freq_shift"],
-        down_block_types=tuple(merged["down_block_types"]), mid_block_type=merged["mid_block_type"],
+        sample_size=merged["sample_size"],
+        in_channels=int(merged["in_channels"]),
+        out_channels=int(merged["out_channels"]),
+        center_input_sample=bool(merged["center_input_sample"]),
+        flip_sin_to_cos=bool(merged["flip_sin_to_cos"]),
+        freq_shift=merged["freq_shift"],
+        down_block_types=tuple(merged["down_block_types"]),
+        mid_block_type=merged["mid_block_type"],
         up_block_types=tuple(merged["up_block_types"]),
-        only_cross_attention=tuple(bool(v) for v in _per_block(
-            source, "only_cross_attention", merged["only_cross_attention"], n)),
-        block_out_channels=tuple(int(c) for c in merged["block_out_channels"]), layers_per_block=layers,
+        only_cross_attention=tuple(
+            bool(v) for v in _per_block(source, "only_cross_attention", merged["only_cross_attention"], n)
+        ),
+        block_out_channels=tuple(int(c) for c in merged["block_out_channels"]),
+        layers_per_block=layers,
         downsample_padding=int(merged["downsample_padding"]),
-        mid_block_scale_factor=float(merged["mid_block_scale_factor"]), dropout=float(merged["dropout"]),
-        norm_num_groups=int(merged["norm_num_groups"]), norm_eps=float(merged["norm_eps"]),
-        cross_attention_dim=tuple(int(c) for c in _per_block(
-            source, "cross_attention_dim", merged["cross_attention_dim"], n)),
-        transformer_layers_per_block=tuple(_per_layer(t, k) for t, k in zip(tlpb, layers)),
-        reverse_transformer_layers_per_block=tuple(_per_layer(t, k) for t, k in zip(up_depths, up_layers)),
+        mid_block_scale_factor=float(merged["mid_block_scale_factor"]),
+        dropout=float(merged["dropout"]),
+        norm_num_groups=int(merged["norm_num_groups"]),
+        norm_eps=float(merged["norm_eps"]),
+        cross_attention_dim=tuple(
+            int(c) for c in _per_block(source, "cross_attention_dim", merged["cross_attention_dim"], n)
+        ),
+        transformer_layers_per_block=tuple(_per_layer(t, k) for t, k in zip(tlpb, layers, strict=True)),
+        reverse_transformer_layers_per_block=tuple(
+            _per_layer(t, k) for t, k in zip(up_depths, up_layers, strict=True)
+        ),
         mid_transformer_layers=_per_layer(tlpb[-1], 1)[0],
         num_attention_heads=tuple(int(h) for h in heads),
         use_linear_projection=bool(merged["use_linear_projection"]),
-        upcast_attention=bool(merged["upcast_attention"]), class_embed_type=merged["class_embed_type"],
-        num_class_embeds=merged["num_class_embeds"], addition_embed_type=merged["addition_embed_type"],
+        upcast_attention=bool(merged["upcast_attention"]),
+        class_embed_type=merged["class_embed_type"],
+        num_class_embeds=merged["num_class_embeds"],
+        addition_embed_type=merged["addition_embed_type"],
         addition_time_embed_dim=merged["addition_time_embed_dim"],
         projection_class_embeddings_input_dim=merged["projection_class_embeddings_input_dim"],
-        time_embedding_dim=merged["time_embedding_dim"], conv_in_kernel=int(merged["conv_in_kernel"]),
+        time_embedding_dim=merged["time_embedding_dim"],
+        conv_in_kernel=int(merged["conv_in_kernel"]),
         conv_out_kernel=int(merged["conv_out_kernel"]),
     )
     _check_cross_attention_dim(config, source)

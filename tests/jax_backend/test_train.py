@@ -1,0 +1,111 @@
+"""`jaxbooth train --backend=jax` end to end on the tiny pipeline and the bundled images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from jaxbooth.cli import main
+
+TINY_ARGS = ["--backend=jax", "--resolution=64", "--train_batch_size=1", "--learning_rate=1e-4",
+             "--lr_warmup_steps=0", "--seed=0", "--report_to=none", "--log_every_steps=1"]
+
+
+def run_train(tiny_model_dir: Path, out: Path, *extra: str) -> int:
+    return main(["train", f"--pretrained_model_name_or_path={tiny_model_dir}", f"--output_dir={out}",
+                 *TINY_ARGS, *extra])
+
+
+def unet_weights(folder: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "out"
+    assert run_train(tiny_model_dir, out, "--max_train_steps=4", "--checkpointing_steps=2") == 0
+    return out
+
+
+def test_train_writes_a_diffusers_pipeline_and_checkpoints(trained: Path, tiny_model_dir: Path) -> None:
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "README.md", "jaxbooth_run.yaml"):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert len(losses(trained)) == 4
+    base, final = unet_weights(tiny_model_dir), unet_weights(trained)
+    assert base.keys() == final.keys()
+    assert any(not np.array_equal(base[k], final[k]) for k in base), "training changed no weight"
+    # the frozen text encoder is copied, not retrained
+    te = "text_encoder/model.safetensors"
+    assert (trained / te).read_bytes() == (tiny_model_dir / te).read_bytes()
+
+
+@pytest.mark.requires_torch
+def test_checkpoint_unet_and_final_pipeline_load_in_diffusers(trained: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(trained, subfolder="checkpoint-2/unet")
+    assert unet.config.block_out_channels == (32, 64) or list(unet.config.block_out_channels) == [32, 64]
+    pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None)
+    image = pipe("a photo of sks toy", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_resume_continues_exactly(tiny_model_dir: Path, trained: Path, tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, then resume from checkpoint-2 for 2 more; limits hold across resume."""
+    out = tmp_path / "resumed"
+    assert run_train(tiny_model_dir, out, "--max_train_steps=2", "--checkpointing_steps=2") == 0
+    assert run_train(tiny_model_dir, out, "--max_train_steps=4", "--checkpointing_steps=2",
+                     "--resume_from_checkpoint=latest", "--checkpoints_total_limit=1") == 0
+    straight, resumed = unet_weights(trained), unet_weights(out)
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    np.testing.assert_allclose(losses(out)[-2:], losses(trained)[-2:], rtol=1e-6)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_interrupted_checkpoint_is_never_latest(trained: Path, tmp_path: Path) -> None:
+    from jaxbooth.jax_backend import checkpoint
+
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained / "checkpoint-2", out / "checkpoint-2")
+    shutil.copytree(trained / "checkpoint-4", out / "checkpoint-4")
+    (out / "checkpoint-4" / checkpoint.MARKER).unlink()  # as if killed mid-write
+    assert checkpoint.resolve_resume_path(out, "latest") == out / "checkpoint-2"
+
+
+def test_prior_preservation_and_text_encoder_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from jaxbooth.data import example_class_dir
+
+    out = tmp_path / "prior"
+    assert run_train(tiny_model_dir, out, "--max_train_steps=2", "--checkpointing_steps=100",
+                     "--with_prior_preservation", f"--class_data_dir={example_class_dir()}",
+                     "--class_prompt=a photo of a toy", "--num_class_images=5", "--train_text_encoder",
+                     "--snr_gamma=5.0", "--offset_noise") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/prior_loss"] > 0 for r in records)
+    te = "text_encoder/model.safetensors"
+    assert (out / te).read_bytes() != (tiny_model_dir / te).read_bytes()
+
+
+def test_bad_flag_is_one_clear_error_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "jaxbooth", "train", "--learning_rat=1e-4",
+                           f"--output_dir={tmp_path}"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "learning_rate" in proc.stderr and "Traceback" not in proc.stderr

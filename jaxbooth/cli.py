@@ -58,11 +58,40 @@ def resolve_backend(spec) -> str:
     return backend
 
 
+def fill_defaults(spec):
+    """What an unset spec key means, decided once for both backends (and recorded in the resolved spec):
+    no model -> the built-in tiny pipeline; no instance folder -> the bundled example images;
+    no seed -> a random one."""
+    from jaxbooth import data
+    from jaxbooth.spec import replace_flat
+
+    overrides = {}
+    if spec.data.instance_data_dir is None:
+        overrides["instance_data_dir"] = str(data.example_instance_dir())
+        if spec.data.instance_prompt is None:
+            overrides["instance_prompt"] = data.EXAMPLE_INSTANCE_PROMPT
+    elif spec.data.instance_prompt is None:
+        raise JaxboothError("--instance_prompt is required with --instance_data_dir, "
+                            "e.g. --instance_prompt='a photo of sks dog'")
+    if spec.optim.seed is None:  # drawn once and recorded, so a resume sees the same data order
+        import secrets
+
+        overrides["seed"] = secrets.randbits(31)
+    if spec.model.pretrained_model_name_or_path is None:
+        from jaxbooth.tiny import builtin_tiny_model
+
+        overrides["pretrained_model_name_or_path"] = str(builtin_tiny_model())
+        print(f"no --pretrained_model_name_or_path: using the built-in tiny model at "
+              f"{overrides['pretrained_model_name_or_path']}", file=sys.stderr)
+    return replace_flat(spec, **overrides) if overrides else spec
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     from jaxbooth.spec import load_spec
 
     spec = load_spec(list(argv))
     backend = resolve_backend(spec)
+    spec = fill_defaults(spec)
     if backend == "jax":
         from jaxbooth.jax_backend.train import train
 

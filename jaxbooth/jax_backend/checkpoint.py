@@ -11,7 +11,6 @@ from, and is cleared away by the next run.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import sys
@@ -23,53 +22,25 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxbooth import output, spec as spec_lib
+from jaxbooth import output
+from jaxbooth import spec as spec_lib
+from jaxbooth.checkpoints import (
+    MARKER,
+    PREFIX,
+    clear_incomplete,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume_path,
+)
 from jaxbooth.errors import JaxboothError
 
-PREFIX = "checkpoint-"
-MARKER = "jaxbooth_checkpoint.json"
-_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+__all__ = ["MARKER", "CheckpointWriter", "StopOnSignal", "list_checkpoints", "maybe_resume", "resolve_resume_path",
+           "restore"]
 
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
-
-
-def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints in ``output_dir``, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_dir() and (not complete_only or (path / MARKER).is_file()):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | None:
-    """``latest`` -> newest complete checkpoint; a name or path -> that one (it must be complete).
-
-    As in diffusers, ``latest`` with no checkpoint yet starts a fresh run.
-    """
-    if not resume_from:
-        return None
-    if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
-            return None
-        return found[-1][1]
-    path = Path(resume_from)
-    if not path.is_absolute() and not path.exists():
-        path = output_dir / resume_from
-    if not (path / MARKER).is_file():
-        complete = [p.name for _, p in list_checkpoints(output_dir)]
-        raise JaxboothError(f"--resume_from_checkpoint={resume_from}: {path} is not a complete jaxbooth checkpoint "
-                            f"(no {MARKER}); complete ones in {output_dir}: {complete or 'none'}; "
-                            "use one of them or 'latest'")
-    return path
 
 
 def restore(path: Path, state: Any, shardings: Any) -> tuple[Any, dict]:
@@ -83,7 +54,8 @@ def restore(path: Path, state: Any, shardings: Any) -> tuple[Any, dict]:
     return restored, json.loads((path / MARKER).read_text())
 
 
-def maybe_resume(spec: spec_lib.RunSpec, output_dir: Path, state: Any, shardings: Any, iterator) -> tuple[Any, Path | None]:
+def maybe_resume(spec: spec_lib.RunSpec, output_dir: Path, state: Any, shardings: Any,
+                 iterator) -> tuple[Any, Path | None]:
     path = resolve_resume_path(output_dir, spec.checkpointing.resume_from_checkpoint)
     if path is None:
         return state, None
@@ -105,13 +77,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         if jax.process_index() == 0:
-            self._clear_incomplete()
-
-    def _clear_incomplete(self) -> None:
-        for _, path in list_checkpoints(self.output_dir, complete_only=False):
-            if not (path / MARKER).is_file():
-                _log(f"removing {path}: an interrupted checkpoint (no {MARKER})")
-                shutil.rmtree(path, ignore_errors=True)
+            clear_incomplete(output_dir)
 
     def save(self, step: int, state: Any, data_state: dict, spec: spec_lib.RunSpec,
              export: Callable[[Path, Any], None], gather: Callable[[Any], Any]) -> None:
@@ -132,17 +98,10 @@ class CheckpointWriter:
                 return
             export(path, params_host)
             output.atomic_write_text(path / MARKER, json.dumps(record, indent=1, default=str) + "\n")
-            self._prune()
+            prune_checkpoints(self.output_dir, self.keep)
             _log(f"saved {path}")
         except BaseException as error:  # surfaced on the main thread by wait()
             self._error = error
-
-    def _prune(self) -> None:
-        if not self.keep:
-            return
-        complete = list_checkpoints(self.output_dir)
-        for _, path in complete[: max(0, len(complete) - self.keep)]:
-            shutil.rmtree(path, ignore_errors=True)
 
     def wait(self) -> None:
         if self._thread is not None:

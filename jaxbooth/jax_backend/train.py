@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import secrets
 import sys
 import time
 import warnings
@@ -21,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbooth import data, diffusion, output, spec as spec_lib
+from jaxbooth import data, diffusion, output
+from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
-from jaxbooth.jax_backend import checkpoint, encode, mesh as mesh_lib, optim, pretrained
-from jaxbooth.jax_backend.models import clip as clip_lib, unet as unet_lib
+from jaxbooth.jax_backend import checkpoint, encode, optim, pretrained
+from jaxbooth.jax_backend import mesh as mesh_lib
+from jaxbooth.jax_backend.models import clip as clip_lib
+from jaxbooth.jax_backend.models import unet as unet_lib
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_step
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
@@ -62,22 +63,19 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
 
 
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
-    from jaxbooth.hub import resolve_model_dir
-    from jaxbooth.tiny import builtin_tiny_model
+    """The model folder (local or from the Hub cache), the dataset, the seed and the step count.
 
-    name = spec.model.pretrained_model_name_or_path
-    if name is None:
-        model_dir = builtin_tiny_model()
-        log(f"no --pretrained_model_name_or_path: using the built-in tiny model at {model_dir}")
-    else:
-        model_dir = resolve_model_dir(name, revision=spec.model.revision, variant=spec.model.variant,
-                                      token=spec.hub.hub_token)
-    instance_dir = spec.data.instance_data_dir or data.example_instance_dir()
-    instance_prompt = spec.data.instance_prompt or (
-        data.EXAMPLE_INSTANCE_PROMPT if spec.data.instance_data_dir is None else None)
-    if not instance_prompt:
-        raise JaxboothError("--instance_prompt is required with --instance_data_dir, "
-                            "e.g. --instance_prompt='a photo of sks dog'")
+    The CLI has already filled in the built-in defaults (``cli.fill_defaults``).
+    """
+    from jaxbooth.hub import resolve_model_dir
+
+    name, instance_dir = spec.model.pretrained_model_name_or_path, spec.data.instance_data_dir
+    instance_prompt = spec.data.instance_prompt
+    if name is None or instance_dir is None or not instance_prompt:
+        raise JaxboothError("pretrained_model_name_or_path, instance_data_dir and instance_prompt must be set "
+                            "(the CLI fills in the built-in defaults; call jaxbooth.cli.fill_defaults)")
+    model_dir = resolve_model_dir(name, revision=spec.model.revision, variant=spec.model.variant,
+                                  token=spec.hub.hub_token)
     prior = spec.prior
     class_dir = prior.class_data_dir if prior.with_prior_preservation else None
     dataset = data.make_dreambooth_dataset(instance_dir, instance_prompt, class_dir, prior.class_prompt,
@@ -87,7 +85,7 @@ def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
         if have < prior.num_class_images:
             warnings.warn(f"class_data_dir {class_dir} has {have} images, fewer than num_class_images="
                           f"{prior.num_class_images}; training with the {have} there", stacklevel=2)
-    seed = spec.optim.seed if spec.optim.seed is not None else secrets.randbits(31)
+    seed = spec.optim.seed if spec.optim.seed is not None else 0
     steps = spec_lib.total_train_steps(spec, len(dataset), jax.device_count())
     return RunInputs(spec, Path(model_dir), Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
 
@@ -339,7 +337,8 @@ def train(spec: spec_lib.RunSpec) -> Path:
         out = save_pipeline(run, models, params_host, steps_done)
         spec_lib.write_resolved_spec(spec, out / output.SPEC_FILENAME)
         if spec.hub.push_to_hub:
-            log(f"pushed to the Hub: {output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)}")
+            repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
+            log(f"pushed to the Hub: {repo}")
         log(f"done: {steps_done} optimizer steps; pipeline written to {out}")
     return run.output_dir
 

@@ -69,21 +69,15 @@ def encode_prompts(params: Any, frozen: dict, prompt_idx: jax.Array, text_apply:
     return text_apply({"params": params["text_encoder"]}, input_ids, mask)
 
 
-def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,
-                 text_apply: Callable | None, tables: diffusion.NoiseTables, options: LossOptions):
-    """DreamBooth loss for one micro-batch; returns (loss, aux metrics)."""
-    latent_key, noise_key, offset_key, time_key = jax.random.split(key, 4)
-    latents = sample_latents(frozen, batch["example_idx"], latent_key, options)
-    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
-    if options.offset_noise:
-        rows, channels = latents.shape[0], latents.shape[-1]
-        offsets = jax.random.normal(offset_key, (rows, 1, 1, channels), latents.dtype)
-        noise = diffusion.offset_noise(noise, offsets)
-    num_train_timesteps = tables.snr.shape[0]
-    timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
+def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, timesteps: jax.Array,
+                   encoder_hidden_states: jax.Array, *, unet_apply: Callable, tables: diffusion.NoiseTables,
+                   options: LossOptions):
+    """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
+
+    Shared by the train step and the cross-backend parity test; returns (loss, aux metrics).
+    """
     noisy = diffusion.add_noise(latents, noise, timesteps, tables)
-    encoder_hidden_states = encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options)
-    pred = unet_apply({"params": params["unet"]}, noisy, timesteps, encoder_hidden_states)
+    pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states)
     target = diffusion.training_target(latents, noise, timesteps, tables, options.prediction_type)
     weights = None
     if options.snr_gamma is not None:
@@ -94,6 +88,22 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
         with_prior_preservation=options.with_prior_preservation,
         prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
     return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,
+                 text_apply: Callable | None, tables: diffusion.NoiseTables, options: LossOptions):
+    """Draw latents, noise (plus offset noise) and timesteps from ``key``, then :func:`denoising_loss`."""
+    latent_key, noise_key, offset_key, time_key = jax.random.split(key, 4)
+    latents = sample_latents(frozen, batch["example_idx"], latent_key, options)
+    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    if options.offset_noise:
+        offsets = jax.random.normal(offset_key, diffusion.offset_noise_shape(latents.shape), latents.dtype)
+        noise = diffusion.offset_noise(noise, offsets)
+    num_train_timesteps = tables.snr.shape[0]
+    timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
+    encoder_hidden_states = encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options)
+    return denoising_loss(params["unet"], latents, noise, timesteps, encoder_hidden_states, unet_apply=unet_apply,
+                          tables=tables, options=options)
 
 
 def train_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,

@@ -152,7 +152,7 @@ def test_whole_loop_in_fori_loop_matches_diffusers(name: str) -> None:
     x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
     for i, t in enumerate(ref.timesteps):
         ref.scale_model_input(x_ref, t)  # no model here; only Euler's bookkeeping needs the call
-        x_ref = ref.step(torch.from_numpy(np.asarray(outputs[i])), t, x_ref).prev_sample
+        x_ref = ref.step(torch.from_numpy(np.array(outputs[i])), t, x_ref).prev_sample
     assert _rel(loop(jnp.asarray(noise)), x_ref.numpy()) <= TOLERANCE
 
 

@@ -146,9 +146,7 @@ def flax_forward(case: Case, inputs: dict[str, np.ndarray], grads: bool = False,
     args = (case.params, to_nhwc(inputs["sample"]), inputs["encoder_hidden_states"], kwargs)
     if not grads:
         return {"out": to_nchw(compile_fast(lambda *a: loss(*a)[1], *args)(*args))}
-    (_, out), (d_sample, d_context) = compile_fast(
-        jax.value_and_grad(loss, argnums=(1, 2), has_aux=True), *args
-    )(*args)
+    (_, out), (d_sample, d_context) = compile_fast(jax.value_and_grad(loss, argnums=(1, 2), has_aux=True), *args)(*args)
     return {"out": to_nchw(out), "d_sample": to_nchw(d_sample), "d_context": np.asarray(d_context)}
 
 
@@ -223,11 +221,14 @@ def test_unet_gradient_checkpointing_keeps_outputs_and_grads() -> None:
 
     (out_plain, grads_plain), (out_remat, grads_remat) = run(False), run(True)
     assert rel_error(out_remat, out_plain) <= 1e-6
-    flat_plain = jax.tree_util.tree_leaves_with_path(grads_plain)
-    flat_remat = dict(jax.tree_util.tree_leaves_with_path(grads_remat))
-    assert len(flat_plain) == len(flat_remat)
-    for path, grad in flat_plain:
-        assert rel_error(flat_remat[path], grad) <= 1e-5, jax.tree_util.keystr(path)
+    # One scale for the whole tree: some grads (a conv bias right before a GroupNorm) are ~0
+    # and would make a per-leaf relative error meaningless.
+    assert jax.tree_util.tree_structure(grads_remat) == jax.tree_util.tree_structure(grads_plain)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_plain))
+    for (path, plain), remat in zip(
+        jax.tree_util.tree_leaves_with_path(grads_plain), jax.tree_util.tree_leaves(grads_remat), strict=True
+    ):
+        assert float(jnp.abs(remat - plain).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
 def test_unet_config_reads_attention_head_dim_as_head_count() -> None:
@@ -300,6 +301,4 @@ def test_unet_requires_added_cond_kwargs_for_text_time() -> None:
     config = unet_lib.unet_config_from_dict(CONFIGS["sdxl"])
     model = unet_lib.FlaxUNet2DConditionModel(config)
     with pytest.raises(ValueError, match="text_embeds"):
-        jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)), 1, jnp.zeros((1, 1, 32)))
-        )
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)), 1, jnp.zeros((1, 1, 32))))

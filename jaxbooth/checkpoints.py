@@ -1,0 +1,81 @@
+"""Checkpoint folders as both backends lay them out: naming, completeness, resume, retention.
+
+``OUTPUT_DIR/checkpoint-N/`` is complete once ``jaxbooth_checkpoint.json`` exists; it is
+written last, so a checkpoint killed mid-write is never resumed from. Framework-free.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from jaxbooth.errors import JaxboothError
+
+
+def _log(message: str) -> None:
+    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+PREFIX = "checkpoint-"
+MARKER = "jaxbooth_checkpoint.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (not complete_only or (path / MARKER).is_file()):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | None:
+    """``latest`` -> newest complete checkpoint; a name or path -> that one (it must be complete).
+
+    As in diffusers, ``latest`` with no checkpoint yet starts a fresh run.
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
+            return None
+        return found[-1][1]
+    path = Path(resume_from)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume_from
+    if not (path / MARKER).is_file():
+        complete = [p.name for _, p in list_checkpoints(output_dir)]
+        raise JaxboothError(f"--resume_from_checkpoint={resume_from}: {path} is not a complete jaxbooth checkpoint "
+                            f"(no {MARKER}); complete ones in {output_dir}: {complete or 'none'}; "
+                            "use one of them or 'latest'")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``keep`` (checkpoints_total_limit)."""
+    if not keep:
+        return []
+    complete = list_checkpoints(output_dir)
+    removed = [path for _, path in complete[: max(0, len(complete) - keep)]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def clear_incomplete(output_dir: Path) -> list[Path]:
+    """Remove checkpoint folders without the marker (a run killed while saving)."""
+    removed = []
+    for _, path in list_checkpoints(output_dir, complete_only=False):
+        if not (path / MARKER).is_file():
+            _log(f"removing {path}: an interrupted checkpoint (no {MARKER})")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

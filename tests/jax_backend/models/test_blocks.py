@@ -26,7 +26,8 @@ def test_sinusoidal_embedding_matches_diffusers(dim: int, flip: bool, shift: flo
         torch.tensor(timesteps), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
     ).numpy()
     ours = compute_sinusoidal_embedding(timesteps, dim, flip_sin_to_cos=flip, freq_shift=shift)
-    np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=2e-5)
+    # Angles reach ~1000 rad, where one float32 ulp is 6e-5: exp/sin implementations differ by that.
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.requires_torch
@@ -68,3 +69,25 @@ def test_attention_kernels_agree_with_mask() -> None:
     unmasked = Attention(2, 8, 16).apply(params, x, context)
     assert not np.allclose(unmasked[1], outs["xla"][1])
     np.testing.assert_allclose(unmasked[0], outs["xla"][0], rtol=1e-6)
+
+
+@pytest.mark.requires_torch
+def test_feed_forward_matches_diffusers_exact_gelu() -> None:
+    """Block-level and tight: the tanh-approximate GELU of the old Flax class stays below the
+    whole-model 1e-4 tolerance, so it is pinned here."""
+    torch = pytest.importorskip("torch")
+    from diffusers.models.attention import FeedForward as TorchFeedForward
+
+    from jaxbooth.jax_backend.models.blocks import FeedForward
+    from jaxbooth.jax_backend.weights import torch_state_to_flax
+
+    torch.manual_seed(0)
+    reference = TorchFeedForward(16, activation_fn="geglu").eval()
+    x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32) * 3
+    with torch.no_grad():
+        expected = reference(torch.tensor(x)).numpy()
+    module = FeedForward(16)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"]
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    ours = module.apply({"params": torch_state_to_flax(state, abstract)}, x)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-6)

@@ -26,8 +26,15 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.requires_torch
 
 RTOL = 1e-4
-TINY = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-            vocab_size=1000, max_position_embeddings=77, projection_dim=24)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    vocab_size=1000,
+    max_position_embeddings=77,
+    projection_dim=24,
+)
 # SD 1.x-like: legacy eos_token_id=2 (pool at argmax(ids)), quick_gelu.
 LEGACY = dict(TINY, hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1)
 # SD 2.x / SDXL-like: the real EOS id inside the vocabulary, exact gelu.
@@ -67,8 +74,9 @@ def torch_state(model) -> dict[str, np.ndarray]:
 
 
 def flax_params(model, config: clip.CLIPTextConfig, with_projection: bool) -> dict:
-    return torch_state_to_flax(torch_state(model), clip.abstract_params(config, with_projection),
-                               renames=clip.TORCH_TO_FLAX_RENAMES)
+    return torch_state_to_flax(
+        torch_state(model), clip.abstract_params(config, with_projection), renames=clip.TORCH_TO_FLAX_RENAMES
+    )
 
 
 def make_inputs(pad_id: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -105,13 +113,15 @@ def _highest_precision():
 def test_param_tree_uses_old_transformers_flax_names():
     config = clip.clip_config_from_dict(LEGACY)
     paths = {"/".join(p) for p in flatten_tree(clip.abstract_params(config, with_projection=True))}
-    for expected in ("text_model/encoder/layers/0/self_attn/q_proj/kernel",
-                     "text_model/encoder/layers/4/mlp/fc2/bias",
-                     "text_model/encoder/layers/2/layer_norm1/scale",
-                     "text_model/embeddings/token_embedding/embedding",
-                     "text_model/embeddings/position_embedding/embedding",
-                     "text_model/final_layer_norm/scale",
-                     "text_projection/kernel"):
+    for expected in (
+        "text_model/encoder/layers/0/self_attn/q_proj/kernel",
+        "text_model/encoder/layers/4/mlp/fc2/bias",
+        "text_model/encoder/layers/2/layer_norm1/scale",
+        "text_model/embeddings/token_embedding/embedding",
+        "text_model/embeddings/position_embedding/embedding",
+        "text_model/final_layer_norm/scale",
+        "text_projection/kernel",
+    ):
         assert expected in paths
     assert "text_projection/bias" not in paths
     plain = {"/".join(p) for p in flatten_tree(clip.abstract_params(config))}
@@ -133,11 +143,14 @@ def test_outputs_match_transformers(case, with_projection, masked):
     model, config, module, params = setup_case(case, with_projection)
     ids, mask = make_inputs(pad_id=TOKENIZER_EOS if case == "legacy_quick_gelu" else 0)
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None,
-                    output_hidden_states=True)
+        ref = model(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None, output_hidden_states=True
+        )
     out = apply(module, params, ids, mask if masked else None, hidden=True)
-    errors = {"last_hidden_state": rel_err(out.last_hidden_state, ref.last_hidden_state),
-              "penultimate": rel_err(out.hidden_states[-2], ref.hidden_states[-2])}
+    errors = {
+        "last_hidden_state": rel_err(out.last_hidden_state, ref.last_hidden_state),
+        "penultimate": rel_err(out.hidden_states[-2], ref.hidden_states[-2]),
+    }
     assert len(out.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
     pairs = zip(out.hidden_states, ref.hidden_states, strict=True)
     errors["all_hidden_states"] = max(rel_err(a, b) for a, b in pairs)
@@ -145,8 +158,7 @@ def test_outputs_match_transformers(case, with_projection, masked):
         errors["text_embeds"] = rel_err(out.text_embeds, ref.text_embeds)
         # transformers' projection output has no pooler_output; recompute it from the inner model.
         with torch.no_grad():
-            inner = model.text_model(torch.from_numpy(ids),
-                                     attention_mask=torch.from_numpy(mask) if masked else None)
+            inner = model.text_model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None)
         errors["pooler_output"] = rel_err(out.pooler_output, inner.pooler_output)
     else:
         assert out.text_embeds is None
@@ -179,8 +191,9 @@ def grad_errors(got: dict, ref: dict) -> dict[str, float]:
     cancels it; its true gradient is 0 and both sides hold only rounding noise.
     """
     floor = 1e-3 * max(float(np.max(np.abs(g))) for g in ref.values())
-    return {k: float(np.max(np.abs(np.asarray(got[k]) - g)) / max(float(np.max(np.abs(g))), floor))
-            for k, g in ref.items()}
+    return {
+        k: float(np.max(np.abs(np.asarray(got[k]) - g)) / max(float(np.max(np.abs(g))), floor)) for k, g in ref.items()
+    }
 
 
 def _weighted_loss(last, penultimate, pooled, weights):
@@ -194,14 +207,17 @@ def test_gradients_match_transformers(with_projection):
     ids, mask = make_inputs(pad_id=0, seed=1)
     rng = np.random.default_rng(2)
     pooled_width = config.projection_dim if with_projection else config.hidden_size
-    weights = [rng.standard_normal(s).astype(np.float32)
-               for s in (ids.shape + (config.hidden_size,),) * 2 + ((ids.shape[0], pooled_width),)]
+    weights = [
+        rng.standard_normal(s).astype(np.float32)
+        for s in (ids.shape + (config.hidden_size,),) * 2 + ((ids.shape[0], pooled_width),)
+    ]
 
     model.zero_grad()
     ref = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True)
     ref_pooled = ref.text_embeds if with_projection else ref.pooler_output
-    _weighted_loss(ref.last_hidden_state, ref.hidden_states[-2], ref_pooled,
-                   [torch.from_numpy(w) for w in weights]).backward()
+    _weighted_loss(
+        ref.last_hidden_state, ref.hidden_states[-2], ref_pooled, [torch.from_numpy(w) for w in weights]
+    ).backward()
     ref_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
 
     def loss_fn(p, remat_module):
@@ -219,7 +235,6 @@ def test_gradients_match_transformers(with_projection):
     assert max(errors.values()) <= RTOL, {k: e for k, e in errors.items() if e > RTOL}
 
 
-
 def test_gradient_checkpointing_keeps_outputs_and_gradients():
     config = clip.clip_config_from_dict(dict(MODERN, num_hidden_layers=2))
     abstract = clip.abstract_params(config)
@@ -229,7 +244,7 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients():
 
     def loss_fn(p, module):
         out = module.apply({"params": p}, ids, mask, output_hidden_states=True)
-        return (out.last_hidden_state ** 2).sum() + out.hidden_states[-2].sum() + out.pooler_output.sum()
+        return (out.last_hidden_state**2).sum() + out.hidden_states[-2].sum() + out.pooler_output.sum()
 
     plain, remat = (clip.make_text_encoder(config, gradient_checkpointing=flag) for flag in (False, True))
     grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
@@ -247,11 +262,13 @@ def test_torch_flax_torch_round_trip_is_bit_identical(with_projection):
     state = {k: v for k, v in torch_state(model).items() if not k.endswith("position_ids")}
     # Published SD checkpoints prefix every key with "text_model."; transformers 5
     # CLIPTextModel.state_dict() does not. Both must come back in the published layout.
-    published = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-                 for k, v in state.items()}
+    published = {
+        k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()
+    }
     for source in (state, published):
-        params = torch_state_to_flax(source, clip.abstract_params(config, with_projection),
-                                     renames=clip.TORCH_TO_FLAX_RENAMES)
+        params = torch_state_to_flax(
+            source, clip.abstract_params(config, with_projection), renames=clip.TORCH_TO_FLAX_RENAMES
+        )
         back = flax_to_torch_state(params, renames=clip.FLAX_TO_TORCH_RENAMES)
         assert set(back) == set(published)
         for key, value in published.items():
@@ -262,8 +279,7 @@ def test_torch_flax_torch_round_trip_is_bit_identical(with_projection):
 def test_exported_weights_load_in_transformers(tmp_path, with_projection):
     model, config, _, params = setup_case("modern_gelu", with_projection)
     state = flax_to_torch_state(params, renames=clip.FLAX_TO_TORCH_RENAMES)
-    safetensors_torch.save_file({k: torch.from_numpy(v) for k, v in state.items()},
-                                str(tmp_path / "model.safetensors"))
+    safetensors_torch.save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     cls = type(model)
     loaded, info = cls.from_pretrained(str(tmp_path), attn_implementation="eager", output_loading_info=True)
@@ -297,9 +313,20 @@ def test_bfloat16_compute_stays_close_to_float32():
 def test_config_reads_transformers_config_json():
     d = torch_config(MODERN, with_projection=True).to_dict()
     config = clip.clip_config_from_dict(json.loads(json.dumps(d)))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-                "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
-                "eos_token_id", "bos_token_id", "pad_token_id"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "projection_dim",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "eos_token_id",
+        "bos_token_id",
+        "pad_token_id",
+    ):
         assert getattr(config, key) == d[key], key
     assert config.has_projection and config.architectures == ("CLIPTextModelWithProjection",)
     assert not clip.clip_config_from_dict(LEGACY).has_projection
@@ -308,13 +335,15 @@ def test_config_reads_transformers_config_json():
 
 @pytest.mark.parametrize(
     ("change", "key"),
-    [({"hidden_act": "relu"}, "hidden_act"),
-     ({"hidden_size": 30}, "num_attention_heads"),
-     ({"architectures": ["CLIPVisionModel"]}, "architectures"),
-     ({"attention_dropout": 0.1}, "attention_dropout"),
-     ({"eos_token_id": [2, 3]}, "eos_token_id"),
-     ({"num_hidden_layers": 0}, "num_hidden_layers"),
-     ({"text_config": {}}, "text_config")],
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"hidden_size": 30}, "num_attention_heads"),
+        ({"architectures": ["CLIPVisionModel"]}, "architectures"),
+        ({"attention_dropout": 0.1}, "attention_dropout"),
+        ({"eos_token_id": [2, 3]}, "eos_token_id"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+        ({"text_config": {}}, "text_config"),
+    ],
 )
 def test_unsupported_config_raises_naming_the_key(change, key):
     with pytest.raises(JaxboothError, match=key):
@@ -325,5 +354,6 @@ def test_input_longer_than_position_table_raises():
     config = clip.clip_config_from_dict(dict(LEGACY, max_position_embeddings=8))
     params = clip.abstract_params(config)
     with pytest.raises(JaxboothError, match="max_position_embeddings"):
-        jax.eval_shape(clip.FlaxCLIPTextModel(config).apply, {"params": params},
-                       jax.ShapeDtypeStruct((1, 9), jnp.int32))
+        jax.eval_shape(
+            clip.FlaxCLIPTextModel(config).apply, {"params": params}, jax.ShapeDtypeStruct((1, 9), jnp.int32)
+        )

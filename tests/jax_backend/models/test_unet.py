@@ -204,7 +204,17 @@ def test_unet_torch_state_round_trips_bit_exact(name: str) -> None:
 
 
 def test_unet_gradient_checkpointing_keeps_outputs_and_grads() -> None:
-    config = unet_lib.unet_config_from_dict({**TINY_SD1, "layers_per_block": 1})
+    # One cross-attention block keeps the two param-gradient compiles cheap while still
+    # covering remat of resnets and transformer blocks in down, mid and up paths.
+    config = unet_lib.unet_config_from_dict(
+        {
+            **TINY_SD1,
+            "block_out_channels": (32,),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D",),
+            "up_block_types": ("CrossAttnUpBlock2D",),
+        }
+    )
     params = unet_lib.init_params(config, 0)
     rng = np.random.RandomState(0)
     sample, context = rng.randn(1, 8, 8, 4).astype(np.float32), rng.randn(1, 5, 32).astype(np.float32)
@@ -216,6 +226,7 @@ def test_unet_gradient_checkpointing_keeps_outputs_and_grads() -> None:
             out = model.apply({"params": p}, sample, jnp.array([5]), context, train=True)
             return jnp.sum(out**2), out
 
+        assert ("remat" in str(jax.make_jaxpr(loss)(params))) == remat
         (_, out), grads = compile_fast(jax.value_and_grad(loss, has_aux=True), params)(params)
         return out, grads
 
@@ -302,3 +313,65 @@ def test_unet_requires_added_cond_kwargs_for_text_time() -> None:
     model = unet_lib.FlaxUNet2DConditionModel(config)
     with pytest.raises(ValueError, match="text_embeds"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)), 1, jnp.zeros((1, 1, 32))))
+
+
+SD15_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_CONFIG = {
+    **SD15_CONFIG,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "sample_size": 96,
+}
+SDXL_BASE_CONFIG = {
+    **SD15_CONFIG,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("raw", [SD15_CONFIG, SD21_CONFIG, SDXL_BASE_CONFIG], ids=["sd15", "sd21", "sdxl"])
+def test_unet_params_fit_real_checkpoint_layouts(raw: dict[str, Any]) -> None:
+    """Every tensor of the full-size torch model maps onto our tree with the right shape (no memory:
+    meta-device torch model, zero-stride numpy stand-ins)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    with torch.device("meta"):
+        torch_model = diffusers.UNet2DConditionModel(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in torch_model.state_dict().items()}
+    abstract = unet_lib.abstract_params(unet_lib.unet_config_from_dict(raw))
+    torch_state_to_flax(state, abstract)  # raises on any missing, unexpected or mis-shaped tensor
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract))
+    assert count == sum(p.numel() for p in torch_model.parameters())

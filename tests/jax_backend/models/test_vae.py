@@ -172,3 +172,33 @@ def test_diagonal_gaussian_clips_logvar_and_samples() -> None:
 def test_vae_config_rejects_unsupported_value_naming_the_key(key: str, value: Any) -> None:
     with pytest.raises(JaxboothError, match=key):
         vae_lib.vae_config_from_dict({**TINY_VAE, key: value})
+
+
+SD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+    "scaling_factor": 0.18215,
+}
+
+
+@pytest.mark.requires_torch
+def test_vae_params_fit_the_real_sd_vae_layout() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    with torch.device("meta"):
+        torch_model = diffusers.AutoencoderKL(**{k: v for k, v in SD_VAE_CONFIG.items() if not k.startswith("_")})
+    state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in torch_model.state_dict().items()}
+    abstract = vae_lib.abstract_params(vae_lib.vae_config_from_dict(SD_VAE_CONFIG))
+    torch_state_to_flax(state, abstract, renames=vae_lib.TORCH_TO_FLAX_RENAMES)  # raises on any mismatch
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract))
+    assert count == sum(p.numel() for p in torch_model.parameters())

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Flax UNet forward+backward throughput against diffusers' PyTorch UNet, same weights, one process.
+
+Builds jaxbooth's ``FlaxUNet2DConditionModel`` for a tiny config (``jaxbooth.tiny``) with
+random params, exports them in diffusers' layout and loads them into
+``diffusers.UNet2DConditionModel``, then times one forward+backward (loss = mean(pred**2),
+gradients for every param) on both, fp32, interleaving the two iteration by iteration so
+machine noise lands on both alike. Compile time is reported apart from step time; FLOPs
+come from XLA's cost analysis of the compiled step (the same count is used for torch).
+
+Prints ONE JSON line (see scripts/README.md for the fields); ``--table`` adds a human table
+on stderr. Compare numbers only from the same device kind.
+
+    python scripts/bench_unet.py                      # small model, 128 px (32x32 latents), batch 1 and 4
+    python scripts/bench_unet.py --tiny --steps 1     # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOKENS = 77  # CLIP's max length: the text-conditioning length the trainers use
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> dict:
+    """Device kind and library versions (torch/diffusers only when already imported)."""
+    import jax
+
+    device = jax.devices()[0]
+    info = {"platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__}
+    for name in ("jaxlib", "flax", "torch", "diffusers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", None)
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def xla_cost(compiled) -> dict:
+    """FLOPs and bytes accessed from XLA's cost analysis (a dict, or a list of per-module dicts)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception as error:  # some backends do not implement it
+        return {"flops": None, "cost_analysis_error": str(error)}
+    if isinstance(analysis, dict):
+        analysis = [analysis]
+    analysis = [a for a in (analysis or []) if a]
+    if not analysis:
+        return {"flops": None}
+    return {"flops": sum(float(a.get("flops", 0.0)) for a in analysis),
+            "bytes_accessed": sum(float(a.get("bytes accessed", 0.0)) for a in analysis)}
+
+
+def xla_memory(compiled) -> dict:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:
+        return {}
+    if stats is None:
+        return {}
+    return {key: int(getattr(stats, key)) for key in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                       "temp_size_in_bytes") if hasattr(stats, key)}
+
+
+def matmul_peak(n: int = 2048, iters: int = 10) -> dict:
+    """Measured f32 matmul rate (the MFU denominator on machines with no published peak): median of ``iters``."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"n": n, "iters": iters, "median_s": median, "flops_per_s": 2 * n**3 / median,
+            "best_flops_per_s": 2 * n**3 / min(times)}
+
+
+def summarize(times: list[float], batch: int, flops: float | None) -> dict:
+    median = statistics.median(times)
+    out = {"iters": len(times), "median_s": median, "min_s": min(times), "max_s": max(times),
+           "samples_per_s": batch / median}
+    if flops:
+        out["flops_per_s"] = flops / median
+    return out
+
+
+class FlaxUNet:
+    """jit-compiled fwd+bwd of jaxbooth's Flax UNet (NHWC)."""
+
+    def __init__(self, config_dict: dict, seed: int):
+        import jax
+
+        from jaxbooth.jax_backend.models import unet
+
+        self.config = unet.unet_config_from_dict(config_dict)
+        self.model = unet.FlaxUNet2DConditionModel(self.config)
+        self.params = unet.init_params(self.config, jax.random.PRNGKey(seed))
+
+        def loss(params, sample, timesteps, context):
+            pred = self.model.apply({"params": params}, sample, timesteps, context)
+            return (pred.astype("float32") ** 2).mean()
+
+        self.step = jax.jit(jax.value_and_grad(loss))
+        self.forward = jax.jit(lambda params, sample, timesteps, context: self.model.apply(
+            {"params": params}, sample, timesteps, context))
+        self.compiled: dict[int, object] = {}
+
+    def compile(self, inputs) -> dict:
+        start = time.perf_counter()
+        lowered = self.step.lower(self.params, *inputs)
+        lower_s = time.perf_counter() - start
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start - lower_s
+        self.compiled[inputs[0].shape[0]] = compiled
+        return {"lower_s": lower_s, "compile_s": compile_s, **xla_cost(compiled), **xla_memory(compiled)}
+
+    def run(self, inputs) -> float:
+        import jax
+
+        compiled = self.compiled[inputs[0].shape[0]]
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(self.params, *inputs))
+        return time.perf_counter() - start
+
+
+class TorchUNet:
+    """diffusers' ``UNet2DConditionModel`` loaded from the Flax params exported in diffusers' layout (NCHW)."""
+
+    def __init__(self, flax_params, config_dict: dict, work_dir: Path):
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        from jaxbooth.jax_backend.pretrained import save_diffusers_component
+
+        folder = save_diffusers_component(flax_params, config_dict, work_dir, "unet")
+        self.torch = torch
+        self.model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).train()
+
+    def run(self, inputs) -> float:
+        torch = self.torch
+        self.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        pred = self.model(*inputs).sample
+        (pred.float() ** 2).mean().backward()
+        return time.perf_counter() - start
+
+
+def make_inputs(batch: int, latent: int, channels: int, context_dim: int, seed: int):
+    """The same random inputs for both: (NHWC jax arrays, NCHW torch tensors)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((batch, latent, latent, channels), dtype=np.float32)
+    timesteps = rng.integers(0, 1000, (batch,)).astype(np.int32)
+    context = rng.standard_normal((batch, TOKENS, context_dim), dtype=np.float32)
+    flax_inputs = (jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(context))
+    torch_inputs = None
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        torch_inputs = (torch.from_numpy(sample.transpose(0, 3, 1, 2).copy()), torch.from_numpy(timesteps).long(),
+                        torch.from_numpy(context))
+    return flax_inputs, torch_inputs
+
+
+def forward_max_abs_diff(flax_unet: FlaxUNet, torch_unet: TorchUNet, flax_inputs, torch_inputs) -> float:
+    """Forward outputs of the two models on the same inputs: evidence that both hold the same weights."""
+    import numpy as np
+
+    ours = np.asarray(flax_unet.forward(flax_unet.params, *flax_inputs))
+    with torch_unet.torch.no_grad():
+        theirs = torch_unet.model(*torch_inputs).sample.numpy().transpose(0, 2, 3, 1)
+    return float(np.max(np.abs(ours - theirs)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("tiny", "small"), default="small", help="jaxbooth.tiny model size")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke settings: --size tiny, batch 1, 1 warm-up, no matmul peak")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image px; latents are resolution/8 (default: the size's resolution, small=128)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4)")
+    parser.add_argument("--steps", type=int, default=10, help="timed iterations per model and batch (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true", help="Flax only")
+    parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--table", action="store_true", help="also print a human table on stderr")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.size = "tiny"
+        args.batch = args.batch or [1]
+        args.warmup = min(args.warmup, 1)
+        args.no_peak = True
+    args.batch = args.batch or [1, 4]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    from jaxbooth import tiny
+
+    use_torch = not args.no_torch
+    if use_torch:
+        import diffusers  # noqa: F401  (versions in device_info)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+    config_dict = tiny.unet_config(args.size)
+    resolution = args.resolution or tiny.RESOLUTION[args.size]
+    latent = resolution // 8
+    flax_unet = FlaxUNet(config_dict, args.seed)
+    torch_unet = None
+    with tempfile.TemporaryDirectory(prefix="bench-unet-") as tmp:
+        if use_torch:
+            torch_unet = TorchUNet(jax.device_get(flax_unet.params), config_dict, Path(tmp))
+    results = []
+    for batch in args.batch:
+        flax_inputs, torch_inputs = make_inputs(batch, latent, flax_unet.config.in_channels,
+                                                flax_unet.config.encoder_hidden_dim, args.seed + batch)
+        compile_info = flax_unet.compile(flax_inputs)
+        entry = {"batch": batch, "flax_compile": compile_info}
+        if torch_unet is not None and batch == args.batch[0]:
+            entry["forward_max_abs_diff"] = forward_max_abs_diff(flax_unet, torch_unet, flax_inputs, torch_inputs)
+        for _ in range(args.warmup):
+            flax_unet.run(flax_inputs)
+            if torch_unet is not None:
+                torch_unet.run(torch_inputs)
+        flax_times, torch_times = [], []
+        for _ in range(args.steps):  # interleaved: flax, torch, flax, torch, ...
+            flax_times.append(flax_unet.run(flax_inputs))
+            if torch_unet is not None:
+                torch_times.append(torch_unet.run(torch_inputs))
+        flops = compile_info.get("flops")
+        entry["flops_per_step"] = flops
+        entry["flax"] = summarize(flax_times, batch, flops)
+        if torch_unet is not None:
+            entry["torch"] = summarize(torch_times, batch, flops)
+            entry["speedup_flax_vs_torch"] = entry["torch"]["median_s"] / entry["flax"]["median_s"]
+        results.append(entry)
+    peak = None if args.no_peak else matmul_peak()
+    if peak:
+        for entry in results:
+            for name in ("flax", "torch"):
+                if name in entry and entry[name].get("flops_per_s"):
+                    entry[name]["fraction_of_matmul_peak"] = entry[name]["flops_per_s"] / peak["flops_per_s"]
+    record = {"bench": "unet", **device_info(),
+              "config": {"size": args.size, "resolution": resolution, "latent": [latent, latent],
+                         "tokens": TOKENS, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,
+                         "seed": args.seed, "unet": {k: config_dict[k] for k in ("block_out_channels",
+                                                                                  "layers_per_block",
+                                                                                  "cross_attention_dim",
+                                                                                  "attention_head_dim")}},
+              "matmul_peak": peak, "results": results}
+    print(json.dumps(record), flush=True)
+    if args.table:
+        print_table(record, sys.stderr)
+    return 0
+
+
+def print_table(record: dict, stream) -> None:
+    print(f"UNet fwd+bwd, size={record['config']['size']} {record['config']['resolution']} px, fp32, "
+          f"{record['device_kind']} ({record['cpu']})", file=stream)
+    print(f"{'batch':>5} {'flax s':>8} {'torch s':>8} {'flax sm/s':>9} {'torch sm/s':>10} {'speedup':>7} "
+          f"{'GFLOP':>7} {'flax GF/s':>9} {'compile s':>9}", file=stream)
+    for e in record["results"]:
+        torch_e = e.get("torch", {})
+        print(f"{e['batch']:>5} {e['flax']['median_s']:8.3f} {torch_e.get('median_s', float('nan')):8.3f} "
+              f"{e['flax']['samples_per_s']:9.2f} {torch_e.get('samples_per_s', float('nan')):10.2f} "
+              f"{e.get('speedup_flax_vs_torch', float('nan')):7.2f} {(e['flops_per_step'] or 0) / 1e9:7.2f} "
+              f"{e['flax'].get('flops_per_s', 0) / 1e9:9.1f} {e['flax_compile']['compile_s']:9.1f}", file=stream)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Class-image top-up (`class_images.py`) on the tiny pipeline: shortfall only, resumable, split over hosts."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxbooth.errors import JaxboothError
+from jaxbooth.jax_backend import class_images
+from jaxbooth.jax_backend.class_images import ensure_class_images, load_generation_sampler
+
+PROMPT = "a photo of a toy"
+STEPS = 2  # enough to exercise the loop; quality is not the point here
+NAME = re.compile(r"^(\d+)-([0-9a-f]{40})\.jpg$")
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_model_dir: Path):
+    """One loaded sampler for the module, so the denoising loop compiles once."""
+    return load_generation_sampler(tiny_model_dir, dtype=jnp.float32)
+
+
+def generated(folder: Path) -> dict[int, Path]:
+    """index -> file for every `N-<sha1>.jpg` in `folder`, checking that each name's hash is its content's."""
+    out = {}
+    for path in folder.iterdir():
+        match = NAME.match(path.name)
+        if match:
+            assert hashlib.sha1(path.read_bytes()).hexdigest() == match.group(2), path.name
+            out[int(match.group(1))] = path
+    return out
+
+
+def write_png(path: Path, value: int) -> None:
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_generates_the_shortfall_then_only_what_is_missing(tiny_model_dir: Path, sampler, tmp_path: Path) -> None:
+    folder = tmp_path / "class"  # does not exist yet: created
+    assert ensure_class_images(tiny_model_dir, folder, PROMPT, 3, sample_batch_size=2, num_inference_steps=STEPS,
+                               seed=0, sampler=sampler) == 3
+    first = generated(folder)
+    assert sorted(first) == [0, 1, 2]
+    before = {path.name: path.read_bytes() for path in first.values()}
+
+    assert ensure_class_images(tiny_model_dir, folder, PROMPT, 5, sample_batch_size=2, num_inference_steps=STEPS,
+                               seed=0, sampler=sampler) == 2
+    second = generated(folder)
+    assert sorted(second) == [0, 1, 2, 3, 4]
+    assert {name: (folder / name).read_bytes() for name in before} == before  # old files untouched
+    assert len({path.name.split("-")[1] for path in second.values()}) == 5, "a resumed run repeated an image"
+    assert all(Image.open(path).size == (64, 64) for path in second.values())
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_enough_images_returns_without_loading_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for value in range(3):
+        write_png(folder / f"user-{value}.png", value * 50)
+    (folder / ".DS_Store").write_bytes(b"junk")  # hidden files never count (nor fail)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded a model although the folder has enough images")
+
+    monkeypatch.setattr(class_images, "load_generation_sampler", fail)
+    assert ensure_class_images(tmp_path / "no-model", folder, PROMPT, 3) == 0
+    assert ensure_class_images(tmp_path / "no-model", folder, PROMPT, 2) == 0
+    assert len(list(folder.iterdir())) == 4
+
+
+def test_unreadable_class_file_fails_before_generating(tmp_path: Path) -> None:
+    folder = tmp_path / "class"
+    folder.mkdir()
+    write_png(folder / "ok.png", 0)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(JaxboothError, match="broken.jpg"):
+        ensure_class_images(tmp_path / "no-model", folder, PROMPT, 5)
+    with pytest.warns(UserWarning, match="broken.jpg"):  # skipped with skip_bad: 1 usable image counts
+        assert class_images.existing_class_images(folder, skip_bad=True) == [folder / "ok.png"]
+
+
+def test_missing_indices_fill_gaps_and_hosts_split_them_disjointly() -> None:
+    existing = [Path("0-" + "a" * 40 + ".jpg"), Path("2-" + "b" * 40 + ".jpg"), Path("mine.png")]
+    missing = class_images.missing_indices(existing, 5)
+    assert missing == [1, 3, 4, 5, 6]
+    shares = [missing[rank::3] for rank in range(3)]
+    assert sorted(i for share in shares for i in share) == missing
+
+
+def test_two_hosts_write_disjoint_files_that_cover_the_shortfall(
+        tiny_model_dir: Path, sampler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two 'hosts' as threads in one process; the barrier makes both count before either writes."""
+    folder = tmp_path / "class"
+    folder.mkdir()
+    write_png(folder / "user.png", 128)
+    barrier = threading.Barrier(2, timeout=600)
+    monkeypatch.setattr(class_images, "_barrier", lambda name: barrier.wait())
+    written: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def host(rank: int) -> None:
+        try:
+            written[rank] = ensure_class_images(tiny_model_dir, folder, PROMPT, 6, sample_batch_size=2,
+                                                num_inference_steps=STEPS, seed=3, process_index=rank,
+                                                process_count=2, sampler=sampler)
+        except BaseException as error:  # surfaced in the main thread below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=host, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert written == {0: 3, 1: 2}
+    files = generated(folder)
+    assert sorted(files) == [0, 1, 2, 3, 4]  # user.png is not an N-<sha1>.jpg, so numbering starts at 0
+    assert len({path.name for path in files.values()}) == 5
+
+
+def test_sampler_and_precision_defaults_follow_diffusers() -> None:
+    assert class_images.default_sampler_name({"_class_name": "PNDMScheduler"}) == "PNDMScheduler"
+    assert class_images.default_sampler_name({"_class_name": "DDPMScheduler"}) == "DPMSolverMultistepScheduler"
+    assert class_images.generation_dtype(None, "gpu") == jnp.float16
+    assert class_images.generation_dtype(None, "tpu") == jnp.float32
+    assert class_images.generation_dtype("bf16") == jnp.bfloat16
+    assert class_images.generation_dtype("no") == jnp.float32
+    with pytest.raises(JaxboothError, match="prior_generation_precision"):
+        class_images.generation_dtype("int8")
+    assert class_images.batch_seed(0, 3) != class_images.batch_seed(0, 4) != class_images.batch_seed(1, 4)

@@ -526,21 +526,40 @@ class BatchIterator:
 
     def _row_plan(self, epoch: int, position: int) -> list[tuple[int, int, int]]:
         """(example index, global slot, stream) per local row: instance rows, then class rows."""
-        order = self.epoch_order(epoch)
         lo = position * self.batch_size + self.process_index * self.local_batch_size
-        slots = range(lo, lo + self.local_batch_size)
+        return self._plan_for_slots(epoch, range(lo, lo + self.local_batch_size))
+
+    def global_row_plan(self, epoch: int, position: int) -> list[tuple[int, int, int]]:
+        """Every process's rows of one global batch: all instance rows, then all class rows.
+
+        For trainers that feed the device mesh from cached encodings by index, where any
+        host can build any row (so the global batch keeps diffusers' instance-then-class halves).
+        """
+        lo = position * self.batch_size
+        return self._plan_for_slots(epoch, range(lo, lo + self.batch_size))
+
+    def _plan_for_slots(self, epoch: int, slots: range) -> list[tuple[int, int, int]]:
+        order = self.epoch_order(epoch)
         inst, cls = self.dataset.instance_items, self.dataset.class_items
         plan = [(inst[order[s] % len(inst)], s, _INSTANCE_STREAM) for s in slots]
         if cls:
             plan += [(cls[order[s] % len(cls)], s, _CLASS_STREAM) for s in slots]
         return plan
 
+    def row_rng(self, epoch: int, slot: int, stream: int) -> np.random.Generator:
+        """The generator behind one row's flip and crop: independent of host count, reproducible."""
+        return np.random.default_rng([self.seed, epoch, slot, stream])
+
+    def row_flip(self, epoch: int, slot: int, stream: int) -> bool:
+        """Whether a row is flipped (the first draw of its generator, as ``load_batch`` makes it)."""
+        return bool(self.random_flip and self.row_rng(epoch, slot, stream).random() < 0.5)
+
     def load_batch(self, epoch: int, position: int) -> dict[str, np.ndarray]:
         """The batch at (epoch, position), without tokens: a pure function of its arguments."""
         pixels, sizes, crops, flips = [], [], [], []
         plan = self._row_plan(epoch, position)
         for example_index, slot, stream in plan:
-            rng = np.random.default_rng([self.seed, epoch, slot, stream])
+            rng = self.row_rng(epoch, slot, stream)
             flip = bool(self.random_flip and rng.random() < 0.5)
             px, size, crop = load_image_with_info(
                 self.dataset.examples[example_index].path,

@@ -3,9 +3,10 @@ of every prompt are computed before the loop, so the train step runs the UNet on
 the VAE (and a frozen text encoder) need not stay in device memory.
 
 The VAE posterior (mean, std) is cached rather than one latent sample, so each step still
-draws a fresh ``latent_dist.sample()`` as diffusers does. Cached images use the centre
-crop; with random crops of non-square images the crop is fixed (kohya does the same when
-caching latents), which the trainer reports.
+draws a fresh ``latent_dist.sample()`` as diffusers does. With ``random_flip`` both
+orientations are cached and each row picks one. Cached images use the centre crop: with
+random crops of non-square images the crop is fixed (kohya does the same when caching
+latents), which the trainer reports.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def _padded_batches(count: int, batch: int) -> list[np.ndarray]:
 
 
 def encode_latent_posteriors(vae: FlaxAutoencoderKL, vae_params, dataset: Dataset, *, resolution: int,
-                             center_crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) of the VAE posterior for every example, NHWC float32 ``[N, h, w, c]``."""
+                             center_crop: bool = True, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of the VAE posterior for every example, NHWC float32 ``[N, h, w, c]``.
+
+    ``flip`` encodes the horizontally flipped images (``random_flip`` caches both orientations).
+    """
 
     @jax.jit
     def encode(params, pixels):
@@ -38,7 +42,7 @@ def encode_latent_posteriors(vae: FlaxAutoencoderKL, vae_params, dataset: Datase
     means, stds = [], []
     examples = dataset.examples
     for rows in _padded_batches(len(examples), ENCODE_BATCH):
-        pixels = np.stack([load_image(examples[i].path, resolution, center_crop=center_crop,
+        pixels = np.stack([load_image(examples[i].path, resolution, center_crop=center_crop, flip=flip,
                                       crop_rng=np.random.default_rng(0)) for i in rows])
         padded = np.concatenate([pixels, np.repeat(pixels[-1:], ENCODE_BATCH - len(rows), axis=0)])
         mean, std = jax.device_get(encode(vae_params, jnp.asarray(padded)))

@@ -121,9 +121,13 @@ def text_apply_fn(text_encoder) -> Any:
 def build_caches(run: RunInputs, models: dict) -> tuple[dict[str, np.ndarray], list[str]]:
     """Latent posteriors of every image and token ids / embeddings of every prompt."""
     spec = run.spec
-    mean, std = encode.encode_latent_posteriors(models["vae"], models["vae_params"], run.dataset,
-                                                resolution=spec.data.resolution,
-                                                center_crop=True)
+    posteriors = [encode.encode_latent_posteriors(models["vae"], models["vae_params"], run.dataset,
+                                                  resolution=spec.data.resolution, center_crop=True, flip=flip)
+                  for flip in ((False, True) if spec.data.random_flip else (False,))]
+    if not spec.data.center_crop:
+        _note_fixed_crops(run.dataset)
+    mean = np.concatenate([p[0] for p in posteriors])
+    std = np.concatenate([p[1] for p in posteriors])
     prompts = sorted({example.caption for example in run.dataset.examples})
     tokenizer = load_tokenizer(spec.model.tokenizer_name or run.model_dir, revision=spec.model.revision)
     tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
@@ -136,6 +140,16 @@ def build_caches(run: RunInputs, models: dict) -> tuple[dict[str, np.ndarray], l
             text_apply_fn(models["text_encoder"]), models["text_params"], tokenize, prompts,
             use_attention_mask=spec.model.text_encoder_use_attention_mask)
     return caches, prompts
+
+
+def _note_fixed_crops(dataset: data.Dataset) -> None:
+    """Random crops only matter for non-square images; with cached latents they are centred."""
+    from PIL import Image
+
+    non_square = [e.path.name for e in dataset.examples if (lambda size: size[0] != size[1])(Image.open(e.path).size)]
+    if non_square:
+        log(f"note: {len(non_square)} non-square image(s) (e.g. {non_square[0]}) are centre-cropped once for the "
+            "latent cache instead of randomly cropped each step (as kohya does when caching latents)")
 
 
 def make_optimizer(run: RunInputs):
@@ -170,14 +184,15 @@ def init_state(params_host: dict, tx, mesh, seed: int) -> tuple[TrainState, Any]
 
 
 def global_rows(iterator: data.BatchIterator, epoch: int, position: int, prompt_index: dict[str, int]):
-    """Example and prompt index of every row of the global batch: instance rows, then class rows."""
-    dataset = iterator.dataset
-    order = iterator.epoch_order(epoch)
-    slots = order[position * iterator.batch_size:(position + 1) * iterator.batch_size]
-    inst, cls = dataset.instance_items, dataset.class_items
-    rows = [inst[s % len(inst)] for s in slots] + ([cls[s % len(cls)] for s in slots] if cls else [])
-    prompts = [prompt_index[dataset.examples[r].caption] for r in rows]
-    return {"example_idx": np.asarray(rows, np.int32), "prompt_idx": np.asarray(prompts, np.int32)}
+    """Latent-cache and prompt index of every row of the global batch: instance rows, then class rows.
+
+    Flipped rows (``random_flip``) index the second, flipped half of the latent cache.
+    """
+    examples = iterator.dataset.examples
+    plan = iterator.global_row_plan(epoch, position)
+    cache_rows = [example + len(examples) * iterator.row_flip(epoch, slot, stream) for example, slot, stream in plan]
+    prompts = [prompt_index[examples[example].caption] for example, _, _ in plan]
+    return {"example_idx": np.asarray(cache_rows, np.int32), "prompt_idx": np.asarray(prompts, np.int32)}
 
 
 def global_batch_size(spec: spec_lib.RunSpec) -> int:
@@ -260,6 +275,7 @@ class Progress:
         self.metrics_log = output.MetricsLog(run.output_dir, enabled=jax.process_index() == 0)
         self.last_time, self.last_step = time.perf_counter(), 0
         self.tensorboard = _tensorboard_writer(run)
+        self.wandb = _wandb_run(run)
 
     def report(self, step: int, metrics: dict, *, window_start: int) -> None:
         values = {key: float(value) for key, value in jax.device_get(metrics).items()}
@@ -276,6 +292,8 @@ class Progress:
         if self.tensorboard is not None:
             for key, value in record.items():
                 self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
         log(f"step {step}/{self.total}  loss {values['loss']:.4f}  lr {values['lr']:.2e}  {rate:.2f} steps/s")
 
 
@@ -292,6 +310,17 @@ def _tensorboard_writer(run: RunInputs):
                 "metrics go to metrics.jsonl only")
             return None
     return SummaryWriter(str(run.output_dir / run.spec.logging.logging_dir))
+
+
+def _wandb_run(run: RunInputs):
+    if run.spec.logging.report_to not in ("wandb", "all") or jax.process_index() != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise JaxboothError("--report_to=wandb needs the wandb package: pip install wandb "
+                            "(or use --report_to=tensorboard)") from None
+    return wandb.init(project="jaxbooth", dir=str(run.output_dir), config=spec_lib.spec_to_dict(run.spec))
 
 
 def train(spec: spec_lib.RunSpec) -> Path:
@@ -311,7 +340,7 @@ def train(spec: spec_lib.RunSpec) -> Path:
     del params_host
     accumulation = spec.optim.gradient_accumulation_steps
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution, batch_size=global_batch_size(spec),
-                                  seed=run.seed, center_crop=True)
+                                  seed=run.seed, center_crop=True, random_flip=spec.data.random_flip)
     writer = checkpoint.CheckpointWriter(run.output_dir, keep=spec.checkpointing.checkpoints_total_limit)
     state, resumed_from = checkpoint.maybe_resume(spec, run.output_dir, state, shardings, iterator)
     if resumed_from:

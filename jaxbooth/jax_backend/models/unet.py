@@ -142,7 +142,7 @@ class FlaxUNet2DConditionModel(nn.Module):
         """diffusers ``Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)``."""
         cfg = self.config
         return compute_sinusoidal_embedding(
-            values, cfg.block_out_channels[0], flip_sin_to_cos=not cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+            values, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         ).astype(self.dtype)
 
     def _embed(

@@ -163,13 +163,14 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
 
 
 def unet_fwd_bwd_cost(args) -> dict:
-    """Fallback: XLA cost of the UNet fwd+bwd alone (batch 1, resolution/8 latents, 77 tokens)."""
-    from bench_unet import FlaxUNet, make_inputs, xla_cost
+    """Fallback: XLA cost of the UNet fwd+bwd alone (batch 1, the pipeline's latent size, 77 tokens)."""
+    from bench_unet import FlaxUNet, make_inputs, vae_downsampling, xla_cost
 
     from jaxbooth import tiny
 
     unet = FlaxUNet(tiny.unet_config(args.size), 0)
-    inputs, _ = make_inputs(1, args.resolution // 8, unet.config.in_channels, unet.config.encoder_hidden_dim, 0)
+    latent = args.resolution // vae_downsampling(args.size)
+    inputs, _ = make_inputs(1, latent, unet.config.in_channels, unet.config.encoder_hidden_dim, 0)
     info = unet.compile(inputs)
     return {"flops_source": "unet_fwd_bwd", "flops": info.get("flops"), **{k: v for k, v in xla_cost(
         unet.compiled[1]).items() if k != "flops"}}

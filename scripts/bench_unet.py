@@ -164,7 +164,6 @@ class TorchUNet:
         self.model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).train()
 
     def run(self, inputs) -> float:
-        torch = self.torch
         self.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         pred = self.model(*inputs).sample
@@ -200,6 +199,13 @@ def forward_max_abs_diff(flax_unet: FlaxUNet, torch_unet: TorchUNet, flax_inputs
     return float(np.max(np.abs(ours - theirs)))
 
 
+def vae_downsampling(size: str) -> int:
+    """Image px per latent px of the ``size`` pipeline's VAE (a 2x downsample between encoder blocks)."""
+    from jaxbooth import tiny
+
+    return 2 ** (len(tiny.vae_config(size)["block_out_channels"]) - 1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,7 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true",
                         help="smoke settings: --size tiny, batch 1, 1 warm-up, no matmul peak")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="image px; latents are resolution/8 (default: the size's resolution, small=128)")
+                        help="image px (default: the size's, small=128); latents are resolution / the VAE's "
+                        "downsampling (4 for small, 2 for tiny: 32x32 for both)")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4)")
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per model and batch (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -242,7 +249,7 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
     config_dict = tiny.unet_config(args.size)
     resolution = args.resolution or tiny.RESOLUTION[args.size]
-    latent = resolution // 8
+    latent = resolution // vae_downsampling(args.size)
     flax_unet = FlaxUNet(config_dict, args.seed)
     torch_unet = None
     with tempfile.TemporaryDirectory(prefix="bench-unet-") as tmp:
@@ -285,7 +292,7 @@ def main(argv=None) -> int:
                                                                                   "layers_per_block",
                                                                                   "cross_attention_dim",
                                                                                   "attention_head_dim")}},
-              "matmul_peak": peak, "results": results}
+              "loadavg": list(os.getloadavg()), "matmul_peak": peak, "results": results}
     print(json.dumps(record), flush=True)
     if args.table:
         print_table(record, sys.stderr)

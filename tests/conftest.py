@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Tests are dominated by XLA compile time of tiny models; these CPU options cut it by about a
+# third without changing float semantics. Set before jax is imported; subprocesses inherit it.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -36,7 +36,8 @@ def train_args(tiny: Path, out: Path, per_device_batch: int, *extra: str) -> lis
 
 
 def launch(args: list[str], devices: int, *, fsdp_min_bytes: int = 1 << 20, env_extra: dict | None = None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags, **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-c", RUNNER, str(fsdp_min_bytes), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -55,9 +55,7 @@ def conv2d(
     )
 
 
-def group_norm(
-    groups: int, eps: float, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype
-) -> nn.GroupNorm:
+def group_norm(groups: int, eps: float, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
     """``torch.nn.GroupNorm`` equivalent; two-pass variance, as torch computes it."""
     return nn.GroupNorm(
         num_groups=groups,
@@ -84,7 +82,7 @@ def random_params(abstract: Any, rng: jax.Array | int) -> Any:
     normal embeddings) but drawn with NumPy: jitting a model's ``init`` just to sample
     weights costs a long XLA compile on CPU, which tiny test models should not pay.
     """
-    seed = rng if isinstance(rng, int) else np.asarray(jax.random.key_data(rng)).ravel().tolist()
+    seed = int(rng) if isinstance(rng, (int, np.integer)) else np.asarray(jax.random.key_data(rng)).ravel().tolist()
     generator = np.random.default_rng(seed)
 
     def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -387,9 +385,7 @@ class BasicTransformerBlock(nn.Module):
         self_context = context if self.only_cross_attention else None
         x = x + attn("attn1")(norm("norm1")(x), self_context, None, deterministic)
         x = x + attn("attn2")(norm("norm2")(x), context, mask, deterministic)
-        return x + FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
-            norm("norm3")(x), deterministic
-        )
+        return x + FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(norm("norm3")(x), deterministic)
 
 
 class Transformer2DModel(nn.Module):

@@ -117,12 +117,7 @@ class FlaxUNet2DConditionModel(nn.Module):
             x = UNetMidBlock2DCrossAttn(cfg, name="mid_block", **block_kw)(
                 x, temb, encoder_hidden_states, mask, deterministic
             )
-        for i, n_skips in enumerate(cfg.up_layers_per_block):
-            block_skips, skips = tuple(skips[-n_skips:]), skips[:-n_skips]
-            upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = UNetUpBlock(cfg, i, name=f"up_blocks_{i}", **block_kw)(
-                x, block_skips, temb, encoder_hidden_states, mask, deterministic, upsample_size
-            )
+        x = self._up_path(x, skips, temb, encoder_hidden_states, mask, deterministic, block_kw)
         x = group_norm(
             cfg.norm_num_groups,
             cfg.norm_eps,
@@ -137,6 +132,27 @@ class FlaxUNet2DConditionModel(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(nn.silu(x))
+
+    def _up_path(
+        self,
+        x: jax.Array,
+        skips: list[jax.Array],
+        temb: jax.Array,
+        context: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool,
+        block_kw: dict,
+    ) -> jax.Array:
+        """Up blocks, each eating its skips from the end of ``skips`` (diffusers' order)."""
+        cfg = self.config
+        for i, n_skips in enumerate(cfg.up_layers_per_block):
+            block_skips, skips = tuple(skips[-n_skips:]), skips[:-n_skips]
+            # Resize to the next skip's size: 2x normally, exact for sizes the stride does not divide.
+            upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
+            x = UNetUpBlock(cfg, i, name=f"up_blocks_{i}", **block_kw)(
+                x, block_skips, temb, context, mask, deterministic, upsample_size
+            )
+        return x
 
     def _time_proj(self, values: jax.Array) -> jax.Array:
         """diffusers ``Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)``."""
@@ -187,13 +203,9 @@ class FlaxUNet2DConditionModel(nn.Module):
     def _text_time_embed(self, added_cond_kwargs: Mapping[str, jax.Array] | None) -> jax.Array:
         """SDXL: sinusoids of each ``time_ids`` entry after ``text_embeds``, through ``add_embedding``."""
         cfg = self.config
-        missing = [
-            k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs
-        ]
+        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
         if missing:
-            raise ValueError(
-                f"added_cond_kwargs needs {missing}: the UNet config sets addition_embed_type='text_time'"
-            )
+            raise ValueError(f"added_cond_kwargs needs {missing}: the UNet config sets addition_embed_type='text_time'")
         text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
         time_embeds = compute_sinusoidal_embedding(
             jnp.ravel(time_ids),

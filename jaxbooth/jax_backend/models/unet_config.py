@@ -209,9 +209,7 @@ def _check_values(d: Mapping[str, Any], source: str) -> None:
             if d[key] is None:
                 raise _error(source, key, None, "an int when addition_embed_type='text_time'")
     if d["class_embed_type"] == "projection" and d["projection_class_embeddings_input_dim"] is None:
-        raise _error(
-            source, "projection_class_embeddings_input_dim", None, "an int when class_embed_type='projection'"
-        )
+        raise _error(source, "projection_class_embeddings_input_dim", None, "an int when class_embed_type='projection'")
 
 
 def _check_lengths(d: Mapping[str, Any], source: str) -> int:
@@ -255,6 +253,29 @@ def _check_cross_attention_dim(config: UNetConfig, source: str) -> None:
         )
 
 
+def _transformer_depths(
+    merged: Mapping[str, Any], layers: PerBlock, source: str
+) -> tuple[tuple[PerBlock, ...], tuple[PerBlock, ...], int]:
+    """Transformer depth per attention layer: down blocks, up blocks (in up order), mid block.
+
+    diffusers reverses ``transformer_layers_per_block`` for the up path unless
+    ``reverse_transformer_layers_per_block`` is given (required when depths are per layer).
+    """
+    n = len(layers)
+    tlpb = merged["transformer_layers_per_block"]
+    tlpb = (tlpb,) * n if isinstance(tlpb, int) else _per_block(source, "transformer_layers_per_block", tlpb, n)
+    reverse = merged["reverse_transformer_layers_per_block"]
+    up = (
+        tuple(reversed(tlpb))
+        if reverse is None
+        else _per_block(source, "reverse_transformer_layers_per_block", reverse, n)
+    )
+    up_layers = tuple(n_layers + 1 for n_layers in reversed(layers))
+    down_depths = tuple(_per_layer(t, k) for t, k in zip(tlpb, layers, strict=True))
+    up_depths = tuple(_per_layer(t, k) for t, k in zip(up, up_layers, strict=True))
+    return down_depths, up_depths, _per_layer(tlpb[-1], 1)[0]
+
+
 def unet_config_from_dict(d: Mapping[str, Any], *, source: str = "unet/config.json") -> UNetConfig:
     """Check a diffusers ``UNet2DConditionModel`` config dict and build a :class:`UNetConfig`.
 
@@ -269,19 +290,7 @@ def unet_config_from_dict(d: Mapping[str, Any], *, source: str = "unet/config.js
     # `attention_head_dim`, and diffusers kept the name for compatibility (issue #2011): in
     # CrossAttn blocks it is the number of heads and the head width is channels // heads.
     heads = _per_block(source, "attention_head_dim", merged["attention_head_dim"], n)
-    tlpb = merged["transformer_layers_per_block"]
-    tlpb = (
-        _per_block(source, "transformer_layers_per_block", tlpb, n)
-        if not isinstance(tlpb, int)
-        else (tlpb,) * n
-    )
-    reverse = merged["reverse_transformer_layers_per_block"]
-    up_layers = tuple(n_layers + 1 for n_layers in reversed(layers))
-    up_depths = (
-        tuple(reversed(tlpb))
-        if reverse is None
-        else _per_block(source, "reverse_transformer_layers_per_block", reverse, n)
-    )
+    down_depths, up_depths, mid_depth = _transformer_depths(merged, layers, source)
     config = UNetConfig(
         sample_size=merged["sample_size"],
         in_channels=int(merged["in_channels"]),
@@ -305,11 +314,9 @@ def unet_config_from_dict(d: Mapping[str, Any], *, source: str = "unet/config.js
         cross_attention_dim=tuple(
             int(c) for c in _per_block(source, "cross_attention_dim", merged["cross_attention_dim"], n)
         ),
-        transformer_layers_per_block=tuple(_per_layer(t, k) for t, k in zip(tlpb, layers, strict=True)),
-        reverse_transformer_layers_per_block=tuple(
-            _per_layer(t, k) for t, k in zip(up_depths, up_layers, strict=True)
-        ),
-        mid_transformer_layers=_per_layer(tlpb[-1], 1)[0],
+        transformer_layers_per_block=down_depths,
+        reverse_transformer_layers_per_block=up_depths,
+        mid_transformer_layers=mid_depth,
         num_attention_heads=tuple(int(h) for h in heads),
         use_linear_projection=bool(merged["use_linear_projection"]),
         upcast_attention=bool(merged["upcast_attention"]),

@@ -375,3 +375,16 @@ def test_unet_params_fit_real_checkpoint_layouts(raw: dict[str, Any]) -> None:
     torch_state_to_flax(state, abstract)  # raises on any missing, unexpected or mis-shaped tensor
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(abstract))
     assert count == sum(p.numel() for p in torch_model.parameters())
+
+
+def test_unet_bfloat16_compute_keeps_float32_params() -> None:
+    config = unet_lib.unet_config_from_dict(CONFIGS["sdxl"])
+    model = unet_lib.FlaxUNet2DConditionModel(config, dtype=jnp.bfloat16)
+    abstract = unet_lib.abstract_params(config)
+    cond = {"text_embeds": jnp.zeros((2, 32)), "time_ids": jnp.zeros((2, 6))}
+    out = jax.eval_shape(
+        lambda p: model.apply({"params": p}, jnp.zeros((2, 8, 8, 4)), 3, jnp.zeros((2, 7, 32)), added_cond_kwargs=cond),
+        abstract,
+    )
+    assert out.shape == (2, 8, 8, 4) and out.dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(abstract)} == {jnp.dtype(jnp.float32)}

@@ -1,0 +1,209 @@
+"""Validation images during training: the JAX counterpart of diffusers' `log_validation`.
+
+Mirrors `train_dreambooth.py`: `num_validation_images` images of `validation_prompt`, 25
+inference steps, the pipeline's default guidance (7.5) and size (unet sample_size x VAE scale),
+noise from the run seed (so every validation starts from the same noise and images are
+comparable across steps), the `validation_scheduler` built from the pipeline's scheduler config
+(learned variance types read as "fixed_small", as diffusers does), and TensorBoard's
+`add_images("validation", images, step, dataformats="NHWC")`. Also writes the images as PNGs
+(one grid per validation plus the single images) under `output_dir/validation/`.
+
+Memory: the trainer drops the VAE params from the device once latents are cached. The
+`Validator` keeps a host (numpy) copy of the VAE params, and of the text-encoder params when the
+text encoder is frozen, and places them on the device(s) only for the duration of `run`; the
+UNet (and a trained text encoder) params are the trainer's live device arrays, passed per call.
+A host copy costs host RAM only (SD VAE: ~335 MB in fp32) and avoids re-reading and converting
+the checkpoint at each validation.
+
+Samplers: DDPMScheduler (ancestral, needs fresh noise every step) has no JAX sampler; it maps
+to DDIM, the deterministic sampler on the same noise schedule, with a one-time note.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
+
+from jaxbooth.jax_backend.generate import read_scheduler_config, sampler_from_models
+from jaxbooth.jax_backend.schedulers import canonical_sampler_name
+
+VALIDATION_STEPS = 25  # log_validation's num_inference_steps
+VALIDATION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default, which log_validation keeps
+_SUBSTITUTES = {"ddpmscheduler": "DDIMScheduler", "ddpm": "DDIMScheduler"}
+_noted: set[str] = set()
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+def validation_sampler_name(validation_scheduler: str) -> str:
+    """The JAX sampler for a diffusers scheduler class name (DDPM -> DDIM, noted once per process)."""
+    substitute = _SUBSTITUTES.get(validation_scheduler.lower())
+    if substitute is None:
+        canonical_sampler_name(validation_scheduler)  # unknown names fail here, with a suggestion
+        return validation_scheduler
+    if validation_scheduler not in _noted:
+        _noted.add(validation_scheduler)
+        _log(f"validation_scheduler={validation_scheduler}: ancestral DDPM sampling is not implemented on the JAX "
+             f"backend; validating with {substitute} (deterministic, same noise schedule) instead")
+    return substitute
+
+
+def validation_scheduler_config(config: dict) -> dict:
+    """diffusers' log_validation override: a learned variance type is read as "fixed_small",
+    since the DreamBooth loss trains only the mean."""
+    if config.get("variance_type") in ("learned", "learned_range"):
+        return {**config, "variance_type": "fixed_small"}
+    return config
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images (all one size) tiled row by row into a ceil(sqrt(n))-column grid; empty cells black."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height))
+    for k, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((k % cols) * width, (k // cols) * height))
+    return grid
+
+
+def _host_copy(tree: Any) -> Any:
+    """numpy copy of a params tree, so device buffers the trainer drops are really freed."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _place(tree: Any, mesh: Any) -> Any:
+    """Host params onto the device (or replicated on `mesh`), explicitly (transfer-guard safe);
+    via a callback so a mesh spanning several processes works too."""
+    if mesh is None:
+        return jax.device_put(tree)
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
+
+
+class Validator:
+    """Built once from the trainer's modules; `run` per validation with the current params.
+
+    All processes must call `run` (sampling is collective over the mesh); only process 0
+    writes files and TensorBoard events. One `Validator` keeps one compiled sampling loop, so
+    only the first `run` compiles.
+    """
+
+    def __init__(self, *, model_dir: Path, output_dir: Path, tokenizer: Any, text_encoder: Any, text_params: Any,
+                 unet: Any, vae_config: Any, vae_params: Any, validation_prompt: str,
+                 num_validation_images: int = 4, validation_scheduler: str = "DPMSolverMultistepScheduler",
+                 schedule: tuple[str, int] = ("steps", 100), seed: int = 0,
+                 num_inference_steps: int = VALIDATION_STEPS, guidance_scale: float = VALIDATION_GUIDANCE,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 use_attention_mask: bool = False, mesh: Any = None) -> None:
+        """`text_params`: the frozen text encoder's params (host copy kept); `schedule`: what
+        `spec.validation_schedule` returns, ("steps" | "epochs", n)."""
+        kind, every = schedule
+        if kind not in ("steps", "epochs") or every < 1:
+            raise ValueError(f"validation schedule {schedule!r}: expected ('steps' | 'epochs', n >= 1)")
+        if num_validation_images < 1:
+            raise ValueError(f"num_validation_images={num_validation_images} must be at least 1")
+        self.prompt, self.num_images, self.schedule = validation_prompt, num_validation_images, (kind, every)
+        self.seed, self.steps, self.guidance_scale = seed, num_inference_steps, guidance_scale
+        self.height, self.width, self.negative_prompt = height, width, negative_prompt
+        self.out_dir, self.mesh = Path(output_dir) / "validation", mesh
+        self._vae_host, self._text_host = _host_copy(vae_params), _host_copy(text_params)
+        self.sampler = sampler_from_models(
+            model_dir=Path(model_dir), tokenizer=tokenizer, unet=unet, unet_params=None, text_encoder=text_encoder,
+            text_params=None, vae_config=vae_config, vae_params=None,
+            sampler_name=validation_sampler_name(validation_scheduler), use_attention_mask=use_attention_mask,
+            mesh=mesh)
+        # before the first sampler is built (lazily, per step count), as log_validation's from_config override
+        self.sampler.scheduler_config = validation_scheduler_config(read_scheduler_config(Path(model_dir)))
+
+    def should_run(self, step: int, epochs_done: int | None = None) -> bool:
+        """Whether to validate now, after optimizer `step`.
+
+        `epochs_done`: the number of finished epochs when `step` ended one, else None. Steps
+        mode is train_dreambooth.py's `global_step % validation_steps == 0`; epochs mode is the
+        LoRA scripts' end-of-epoch `epoch % validation_epochs == 0` with their 0-based epoch,
+        i.e. after the 1st, (1+n)th, (1+2n)th... epoch (an early look after the first).
+        """
+        kind, every = self.schedule
+        if kind == "steps":
+            return step > 0 and step % every == 0
+        return epochs_done is not None and epochs_done >= 1 and (epochs_done - 1) % every == 0
+
+    def generate(self, unet_params: Any, text_params: Any = None) -> list[Image.Image]:
+        """The validation images for these params; the frozen params go on device only meanwhile."""
+        if text_params is None:
+            text_params = _place(self._text_host, self.mesh)
+        self.sampler.vae_params = _place(self._vae_host, self.mesh)
+        try:
+            return self.sampler.generate(
+                [self.prompt] * self.num_images, negative_prompt=self.negative_prompt,
+                num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+                height=self.height, width=self.width, unet_params=unet_params, text_params=text_params)
+        finally:
+            self.sampler.vae_params = None  # drop the device copy
+
+    def run(self, step: int, unet_params: Any, text_params: Any = None, *, writer: Any = None) -> Path:
+        """Generate, save `validation/step-{step:06d}.png` (grid) and `validation/step-{step:06d}/NN.png`,
+        and `writer.add_images` when a TensorBoard SummaryWriter is given. Returns the grid's path.
+
+        `unet_params`: the UNet params being trained (device arrays, any sharding on the mesh);
+        `text_params`: the text encoder's when it is trained, else None (the frozen copy is used).
+        """
+        start = time.perf_counter()
+        images = self.generate(unet_params, text_params)
+        grid_path = self.out_dir / f"step-{step:06d}.png"
+        if jax.process_index() == 0:
+            save_validation_images(images, grid_path, writer=writer, step=step)
+            _log(f"validation at step {step}: {len(images)} images of {self.prompt!r} in "
+                 f"{time.perf_counter() - start:.1f}s -> {grid_path}")
+        return grid_path
+
+
+def save_validation_images(images: Sequence[Image.Image], grid_path: Path, *, writer: Any = None,
+                           step: int = 0) -> None:
+    """The grid at `grid_path`, each image in a folder beside it, and TensorBoard images (NHWC uint8)."""
+    singles = grid_path.with_suffix("")
+    singles.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(singles / f"{k:02d}.png")
+    image_grid(images).save(grid_path)
+    if writer is not None:
+        writer.add_images("validation", np.stack([np.asarray(image.convert("RGB")) for image in images]), step,
+                          dataformats="NHWC")
+        writer.flush()
+
+
+def make_validator(spec: Any, models: dict, *, model_dir: Path, output_dir: Path, vae_params: Any, seed: int,
+                   mesh: Any = None) -> Validator | None:
+    """A `Validator` from the run spec and the trainer's `load_models` dict; None without a validation_prompt.
+
+    Pass `vae_params` explicitly: the trainer pops them from `models` once latents are cached.
+    """
+    from jaxbooth import spec as spec_lib
+    from jaxbooth.text import load_tokenizer
+
+    schedule = spec_lib.validation_schedule(spec)
+    if schedule is None:
+        return None
+    v = spec.validation
+    return Validator(
+        model_dir=model_dir, output_dir=output_dir,
+        tokenizer=load_tokenizer(spec.model.tokenizer_name or model_dir, revision=spec.model.revision),
+        text_encoder=models["text_encoder"], text_params=models["text_params"], unet=models["unet"],
+        vae_config=models["vae_config"], vae_params=vae_params, validation_prompt=v.validation_prompt,
+        num_validation_images=v.num_validation_images, validation_scheduler=v.validation_scheduler,
+        schedule=schedule, seed=seed, use_attention_mask=spec.model.text_encoder_use_attention_mask, mesh=mesh)

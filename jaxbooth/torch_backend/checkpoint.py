@@ -1,0 +1,132 @@
+"""Checkpoints of the torch backend, in the same layout as the JAX backend's.
+
+``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (accelerate ``save_state``: optimizer, LR
+scheduler, grad scaler, RNG states, or the DeepSpeed engine files), ``unet/`` (and
+``text_encoder/`` when trained) in diffusers' layout, so
+``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works, and
+``jaxbooth_checkpoint.json`` ({"step", "data", "spec"}), written last: a checkpoint without it
+(killed mid-write) is never resumed from and is cleared by the next run. The model weights
+live only in ``unet/`` / ``text_encoder/``: accelerate's state hooks write and read them
+there instead of a second copy in ``state/`` (diffusers does the same inside ``state/``).
+Naming, completeness and retention are the shared ``jaxbooth.checkpoints``. Never imports jax.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from jaxbooth import output
+from jaxbooth import spec as spec_lib
+from jaxbooth.checkpoints import MARKER, PREFIX, clear_incomplete, prune_checkpoints, resolve_resume_path
+from jaxbooth.errors import JaxboothError
+
+STATE_DIR = "state"
+
+__all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "checkpoint_record", "clear_incomplete", "maybe_resume",
+           "register_state_hooks", "save_checkpoint"]
+
+
+def _log(message: str) -> None:
+    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+def component_name(model: Any) -> str:
+    """``unet`` or ``text_encoder``: the subfolder a trained model is saved in."""
+    from diffusers import UNet2DConditionModel
+
+    return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
+
+
+def register_state_hooks(accelerator: Any) -> None:
+    """Make ``save_state(ckpt/state)`` write each trained model to ``ckpt/<component>/`` in
+    diffusers/transformers format (main process), and ``load_state`` read it back from there."""
+
+    def save_hook(models: list, weights: list, state_dir: str) -> None:
+        for model in models:
+            unwrapped = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(Path(state_dir).parent / component_name(unwrapped))
+            if weights:  # empty under DeepSpeed: the engine saved its own copy
+                weights.pop()
+
+    def load_hook(models: list, state_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            folder = Path(state_dir).parent / component_name(model)
+            loaded = type(model).from_pretrained(folder)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoint_record(step: int, data_state: dict, spec: spec_lib.RunSpec) -> dict:
+    """The marker's content; the hub token never lands on disk (as in ``write_resolved_spec``)."""
+    spec_dict = spec_lib.spec_to_dict(spec)
+    spec_dict["hub"]["hub_token"] = None
+    return {"step": step, "data": data_state, "spec": spec_dict}
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, data_state: dict, spec: spec_lib.RunSpec,
+                    keep: int | None) -> Path:
+    """Save ``checkpoint-<step>`` on every process (DeepSpeed needs all ranks), then the
+    marker and retention on the main process once every rank is done."""
+    path = output_dir / f"{PREFIX}{step}"
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path / STATE_DIR))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = checkpoint_record(step, data_state, spec)
+        output.atomic_write_text(path / MARKER, json.dumps(record, indent=1, default=str) + "\n")
+        prune_checkpoints(output_dir, keep)
+        _log(f"saved {path}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def maybe_resume(accelerator: Any, spec: spec_lib.RunSpec, output_dir: Path) -> tuple[dict | None, Path | None]:
+    """Load the checkpoint ``resume_from_checkpoint`` names (``latest``: newest complete one).
+
+    Returns (marker record, path), or (None, None) for a fresh run.
+    """
+    path = resolve_resume_path(output_dir, spec.checkpointing.resume_from_checkpoint)
+    if path is None:
+        return None, None
+    record = json.loads((path / MARKER).read_text())
+    try:
+        accelerator.load_state(str(path / STATE_DIR))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
+        raise JaxboothError(f"{path}: the saved train state does not fit this run ({error}); resume with the "
+                            "same model and options, or start a new output_dir") from None
+    return record, path
+
+
+class StopOnSignal:
+    """SIGTERM (preemption, ``kill``) asks the loop to checkpoint after this step and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.requested = True
+        _log(f"received signal {signum}: saving a checkpoint after this step")
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,101 @@
+"""From a numpy batch of ``jaxbooth.data.BatchIterator`` to what the UNet step needs.
+
+``LatentCache`` memoises the VAE posterior (mean, std) of each decoded image, keyed by the
+file's content hash plus its crop and flip (``cache_latents``): the encoder is deterministic,
+so training on cached posteriors is bit-identical to encoding every step, minus the VAE
+passes. ``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a
+frozen text encoder (all prompts up front and the encoder freed with
+``pre_compute_text_embeddings``), or a forward pass of the trained encoder.
+Never imports jax.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from jaxbooth.torch_backend.loss import encode_prompt
+
+
+def pixels_nchw(batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``pixel_values`` NHWC float32 in [-1, 1] -> NCHW tensor on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(batch["pixel_values"].transpose(0, 3, 1, 2))).to(device, dtype)
+
+
+def row_keys(batch: dict[str, np.ndarray]) -> list[tuple]:
+    """What decides a row's pixels: the file's content, its crop offset and its flip."""
+    return [(str(h), tuple(int(v) for v in c), bool(f))
+            for h, c, f in zip(batch["content_hash"], batch["crop_top_left"], batch["flipped"], strict=True)]
+
+
+class LatentCache:
+    """VAE posterior (mean, std) per row, encoded at most once per key when ``enabled``."""
+
+    def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, *, enabled: bool):
+        self.vae, self.device, self.dtype, self.enabled = vae, device, dtype, enabled
+        self._store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def posterior(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), float32 [R, C, h, w], of every row of ``batch``."""
+        if not self.enabled:
+            return self._encode(pixels_nchw(batch, self.device, self.dtype))
+        keys = row_keys(batch)
+        for i, key in enumerate(keys):
+            if key not in self._store:  # one image per VAE call: the result never depends on the batch
+                mean, std = self._encode(pixels_nchw({"pixel_values": batch["pixel_values"][i:i + 1]},
+                                                     self.device, self.dtype))
+                self._store[key] = (mean[0], std[0])
+        return (torch.stack([self._store[k][0] for k in keys]), torch.stack([self._store[k][1] for k in keys]))
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+class TextConditioner:
+    """Encoder hidden states for a batch: cached per prompt (frozen encoder) or computed live (trained)."""
+
+    def __init__(self, text_encoder: Any | None, tokenize: Any, device: torch.device, *, trained: bool,
+                 use_attention_mask: bool):
+        self.text_encoder, self.tokenize, self.device = text_encoder, tokenize, device
+        self.trained, self.use_attention_mask = trained, use_attention_mask
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(prompts)
+        return torch.from_numpy(ids).long().to(self.device), torch.from_numpy(mask).long().to(self.device)
+
+    @torch.no_grad()
+    def precompute(self, prompts: Iterable[str]) -> None:
+        """Encode ``prompts`` now (frozen encoder only); each is kept for the rest of the run."""
+        todo = sorted({p for p in prompts if p not in self._cache})
+        if not todo:
+            return
+        if self.text_encoder is None:
+            raise RuntimeError(f"prompts {todo} were not precomputed before the text encoder was freed")
+        for prompt in todo:  # one prompt per call, so a cached row never depends on its batch
+            ids, mask = self._ids([prompt])
+            self._cache[prompt] = encode_prompt(self.text_encoder, ids, mask, self.use_attention_mask)[0]
+
+    def free_encoder(self) -> None:
+        """Drop the text encoder (``pre_compute_text_embeddings``): only cached prompts remain."""
+        self.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), L, D] hidden states; for a cached prompt, the stored (weight-dtype) rows."""
+        if self.trained:
+            ids, mask = self._ids(prompts)
+            return encode_prompt(self.text_encoder, ids, mask, self.use_attention_mask)
+        self.precompute(prompts)
+        return torch.stack([self._cache[p] for p in prompts])

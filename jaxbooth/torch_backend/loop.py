@@ -1,0 +1,171 @@
+"""The torch training loop: micro-steps under accelerate, then log, checkpoint and validate.
+
+One micro-step draws its randomness from (seed, micro-step, process) (see ``loss.step_seed``),
+runs ``loss.denoising_loss`` and ``accelerator.backward``; at the end of each accumulation
+window the gradients are clipped and the optimizer and LR scheduler step (accelerate skips
+them inside the window, as in diffusers). The host reads values back only at log steps.
+Metrics have the JAX backend's names and go to ``metrics.jsonl`` and accelerate's trackers.
+Never imports jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jaxbooth import data, diffusion, output
+from jaxbooth import spec as spec_lib
+from jaxbooth.errors import JaxboothError
+from jaxbooth.torch_backend import checkpoint
+from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
+from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, make_generator
+
+
+def log(accelerator: Any, message: str) -> None:
+    if accelerator.is_main_process:
+        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the loop touches; built by ``train.py``."""
+
+    spec: spec_lib.RunSpec
+    accelerator: Any
+    unet: Any
+    text_encoder: Any | None  # the prepared encoder when it is trained, else None
+    optimizer: Any
+    lr_scheduler: Any
+    iterator: data.BatchIterator
+    latents: LatentCache
+    text: TextConditioner
+    tables: diffusion.NoiseTables
+    options: LossOptions
+    seed: int
+    max_train_steps: int
+    output_dir: Path
+    validate: Callable[[int], None] | None = None
+
+    @property
+    def trained_models(self) -> list[Any]:
+        return [self.unet] + ([self.text_encoder] if self.text_encoder is not None else [])
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for model in self.trained_models for p in model.parameters() if p.requires_grad]
+
+
+def micro_step_loss(t: Trainer, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch; its random draws depend only on (seed, micro_step, process)."""
+    device = t.accelerator.device
+    generator = make_generator(t.seed, micro_step, t.accelerator.process_index, device)
+    mean, std = t.latents.posterior(batch)
+    drawn = draw_inputs(mean, std, generator, int(t.tables.snr.shape[0]), t.options)
+    hidden = t.text.embeddings([str(caption) for caption in batch["caption"]])
+    return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options)
+
+
+def optimizer_step(t: Trainer, micro_step: int) -> dict[str, torch.Tensor]:
+    """Micro-steps until accelerate syncs the gradients (one optimizer step); returns its metrics.
+
+    Losses are averaged over the accumulation window; ``lr`` is the rate this update used and
+    ``grad_norm`` the global norm before clipping, as the JAX backend logs them.
+    """
+    accelerator, spec = t.accelerator, t.spec
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    while True:
+        batch = next(t.iterator)
+        with accelerator.accumulate(*t.trained_models):
+            loss, aux = micro_step_loss(t, batch, micro_step + count)
+            accelerator.backward(loss)
+            for key, value in {"loss": loss, **aux}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            count += 1
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(t.trained_parameters(), spec.optim.max_grad_norm)
+                sums["grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm).float()
+                sums["lr"] = torch.tensor(t.optimizer.param_groups[0]["lr"])
+            t.optimizer.step()
+            t.lr_scheduler.step()
+            t.optimizer.zero_grad(set_to_none=spec.precision.set_grads_to_none)
+        if accelerator.sync_gradients:
+            break
+    metrics = {key: value / count for key, value in sums.items() if key not in ("grad_norm", "lr")}
+    return {**metrics, "grad_norm": sums["grad_norm"], "lr": sums["lr"], "micro_steps": torch.tensor(count)}
+
+
+class Progress:
+    """Log line, ``metrics.jsonl`` and trackers every ``log_every_steps``; the NaN check names the range."""
+
+    def __init__(self, t: Trainer, start_step: int):
+        self.t = t
+        self.metrics_log = output.MetricsLog(t.output_dir, enabled=t.accelerator.is_main_process)
+        self.last_time, self.last_step, self.window_start = time.perf_counter(), start_step, start_step + 1
+
+    def report(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        accelerator = self.t.accelerator
+        losses = torch.stack([metrics["loss"], metrics["instance_loss"], metrics["prior_loss"]]).to(accelerator.device)
+        losses = accelerator.reduce(losses, reduction="mean").tolist()
+        if not all(math.isfinite(v) for v in losses):
+            raise JaxboothError(f"the loss became nan or inf somewhere within steps [{self.window_start}, {step}]; "
+                                "lower --learning_rate, or use --mixed_precision=bf16 instead of fp16")
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step, self.window_start = now, step, step + 1
+        record = {"train/loss": losses[0], "train/instance_loss": losses[1], "train/prior_loss": losses[2],
+                  "train/lr": float(metrics["lr"]), "train/grad_norm": float(metrics["grad_norm"]),
+                  "perf/steps_per_sec": rate}
+        self.metrics_log.write(step, record)
+        accelerator.log(record, step=step)
+        log(accelerator, f"step {step}/{self.t.max_train_steps}  loss {losses[0]:.4f}  lr {record['train/lr']:.2e}  "
+                         f"{rate:.2f} steps/s")
+
+
+def should_validate(spec: spec_lib.RunSpec, step: int, epoch_before: int, epoch_after: int) -> bool:
+    """diffusers' cadence: every ``validation_steps`` steps, or every ``validation_epochs`` epochs."""
+    schedule = spec_lib.validation_schedule(spec)
+    if schedule is None:
+        return False
+    kind, every = schedule
+    if kind == "steps":
+        return step % every == 0
+    return epoch_after > epoch_before and epoch_after % every == 0
+
+
+def run_loop(t: Trainer, start_step: int) -> int:
+    """Optimizer steps from ``start_step`` to ``max_train_steps``; returns the last step done.
+
+    SIGTERM saves a checkpoint after the current step and exits with status 0.
+    """
+    spec, accelerator = t.spec, t.accelerator
+    accumulation = spec.optim.gradient_accumulation_steps
+    step, micro = start_step, start_step * accumulation
+    progress = Progress(t, start_step)
+    log_every, save_every = max(1, spec.logging.log_every_steps), spec_lib.checkpoint_every_steps(spec)
+    for model in t.trained_models:
+        model.train()
+    with checkpoint.StopOnSignal() as stop:
+        while step < t.max_train_steps:
+            epoch_before = t.iterator.epoch
+            metrics = optimizer_step(t, micro)
+            micro += int(metrics["micro_steps"])
+            step += 1
+            if step % log_every == 0 or step == t.max_train_steps:
+                progress.report(step, metrics)
+            if (save_every and step % save_every == 0) or stop.requested:
+                checkpoint.save_checkpoint(accelerator, t.output_dir, step, t.iterator.state_dict(), spec,
+                                           keep=spec.checkpointing.checkpoints_total_limit)
+            if t.validate is not None and should_validate(spec, step, epoch_before, t.iterator.epoch):
+                t.validate(step)
+            if stop.requested:
+                log(accelerator, f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
+                accelerator.end_training()
+                raise SystemExit(0)
+    return step

@@ -1,0 +1,103 @@
+"""The DreamBooth loss on torch tensors, and the per-micro-step randomness that feeds it.
+
+The noise/target/Min-SNR/prior math is the shared code in ``jaxbooth.diffusion`` (the same
+functions the JAX step calls), so both backends compute one loss; this module only runs
+the UNet and draws the random inputs. Layout is NCHW throughout (diffusers' layout).
+Imports torch and the shared core; never jax or ``jaxbooth.jax_backend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from jaxbooth import diffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The run-spec fields the loss needs (same names as the JAX backend's ``LossOptions``)."""
+
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    latent_scaling_factor: float = 0.18215
+    latent_shift_factor: float = 0.0
+
+
+def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, tables: diffusion.NoiseTables,
+                   options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
+
+    latents_nchw, noise: float [B, C, H, W] (scaled latents; with prior preservation the
+    instance rows come first, then the class rows); timesteps: int [B]; encoder_hidden_states:
+    [B, L, D]. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
+    Mirrors diffusers ``train_dreambooth.py``'s loss block; the JAX twin is
+    ``jaxbooth.jax_backend.train_step.denoising_loss`` (parity: tests/test_cross_backend.py).
+    """
+    noisy = diffusion.add_noise(latents_nchw, noise, timesteps, tables)
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = diffusion.training_target(latents_nchw, noise, timesteps, tables, options.prediction_type)
+    weights = None
+    if options.snr_gamma is not None:
+        snr = diffusion.compute_snr(timesteps, tables)
+        weights = diffusion.min_snr_loss_weights(snr, options.snr_gamma, options.prediction_type)
+    loss, instance_loss, prior_loss = diffusion.dreambooth_loss(
+        pred.float(), target.float(), with_prior_preservation=options.with_prior_preservation,
+        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
+    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def step_seed(seed: int, micro_step: int, process_index: int) -> int:
+    """A 63-bit seed for one micro-step of one process.
+
+    Randomness is a function of (seed, micro-step, process), as the JAX backend's
+    ``fold_in(rng, step)``: a resumed run draws exactly what the straight run drew, without
+    relying on saved global RNG states, and data-parallel processes draw different noise.
+    """
+    state = np.random.SeedSequence([seed, micro_step, process_index, 0x6A62]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def make_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(step_seed(seed, micro_step, process_index))
+
+
+@dataclasses.dataclass
+class RandomInputs:
+    """What one micro-step draws: latents from the VAE posterior, noise and timesteps."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def draw_inputs(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, num_train_timesteps: int,
+                options: LossOptions) -> RandomInputs:
+    """Sample scaled latents from N(mean, std) (diffusers' ``latent_dist.sample()``), noise
+    (plus offset noise, drawn [B, C, 1, 1] as diffusers) and uniform timesteps, in that order."""
+    device = mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
+    latents = mean.float() + std.float() * eps
+    latents = (latents - options.latent_shift_factor) * options.latent_scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+    if options.offset_noise:
+        shape = diffusion.offset_noise_shape(tuple(latents.shape), channel_axis=1)
+        offsets = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        noise = diffusion.offset_noise(noise, offsets, channel_axis=1)
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+    return RandomInputs(latents, noise, timesteps.long())
+
+
+def encode_prompt(text_encoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  use_attention_mask: bool) -> torch.Tensor:
+    """Last hidden state of the text encoder; the mask is passed only when asked (diffusers'
+    ``--text_encoder_use_attention_mask``, needed for T5)."""
+    mask = attention_mask if use_attention_mask else None
+    return text_encoder(input_ids, attention_mask=mask, return_dict=False)[0]

@@ -1,0 +1,99 @@
+"""The memory savers of diffusers' low-VRAM recipes (16 GB / 12 GB / 8 GB), applied to the models.
+
+Owns gradient checkpointing, the attention kernel (xFormers where it can run, PyTorch SDPA
+otherwise), TF32 and the DeepSpeed checks. 8-bit Adam and ``set_grads_to_none`` live with the
+optimizer in ``optim.py``. Imports torch and diffusers; never jax.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from jaxbooth.errors import JaxboothError
+
+
+def log(message: str) -> None:
+    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+
+
+def xformers_unavailable_reason(device: torch.device) -> str | None:
+    """Why xFormers attention cannot run here, or None when it can (installed and on CUDA)."""
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if device.type != "cuda":
+        return f"xFormers kernels need a CUDA device and this run is on {device.type}"
+    if not is_xformers_available():
+        return "xformers is not installed (pip install xformers)"
+    return None
+
+
+def set_attention(unet: Any, enable_xformers: bool, device: torch.device) -> str:
+    """Switch the UNet to xFormers attention when asked and possible; returns the kernel in use.
+
+    diffusers raises when xFormers is missing; jaxbooth says why once and keeps PyTorch's
+    ``scaled_dot_product_attention`` (diffusers' default ``AttnProcessor2_0``), which already
+    picks a memory-efficient or flash kernel on GPUs.
+    """
+    if not enable_xformers:
+        return "sdpa"
+    reason = xformers_unavailable_reason(device)
+    if reason is None:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as error:  # diffusers probes a tiny kernel call; broken builds fail there
+            reason = f"xformers failed its self-test ({error})"
+    log(f"--enable_xformers_memory_efficient_attention: {reason}; using PyTorch SDPA attention instead")
+    return "sdpa"
+
+
+def enable_gradient_checkpointing(unet: Any, text_encoder: Any | None, train_text_encoder: bool) -> None:
+    """Recompute activations in the backward pass (diffusers' ``--gradient_checkpointing``)."""
+    unet.enable_gradient_checkpointing()
+    if train_text_encoder and text_encoder is not None:
+        text_encoder.gradient_checkpointing_enable()
+
+
+def apply_memory_options(spec: Any, unet: Any, text_encoder: Any | None, device: torch.device) -> dict[str, Any]:
+    """Apply the spec's memory options to the models; returns what is in effect, for the log."""
+    precision = spec.precision
+    if precision.gradient_checkpointing:
+        enable_gradient_checkpointing(unet, text_encoder, spec.model.train_text_encoder)
+    kernel = set_attention(unet, precision.enable_xformers_memory_efficient_attention, device)
+    if precision.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return {"attention": kernel, "gradient_checkpointing": precision.gradient_checkpointing}
+
+
+def deepspeed_plugin(accelerator: Any) -> Any | None:
+    """The DeepSpeed plugin when launched with a DeepSpeed accelerate config, else None."""
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
+def check_deepspeed(spec: Any, plugin: Any) -> None:
+    """Reject combinations DeepSpeed cannot run, naming the option and the fix."""
+    if plugin is None:
+        return
+    if spec.optim.use_8bit_adam:
+        raise JaxboothError("--use_8bit_adam does not work with DeepSpeed (bitsandbytes' optimizer cannot be "
+                            "partitioned); drop --use_8bit_adam: the DeepSpeed config offloads the optimizer instead")
+    if spec.model.train_text_encoder:
+        raise JaxboothError("--train_text_encoder with DeepSpeed is not supported (accelerate wraps one model per "
+                            "DeepSpeed engine, as in diffusers); drop --train_text_encoder or the DeepSpeed config")
+
+
+def configure_deepspeed(plugin: Any, *, train_batch_size: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config values accelerate takes from a DataLoader (jaxbooth has none)."""
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train_batch_size
+    if config.get("gradient_clipping") in (None, "auto"):
+        config["gradient_clipping"] = max_grad_norm
+
+
+def offloads_optimizer(plugin: Any) -> bool:
+    zero = (plugin.deepspeed_config or {}).get("zero_optimization", {})
+    return str(zero.get("offload_optimizer", {}).get("device", "none")).lower() == "cpu"

@@ -1,0 +1,95 @@
+"""Optimizer and LR schedule of the torch backend, as diffusers' DreamBooth scripts build them.
+
+AdamW (torch), 8-bit AdamW (bitsandbytes, ``--use_8bit_adam``), DeepSpeed's CPU Adam when a
+DeepSpeed config offloads the optimizer (the guide's 8 GB recipe), or Prodigy; the LR
+schedules are diffusers' ``get_scheduler``. Imports torch; never jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from jaxbooth import spec as spec_lib
+from jaxbooth.errors import JaxboothError
+
+
+def param_groups(spec: spec_lib.RunSpec, unet: Any, text_encoder: Any | None, num_processes: int) -> list[dict]:
+    """One group per trained model, each with its LR and weight decay.
+
+    With ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` unset both groups use the
+    UNet's values, which is exactly diffusers ``train_dreambooth.py``'s single group.
+    """
+    o = spec.optim
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
+               "lr": spec_lib.effective_learning_rate(spec, num_processes), "weight_decay": o.adam_weight_decay}]
+    if spec.model.train_text_encoder and text_encoder is not None:
+        decay = o.adam_weight_decay_text_encoder
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": spec_lib.effective_text_encoder_learning_rate(spec, num_processes),
+                       "weight_decay": o.adam_weight_decay if decay is None else decay})
+    return groups
+
+
+def optimizer_class(spec: spec_lib.RunSpec, *, deepspeed_cpu_offload: bool) -> tuple[type, str]:
+    """(class, name for the log) of the optimizer the spec asks for."""
+    o = spec.optim
+    if o.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise JaxboothError("--optimizer=prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return prodigyopt.Prodigy, "Prodigy"
+    if o.optimizer != "adamw":
+        raise JaxboothError(f"--optimizer={o.optimizer} is not available on the torch backend; use adamw or "
+                            "prodigy, or --backend=jax")
+    if o.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise JaxboothError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit, "bitsandbytes AdamW8bit"
+    if deepspeed_cpu_offload:
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+        except ImportError as error:
+            raise JaxboothError(f"the DeepSpeed config offloads the optimizer to the CPU, but DeepSpeedCPUAdam "
+                                f"cannot load ({error}); install deepspeed with a C++ compiler present") from None
+        return DeepSpeedCPUAdam, "DeepSpeedCPUAdam"
+    return torch.optim.AdamW, "torch AdamW"
+
+
+def make_optimizer(spec: spec_lib.RunSpec, groups: Iterable[dict], *, deepspeed_cpu_offload: bool = False
+                   ) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer over ``groups`` with the spec's Adam (or Prodigy) hyper-parameters."""
+    o = spec.optim
+    cls, name = optimizer_class(spec, deepspeed_cpu_offload=deepspeed_cpu_offload)
+    kwargs: dict[str, Any] = {"betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_epsilon}
+    if o.optimizer == "prodigy":
+        kwargs.update(beta3=o.prodigy_beta3, decouple=o.prodigy_decouple,
+                      use_bias_correction=o.prodigy_use_bias_correction,
+                      safeguard_warmup=o.prodigy_safeguard_warmup)
+    if cls.__name__ == "DeepSpeedCPUAdam":
+        kwargs["adamw_mode"] = True
+    groups = list(groups)
+    return cls(groups, lr=groups[0]["lr"], weight_decay=groups[0]["weight_decay"], **kwargs), name
+
+
+def make_lr_scheduler(spec: spec_lib.RunSpec, optimizer: torch.optim.Optimizer, max_train_steps: int,
+                      num_processes: int) -> Any:
+    """diffusers ``get_scheduler`` with warmup and length multiplied by the process count.
+
+    accelerate steps a prepared scheduler once per process for every optimizer step, which
+    diffusers compensates the same way (huggingface/diffusers#8312).
+    """
+    from diffusers.optimization import get_scheduler
+
+    o = spec.optim
+    if o.lr_scheduler == "piecewise_constant":
+        raise JaxboothError("--lr_scheduler=piecewise_constant needs --lr_step_rules, which jaxbooth does not "
+                            "take; use constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial")
+    return get_scheduler(o.lr_scheduler, optimizer=optimizer, num_warmup_steps=o.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes, num_cycles=o.lr_num_cycles,
+                         power=o.lr_power)

@@ -1,0 +1,319 @@
+"""`jaxbooth train --backend=torch`: DreamBooth on diffusers' torch models through accelerate.
+
+The torch backend carries what only exists on GPUs today (xFormers, bitsandbytes 8-bit Adam,
+DeepSpeed ZeRO offload) and shares everything else with the JAX backend: the run spec, the
+data pipeline (``jaxbooth.data``), the loss math (``jaxbooth.diffusion``), the output folder
+(``jaxbooth.output``) and the checkpoint layout (``jaxbooth.checkpoints``). It never imports
+jax, flax, optax, orbax or ``jaxbooth.jax_backend`` (tests/torch_backend checks this).
+
+Phases: accelerator -> class images -> dataset, tokenizer, models -> memory options ->
+optimizer, LR schedule, ``accelerator.prepare`` -> resume -> loop (``loop.py``) -> pipeline.
+
+Launching:
+
+* one process (one GPU or the CPU)::
+
+    jaxbooth train --backend=torch --pretrained_model_name_or_path=... --instance_data_dir=... \\
+        --instance_prompt="a photo of sks dog" --output_dir=out
+
+* several processes (data parallel, one per GPU), with accelerate's launcher::
+
+    accelerate launch --num_processes=2 -m jaxbooth train --backend=torch ...
+
+* the diffusers guide's 8 GB recipe (DeepSpeed ZeRO-2, optimizer state offloaded to the CPU)::
+
+    accelerate launch --config_file scripts/accelerate_deepspeed_zero2_offload.yaml \\
+        -m jaxbooth train --backend=torch ...
+
+``train_batch_size`` is per process, as in diffusers; each process reads its own slice of
+every global batch from the shared ``BatchIterator``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jaxbooth import data, output
+from jaxbooth import spec as spec_lib
+from jaxbooth.checkpoints import clear_incomplete
+from jaxbooth.errors import JaxboothError
+from jaxbooth.text import load_tokenizer, make_tokenize_fn
+from jaxbooth.torch_backend import checkpoint, class_images, memory, models, optim, validation
+from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
+from jaxbooth.torch_backend.loop import Trainer, log, run_loop
+from jaxbooth.torch_backend.loss import LossOptions
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """What the spec leaves open, decided once."""
+
+    spec: spec_lib.RunSpec
+    model_dir: Path
+    vae_dir: Path | None
+    output_dir: Path
+    seed: int
+
+
+def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
+    """Local model folders (Hub ids resolved through the cache), output folder and seed."""
+    from jaxbooth.hub import resolve_model_dir
+
+    m = spec.model
+    if m.pretrained_model_name_or_path is None or spec.data.instance_data_dir is None or not spec.data.instance_prompt:
+        raise JaxboothError("pretrained_model_name_or_path, instance_data_dir and instance_prompt must be set "
+                            "(the CLI fills in the built-in defaults; call jaxbooth.cli.fill_defaults)")
+    if spec.data.dataset_name is not None:
+        raise JaxboothError(f"--dataset_name={spec.data.dataset_name}: Hub datasets are not supported by the torch "
+                            "backend yet; download the images and pass --instance_data_dir")
+    token = spec.hub.hub_token
+    model_dir = resolve_model_dir(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant,
+                                  token=token)
+    vae_name = spec_lib.vae_name_or_path(spec)
+    vae_dir = resolve_model_dir(vae_name, revision=m.revision, token=token, subfolders=["vae"]) if vae_name else None
+    seed = spec.optim.seed if spec.optim.seed is not None else 0
+    return RunInputs(spec, Path(model_dir), vae_dir, Path(spec.checkpointing.output_dir).absolute(), seed)
+
+
+def reset_accelerate_state() -> None:
+    """Forget a previous in-process run's accelerate singletons (tests, notebooks).
+
+    Skipped once torch.distributed is up: then this process was launched for one run.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def make_accelerator(run: RunInputs) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    spec = run.spec
+    reset_accelerate_state()
+    report_to = spec.logging.report_to
+    project = ProjectConfiguration(project_dir=str(run.output_dir),
+                                   logging_dir=str(run.output_dir / spec.logging.logging_dir))
+    try:
+        return Accelerator(gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
+                           mixed_precision=spec.precision.mixed_precision,
+                           log_with=None if report_to == "none" else report_to, project_config=project)
+    except (ValueError, ImportError, RuntimeError) as error:
+        raise JaxboothError(f"accelerate could not start with --mixed_precision={spec.precision.mixed_precision} "
+                            f"--report_to={report_to} ({error}); on CPU use --mixed_precision=bf16 or no, and "
+                            "install the tracker you report to") from None
+
+
+def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
+    """Generate missing class images (prior preservation), split over processes, before the dataset scan."""
+    if not run.spec.prior.with_prior_preservation:
+        return
+    class_images.generate_class_images(run.spec, run.model_dir, device=accelerator.device, seed=run.seed,
+                                       process_index=accelerator.process_index,
+                                       num_processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+
+
+def make_dataset(spec: spec_lib.RunSpec) -> data.Dataset:
+    prior = spec.prior
+    class_dir = prior.class_data_dir if prior.with_prior_preservation else None
+    return data.make_dreambooth_dataset(spec.data.instance_data_dir, spec.data.instance_prompt, class_dir,
+                                        prior.class_prompt, prior.num_class_images, skip_bad=spec.data.skip_bad_images)
+
+
+def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: Any, seed: int) -> data.BatchIterator:
+    """Global batch = train_batch_size x processes; this process takes its slice (instance rows, then class rows)."""
+    return data.BatchIterator(dataset, resolution=spec.data.resolution,
+                              batch_size=spec.optim.train_batch_size * accelerator.num_processes, seed=seed,
+                              center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
+                              process_index=accelerator.process_index, process_count=accelerator.num_processes,
+                              num_workers=spec.data.dataloader_num_workers)
+
+
+def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
+    scale, shift = models.latent_factors(m.vae)
+    return LossOptions(prediction_type=m.schedule.prediction_type, snr_gamma=spec.optim.snr_gamma,
+                       offset_noise=spec.optim.offset_noise,
+                       with_prior_preservation=spec.prior.with_prior_preservation,
+                       prior_loss_weight=spec.prior.prior_loss_weight, latent_scaling_factor=scale,
+                       latent_shift_factor=shift)
+
+
+def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_train_steps: int):
+    """Optimizer and LR schedule, then ``accelerator.prepare``; returns (unet, text_encoder or None, opt, sched)."""
+    spec = run.spec
+    plugin = memory.deepspeed_plugin(accelerator)
+    memory.check_deepspeed(spec, plugin)
+    if plugin is not None:
+        memory.configure_deepspeed(plugin, train_batch_size=spec.optim.train_batch_size,
+                                   max_grad_norm=spec.optim.max_grad_norm)
+    train_te = spec.model.train_text_encoder
+    groups = optim.param_groups(spec, m.unet, m.text_encoder if train_te else None, accelerator.num_processes)
+    optimizer, name = optim.make_optimizer(
+        spec, groups, deepspeed_cpu_offload=plugin is not None and memory.offloads_optimizer(plugin))
+    lr_scheduler = optim.make_lr_scheduler(spec, optimizer, max_train_steps, accelerator.num_processes)
+    log(accelerator, f"optimizer: {name}" + (" under DeepSpeed ZeRO-" + str(plugin.zero_stage) if plugin else ""))
+    if train_te:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(m.unet, m.text_encoder, optimizer,
+                                                                          lr_scheduler)
+        return unet, text_encoder, optimizer, lr_scheduler
+    unet, optimizer, lr_scheduler = accelerator.prepare(m.unet, optimizer, lr_scheduler)
+    return unet, None, optimizer, lr_scheduler
+
+
+def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, dataset: data.Dataset,
+                          device: torch.device) -> TextConditioner:
+    """Frozen encoder: embeddings cached per prompt; with pre_compute_text_embeddings all are
+    computed now (validation prompt and the empty negative prompt too) and the encoder freed."""
+    spec = run.spec
+    conditioner = TextConditioner(m.text_encoder, tokenize, device, trained=spec.model.train_text_encoder,
+                                  use_attention_mask=spec.model.text_encoder_use_attention_mask)
+    if spec.precision.pre_compute_text_embeddings:
+        prompts = {example.caption for example in dataset.examples} | {""}
+        if spec.validation.validation_prompt is not None:
+            prompts.add(spec.validation.validation_prompt)
+        conditioner.precompute(prompts)
+        conditioner.free_encoder()
+        m.text_encoder = None
+    return conditioner
+
+
+def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any, text_encoder: Any | None,
+                   conditioner: TextConditioner, written: list[str]) -> Any:
+    """``validate(step)`` for the loop, or None without a validation_prompt."""
+    spec = run.spec
+    if spec.validation.validation_prompt is None:
+        return None
+    from diffusers import DDPMScheduler
+
+    scheduler_config = DDPMScheduler.load_config(m.model_dir, subfolder="scheduler")
+    dtype = models.weight_dtype(accelerator.mixed_precision)
+
+    def validate(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        prompt = spec.validation.validation_prompt
+        trained_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
+        pipeline = validation.make_pipeline(
+            unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoder=trained_te or m.text_encoder,
+            tokenizer=m.tokenizer,
+            scheduler=validation.validation_scheduler(spec.validation.validation_scheduler, scheduler_config))
+        embeds = None
+        if m.text_encoder is None and trained_te is None:
+            embeds = (conditioner.embeddings([prompt]), conditioner.embeddings([""]))
+        was_training = pipeline.unet.training
+        pipeline.unet.eval()
+        images = validation.generate_images(
+            pipeline, prompt=prompt, num_images=spec.validation.num_validation_images, seed=run.seed,
+            device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds)
+        pipeline.unet.train(was_training)
+        if trained_te is not None:
+            trained_te.train()
+        path = validation.save_and_log(images, run.output_dir, step, accelerator.trackers)
+        written.append(str(path.relative_to(run.output_dir)))
+        log(accelerator, f"validation images for step {step}: {path}")
+
+    return validate
+
+
+def save_pipeline(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | None, steps_done: int,
+                  validation_images: list[str]) -> Path:
+    """The final output folder: a diffusers pipeline loadable with ``StableDiffusionPipeline.from_pretrained``."""
+    spec, out = run.spec, run.output_dir
+    skip_te = spec.checkpointing.skip_save_text_encoder
+    accelerator.unwrap_model(unet).save_pretrained(out / "unet")
+    if text_encoder is not None and not skip_te:
+        accelerator.unwrap_model(text_encoder).save_pretrained(out / "text_encoder")
+    skip = {"unet"} | ({"text_encoder"} if text_encoder is not None or skip_te else set())
+    output.copy_base_components(run.model_dir, out, skip=skip)
+    if run.vae_dir is not None:
+        output.copy_base_components(run.vae_dir, out, skip=set(output.PIPELINE_COMPONENTS) - {"vae"})
+    output.write_model_index(run.model_dir, out)
+    if skip_te:  # diffusers saves the pipeline with text_encoder=None
+        index = json.loads((out / "model_index.json").read_text())
+        index["text_encoder"] = [None, None]
+        output.atomic_write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
+    output.atomic_write_text(out / "README.md", output.model_card(
+        base_model=spec.model.pretrained_model_name_or_path, instance_prompt=spec.data.instance_prompt,
+        train_text_encoder=spec.model.train_text_encoder, steps=steps_done, backend="torch",
+        validation_images=validation_images))
+    spec_lib.write_resolved_spec(spec, out / output.SPEC_FILENAME)
+    return out
+
+
+def init_trackers(run: RunInputs, accelerator: Any) -> None:
+    if accelerator.is_main_process and run.spec.logging.report_to != "none":
+        config = {k: v for k, v in run.spec.flat().items()
+                  if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers("dreambooth", config=config)
+
+
+def train(spec: spec_lib.RunSpec) -> Path:
+    """Run DreamBooth end to end on the torch backend; returns the output pipeline folder."""
+    run = resolve_inputs(spec)
+    accelerator = make_accelerator(run)
+    from accelerate.utils import set_seed
+
+    set_seed(run.seed)
+    if accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        clear_incomplete(run.output_dir)
+    prepare_class_images(run, accelerator)
+    dataset = make_dataset(spec)
+    max_train_steps = spec_lib.total_train_steps(spec, len(dataset), accelerator.num_processes)
+    tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision)
+    tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
+    m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer)
+    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, accelerator.device)
+    unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
+    dtype = models.weight_dtype(accelerator.mixed_precision)
+    models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=accelerator.device, dtype=dtype)
+    conditioner = make_text_conditioner(run, m, tokenize, dataset, accelerator.device)
+    if text_encoder is not None:
+        conditioner.text_encoder = text_encoder
+    iterator = make_iterator(spec, dataset, accelerator, run.seed)
+    checkpoint.register_state_hooks(accelerator)
+    record, resumed_from = checkpoint.maybe_resume(accelerator, spec, run.output_dir)
+    start_step = 0
+    if record is not None:
+        iterator.load_state_dict(record["data"])
+        start_step = int(record["step"])
+        log(accelerator, f"resumed from {resumed_from} at optimizer step {start_step}")
+    init_trackers(run, accelerator)
+    written: list[str] = []
+    trainer = Trainer(spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, iterator=iterator,
+                      latents=LatentCache(m.vae, accelerator.device, dtype, enabled=spec.precision.cache_latents),
+                      text=conditioner, tables=m.schedule.as_tables().map(lambda a: torch.from_numpy(a).to(accelerator.device)),
+                      options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps,
+                      output_dir=run.output_dir,
+                      validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))
+    log(accelerator, f"training {max_train_steps} optimizer steps on {accelerator.num_processes} process(es), "
+                     f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
+                     f"attention {in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")
+    try:
+        steps_done = run_loop(trainer, start_step)
+    finally:
+        iterator.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = save_pipeline(run, accelerator, unet, text_encoder, steps_done, written)
+        if spec.hub.push_to_hub:
+            repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
+            log(accelerator, f"pushed to the Hub: {repo}")
+        log(accelerator, f"done: {steps_done} optimizer steps; pipeline written to {out}")
+    accelerator.end_training()
+    return run.output_dir
+
+
+if __name__ == "__main__":  # pragma: no cover - use `jaxbooth train --backend=torch`
+    sys.exit("run `jaxbooth train --backend=torch ...` or `accelerate launch -m jaxbooth train --backend=torch ...`")

@@ -176,6 +176,74 @@ def unet_fwd_bwd_cost(args) -> dict:
         unet.compiled[1]).items() if k != "flops"}}
 
 
+PHASES = ("configure_jax", "resolve_inputs", "load_models", "build_caches", "init_state", "compile_step",
+          "run_loop", "trained_params_host", "save_pipeline")
+
+
+def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict:
+    """Where a cold run's time goes: ``train.train`` in-process with its phase functions timed.
+
+    Each step is timed to completion (``block_until_ready`` on its metrics), which removes
+    the loop's async overlap of host work and device work, so the per-step times show the
+    first step's extra cost and the steady cost apart. Phases that are not found are skipped.
+    """
+    import jax
+
+    from jaxbooth import cli
+    from jaxbooth import spec as spec_lib
+    from jaxbooth.jax_backend import train as T
+
+    cache = work / "xla-phases"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ.setdefault("JAXBOOTH_CACHE", str(work / "jaxbooth-cache"))
+    argv = train_args(args, model_dir, instance_dir, args.n1, work / "out-phases", cache)
+    spec = cli.fill_defaults(spec_lib.load_spec(argv))
+    seconds: dict[str, float] = {}
+    step_times: list[float] = []
+    originals = {name: getattr(T, name) for name in PHASES if hasattr(T, name)}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                result = fn(*a, **kw)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            if name == "compile_step":
+                compiled = result[0]
+
+                def step(*sa, **skw):
+                    t0 = time.perf_counter()
+                    out = compiled(*sa, **skw)
+                    jax.block_until_ready(out[1])
+                    step_times.append(time.perf_counter() - t0)
+                    return out
+
+                result = (step, *result[1:])
+            return result
+        return wrapper
+
+    try:
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
+    for name, fn in originals.items():
+        setattr(T, name, timed(name, fn))
+    start = time.perf_counter()
+    try:
+        T.train(spec)
+    finally:
+        for name, fn in originals.items():
+            setattr(T, name, fn)
+    total = time.perf_counter() - start
+    return {"steps": args.n1, "total_s": total, "phases_s": seconds,
+            "unaccounted_s": total - sum(v for k, v in seconds.items() if k != "run_loop") - seconds.get("run_loop", 0),
+            "step_times_s": step_times, "first_step_s": step_times[0] if step_times else None,
+            "steady_step_median_s": statistics.median(step_times[1:]) if len(step_times) > 1 else None}
+
+
 def run_peer(args) -> dict:
     """../shared/peer-bench/speed.py: diffusers' Flax DreamBooth script and jaxbooth-jax, side by side."""
     speed = Path(args.peer_dir) / "speed.py"
@@ -224,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra trainer flag, repeatable, e.g. --extra=--log_every_steps=100")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-cache relaunch")
     parser.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip FLOPs and the matmul peak")
+    parser.add_argument("--phases", action="store_true",
+                        help="also run train() in-process (N1 steps, cold cache) with each phase and step timed")
     parser.add_argument("--peer", action="store_true", help="also run ../shared/peer-bench/speed.py")
     parser.add_argument("--peer-only", dest="peer_only", default="diffusers-flax,jaxbooth-jax")
     parser.add_argument("--peer-reps", dest="peer_reps", type=int, default=1)
@@ -306,6 +376,11 @@ def measure(args, work: Path) -> dict:
             print(f"train-step cost analysis failed ({type(error).__name__}: {error}); using the UNet fwd+bwd",
                   file=sys.stderr)
             record["step_cost"] = {**unet_fwd_bwd_cost(args), "train_step_error": f"{type(error).__name__}: {error}"}
+    if args.phases:
+        try:
+            record["phases"] = phase_profile(args, model_dir, instance_dir, work)
+        except Exception as error:
+            record["phases"] = {"error": f"{type(error).__name__}: {error}"}
     if args.peer:
         record["peer"] = run_peer(args)
     record["loadavg_end"] = list(os.getloadavg())
@@ -358,6 +433,13 @@ def print_table(record: dict, stream) -> None:
             ("MFU", fmt(record.get("mfu"), ".1%"))]
     for name, value in rows:
         print(f"  {name:28} {value:>10}", file=stream)
+    if record.get("phases", {}).get("phases_s"):
+        ph = record["phases"]
+        print(f"phases of an in-process cold run ({ph['steps']} steps, {ph['total_s']:.1f} s; steps timed "
+              f"to completion: first {fmt(ph['first_step_s'])} s, then median {fmt(ph['steady_step_median_s'])} s):",
+              file=stream)
+        for name, value in ph["phases_s"].items():
+            print(f"  {name:28} {value:10.1f}", file=stream)
     if "peer" in record:
         print("peer harness (speed.py):", file=stream)
         for line in record["peer"]["table"]:

@@ -127,9 +127,10 @@ def load_generation_sampler(model_dir: Path, *, dtype: Any, sampler_name: str | 
     vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae", variant=variant, dtype=jnp.float32)
     name = sampler_name or default_sampler_name(read_scheduler_config(model_dir))
     return sampler_from_models(
-        model_dir=model_dir, tokenizer=load_tokenizer(model_dir), unet=FlaxUNet2DConditionModel(unet_config, dtype=dtype),
-        unet_params=unet_params, text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype),
-        text_params=text_params, vae_config=vae_config, vae_params=vae_params, sampler_name=name, mesh=mesh)
+        model_dir=model_dir, tokenizer=load_tokenizer(model_dir),
+        unet=FlaxUNet2DConditionModel(unet_config, dtype=dtype), unet_params=unet_params,
+        text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype), text_params=text_params,
+        vae_config=vae_config, vae_params=vae_params, sampler_name=name, mesh=mesh)
 
 
 def local_mesh(mesh: Any) -> Any:

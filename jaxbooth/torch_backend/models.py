@@ -76,13 +76,14 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def prepare_frozen(models: Models, *, train_text_encoder: bool, device: torch.device, dtype: torch.dtype) -> None:
     """Freeze the VAE (and the text encoder unless trained), move them to ``device`` in ``dtype``."""
-    models.vae.requires_grad_(False)
-    models.vae.eval()
-    models.vae.to(device, dtype=dtype)
-    if models.text_encoder is not None and not train_text_encoder:
-        models.text_encoder.requires_grad_(False)
-        models.text_encoder.eval()
-        models.text_encoder.to(device, dtype=dtype)
+    frozen = [models.vae] + ([models.text_encoder] if models.text_encoder is not None and not train_text_encoder
+                             else [])
+    for model in frozen:
+        model.requires_grad_(False)
+        model.eval()
+        model.to(device)
+        if dtype != torch.float32:  # they load in float32; a no-op cast only earns a diffusers warning
+            model.to(dtype=dtype)
 
 
 def latent_factors(vae: Any) -> tuple[float, float]:

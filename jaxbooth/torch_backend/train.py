@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,17 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+def cpu_only_multiprocess() -> bool:
+    """A multi-process launch (``accelerate launch --multi_gpu``, torchrun) on a machine without GPUs.
+
+    accelerate then runs data parallel over gloo only when told ``cpu=True``; a DeepSpeed launch
+    is left alone (DeepSpeed brings its own CPU accelerator, and ``cpu=True`` would turn it off).
+    """
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return multi and not deepspeed and not torch.cuda.is_available()
+
+
 def make_accelerator(run: RunInputs) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -104,7 +116,8 @@ def make_accelerator(run: RunInputs) -> Any:
     project = ProjectConfiguration(project_dir=str(run.output_dir),
                                    logging_dir=str(run.output_dir / spec.logging.logging_dir))
     try:
-        return Accelerator(gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
+        return Accelerator(cpu=cpu_only_multiprocess(),
+                           gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
                            mixed_precision=spec.precision.mixed_precision,
                            log_with=None if report_to == "none" else report_to, project_config=project)
     except (ValueError, ImportError, RuntimeError) as error:

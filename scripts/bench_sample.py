@@ -5,7 +5,8 @@ Same pipeline folder (weights), same sampler (scheduler class), steps, guidance,
 size, fp32 both, on this machine. Each backend runs in its own subprocess, so neither holds
 the other's threads or GPU memory (JAX preallocates most of a GPU). A warm-up call (JAX:
 compile) is excluded; then `--repeats` timed calls of `--batch` prompts, each ending with
-PIL images on the host (decode and device->host copy included on both sides).
+PIL images on the host (decode and device->host copy included on both sides); images/s
+uses the median call.
 
 Default model: the `small` random pipeline (`jaxbooth tiny-model DIR --size small`, built into
 the jaxbooth cache on first use). Its VAE has 3 blocks, i.e. 4 px per latent, so the default
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -123,7 +125,8 @@ def run_child(backend: str, args: argparse.Namespace) -> dict:
 
 
 def images_per_sec(result: dict, batch: int) -> float:
-    return batch * len(result["times_s"]) / sum(result["times_s"])
+    """From the median call: robust to a call slowed by other load on a shared machine."""
+    return batch / statistics.median(result["times_s"])
 
 
 def main(argv: list[str] | None = None) -> int:

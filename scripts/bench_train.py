@@ -126,7 +126,6 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     from jaxbooth.jax_backend import train as T
     from jaxbooth.jax_backend.train_step import make_train_step
 
-    os.environ.setdefault("JAXBOOTH_CACHE", str(work / "jaxbooth-cache"))
     argv = train_args(args, model_dir, instance_dir, args.n1, work / "out-cost", cache)
     spec = cli.fill_defaults(spec_lib.load_spec(argv))
     try:  # the matmul peak already compiled with no cache folder set; let the cache pick the folder up
@@ -195,7 +194,6 @@ def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict
 
     cache = work / "xla-phases"
     shutil.rmtree(cache, ignore_errors=True)
-    os.environ.setdefault("JAXBOOTH_CACHE", str(work / "jaxbooth-cache"))
     argv = train_args(args, model_dir, instance_dir, args.n1, work / "out-phases", cache)
     spec = cli.fill_defaults(spec_lib.load_spec(argv))
     seconds: dict[str, float] = {}
@@ -247,7 +245,12 @@ def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict
 def run_peer(args) -> dict:
     """../shared/peer-bench/speed.py: diffusers' Flax DreamBooth script and jaxbooth-jax, side by side."""
     speed = Path(args.peer_dir) / "speed.py"
+    # speed.py launches N1 and N2 with one environment, so jaxbooth's persistent compilation cache
+    # ($JAXBOOTH_CACHE/xla) would make the N2 run warm and bias (T2 - T1) / (N2 - N1) low; the peer
+    # scripts have no such cache. Both jaxbooth runs are kept cold, like the peers', unless --peer-warm.
     env = dict(os.environ, JAXBOOTH_BIN=args.jaxbooth[0])
+    if not args.peer_warm:
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     if default_bench_dir():
         env["JB_BENCH"] = str(default_bench_dir())
     cmd = [sys.executable, str(speed), args.size, str(args.n1), str(args.n2), "--reps", str(args.peer_reps),
@@ -296,6 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run train() in-process (N1 steps, cold cache) with each phase and step timed")
     parser.add_argument("--peer", action="store_true", help="also run ../shared/peer-bench/speed.py")
     parser.add_argument("--peer-only", dest="peer_only", default="diffusers-flax,jaxbooth-jax")
+    parser.add_argument("--peer-warm", dest="peer_warm", action="store_true",
+                        help="leave jaxbooth's persistent compilation cache on in the peer runs (biases s/step)")
     parser.add_argument("--peer-reps", dest="peer_reps", type=int, default=1)
     parser.add_argument("--peer-dir", dest="peer_dir", default=str(REPO.parent / "shared" / "peer-bench"))
     args = parser.parse_args(argv)
@@ -359,14 +364,20 @@ def measure(args, work: Path) -> dict:
             if args.warm else None
         runs += [r for r in (r1, r2, rw) if r]
         step = (r2["wall_s"] - r1["wall_s"]) / (args.n2 - args.n1)
-        per_rep.append({"s_per_step": step, "startup_cold_s": r1["wall_s"] - args.n1 * step,
+        # the compile time varies by seconds between launches; taking each run's logged compile out cancels that
+        corrected = None
+        if r1["compile_s"] is not None and r2["compile_s"] is not None:
+            corrected = ((r2["wall_s"] - r2["compile_s"]) - (r1["wall_s"] - r1["compile_s"])) / (args.n2 - args.n1)
+        per_rep.append({"s_per_step": step, "s_per_step_compile_corrected": corrected,
+                        "startup_cold_s": r1["wall_s"] - args.n1 * step,
                         "startup_warm_s": rw["wall_s"] - args.n1 * step if rw else None,
                         "compile_cold_s": median_or_none([r1["compile_s"], r2["compile_s"]]),
                         "compile_warm_s": rw["compile_s"] if rw else None})
     record["runs"] = runs
     record["per_rep"] = per_rep
     ok = all(r["rc"] == 0 for r in runs)
-    for key in ("s_per_step", "startup_cold_s", "startup_warm_s", "compile_cold_s", "compile_warm_s"):
+    for key in ("s_per_step", "s_per_step_compile_corrected", "startup_cold_s", "startup_warm_s", "compile_cold_s",
+                "compile_warm_s"):
         record[key] = median_or_none([p[key] for p in per_rep]) if ok else None
     record["peak_rss_gb"] = max((r["peak_rss_gb"] or 0) for r in runs) or None
     if args.mfu and ok:
@@ -421,7 +432,9 @@ def print_table(record: dict, stream) -> None:
             print("    " + r["error"].replace("\n", "\n    "), file=stream)
     cost = record.get("step_cost") or {}
     peak = record.get("matmul_peak") or {}
-    rows = [("s/step (steady)", fmt(record.get("s_per_step"))), ("steps/s", fmt(record.get("steps_per_s"))),
+    rows = [("s/step (steady)", fmt(record.get("s_per_step"))),
+            ("s/step (compile-corrected)", fmt(record.get("s_per_step_compile_corrected"))),
+            ("steps/s", fmt(record.get("steps_per_s"))),
             ("start-up cold s", fmt(record.get("startup_cold_s"), ".1f")),
             ("start-up warm s", fmt(record.get("startup_warm_s"), ".1f")),
             ("compile cold s (trainer)", fmt(record.get("compile_cold_s"), ".1f")),

@@ -62,8 +62,10 @@ def my_indices(count: int, process_index: int, num_processes: int) -> list[int]:
 def load_generation_pipeline(model_dir: Path, dtype: torch.dtype, device: torch.device, variant: str | None) -> Any:
     from diffusers import DiffusionPipeline
 
+    from jaxbooth.torch_backend.models import dtype_kwargs
+
     kwargs = {"variant": variant} if variant else {}
-    pipeline = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None,
+    pipeline = DiffusionPipeline.from_pretrained(model_dir, **dtype_kwargs(dtype), safety_checker=None,
                                                  requires_safety_checker=False, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

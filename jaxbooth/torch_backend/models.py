@@ -36,6 +36,14 @@ class Models:
     vae_dir: Path
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` dtype argument: diffusers 0.40 renamed ``torch_dtype`` to ``dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+
+
 def text_encoder_class(model_dir: Path) -> type:
     """The text-encoder class ``model_index.json`` names (CLIPTextModel for SD, T5EncoderModel for IF)."""
     index_path = model_dir / "model_index.json"
@@ -58,8 +66,9 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     vae_dir = vae_dir or model_dir
     kwargs = {"variant": variant} if variant else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32, **kwargs)
-        vae = AutoencoderKL.from_pretrained(vae_dir, subfolder="vae", torch_dtype=torch.float32, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
+                                                    **kwargs)
+        vae = AutoencoderKL.from_pretrained(vae_dir, subfolder="vae", **dtype_kwargs(torch.float32), **kwargs)
         text_encoder = text_encoder_class(model_dir).from_pretrained(
             model_dir, subfolder="text_encoder", dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as error:

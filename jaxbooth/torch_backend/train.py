@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,7 @@ def make_accelerator(run: RunInputs) -> Any:
     project = ProjectConfiguration(project_dir=str(run.output_dir),
                                    logging_dir=str(run.output_dir / spec.logging.logging_dir))
     try:
-        return Accelerator(cpu=cpu_only_multiprocess(),
+        accelerator = Accelerator(cpu=cpu_only_multiprocess(),
                            gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
                            mixed_precision=spec.precision.mixed_precision,
                            log_with=None if report_to == "none" else report_to, project_config=project)
@@ -124,6 +123,10 @@ def make_accelerator(run: RunInputs) -> Any:
         raise JaxboothError(f"accelerate could not start with --mixed_precision={spec.precision.mixed_precision} "
                             f"--report_to={report_to} ({error}); on CPU use --mixed_precision=bf16 or no, and "
                             "install the tracker you report to") from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise JaxboothError("--mixed_precision=fp16 needs a GPU (torch has no fp16 autocast on CPU, so the "
+                            "UNet would see mixed dtypes); on CPU use --mixed_precision=bf16 or no")
+    return accelerator
 
 
 def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
@@ -270,27 +273,33 @@ def init_trackers(run: RunInputs, accelerator: Any) -> None:
         accelerator.init_trackers("dreambooth", config=config)
 
 
-def train(spec: spec_lib.RunSpec) -> Path:
-    """Run DreamBooth end to end on the torch backend; returns the output pipeline folder."""
-    run = resolve_inputs(spec)
-    accelerator = make_accelerator(run)
+def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
+    """Inputs, accelerator and seed; clears interrupted checkpoints; fills class_data_dir."""
     from accelerate.utils import set_seed
 
-    set_seed(run.seed)
+    run = resolve_inputs(spec)
+    accelerator = make_accelerator(run)
+    set_seed(run.seed)  # global RNGs (dropout, if a model has any); the loss draws its own per step
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         clear_incomplete(run.output_dir)
     prepare_class_images(run, accelerator)
+    return run, accelerator
+
+
+def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple[Trainer, int]:
+    """Data, models, memory options, optimizer, resume: the Trainer and the step to start from."""
+    spec, device = run.spec, accelerator.device
     dataset = make_dataset(spec)
     max_train_steps = spec_lib.total_train_steps(spec, len(dataset), accelerator.num_processes)
     tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision)
-    tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer)
-    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, accelerator.device)
+    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device)
     unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     dtype = models.weight_dtype(accelerator.mixed_precision)
-    models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=accelerator.device, dtype=dtype)
-    conditioner = make_text_conditioner(run, m, tokenize, dataset, accelerator.device)
+    models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=device, dtype=dtype)
+    conditioner = make_text_conditioner(run, m, make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length),
+                                        dataset, device)
     if text_encoder is not None:
         conditioner.text_encoder = text_encoder
     iterator = make_iterator(spec, dataset, accelerator, run.seed)
@@ -301,32 +310,35 @@ def train(spec: spec_lib.RunSpec) -> Path:
         iterator.load_state_dict(record["data"])
         start_step = int(record["step"])
         log(accelerator, f"resumed from {resumed_from} at optimizer step {start_step}")
-    init_trackers(run, accelerator)
-    written: list[str] = []
-    trainer = Trainer(spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
-                      lr_scheduler=lr_scheduler, iterator=iterator,
-                      latents=LatentCache(m.vae, accelerator.device, dtype, enabled=spec.precision.cache_latents),
-                      text=conditioner, tables=m.schedule.as_tables().map(lambda a: torch.from_numpy(a).to(accelerator.device)),
-                      options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps,
-                      output_dir=run.output_dir,
-                      validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))
+    trainer = Trainer(
+        spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, iterator=iterator,
+        latents=LatentCache(m.vae, device, dtype, enabled=spec.precision.cache_latents), text=conditioner,
+        tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
+        options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
+        validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))
     log(accelerator, f"training {max_train_steps} optimizer steps on {accelerator.num_processes} process(es), "
-                     f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}, "
-                     f"attention {in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")
+                     f"device {device}, mixed precision {accelerator.mixed_precision}, attention "
+                     f"{in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")
+    return trainer, start_step
+
+
+def train(spec: spec_lib.RunSpec) -> Path:
+    """Run DreamBooth end to end on the torch backend; returns the output pipeline folder."""
+    run, accelerator = start_run(spec)
+    written: list[str] = []  # validation grids, for the model card
+    trainer, start_step = build_trainer(run, accelerator, written)
+    init_trackers(run, accelerator)
     try:
         steps_done = run_loop(trainer, start_step)
     finally:
-        iterator.close()
+        trainer.iterator.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out = save_pipeline(run, accelerator, unet, text_encoder, steps_done, written)
+        out = save_pipeline(run, accelerator, trainer.unet, trainer.text_encoder, steps_done, written)
         if spec.hub.push_to_hub:
             repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
             log(accelerator, f"pushed to the Hub: {repo}")
         log(accelerator, f"done: {steps_done} optimizer steps; pipeline written to {out}")
     accelerator.end_training()
     return run.output_dir
-
-
-if __name__ == "__main__":  # pragma: no cover - use `jaxbooth train --backend=torch`
-    sys.exit("run `jaxbooth train --backend=torch ...` or `accelerate launch -m jaxbooth train --backend=torch ...`")

@@ -22,8 +22,8 @@ class ToyUNet(torch.nn.Module):
         torch.nn.init.normal_(self.conv.weight, std=0.3)
 
     def forward(self, x, t, encoder_hidden_states, return_dict=True):
-        out = self.conv(x) + t.float().reshape(-1, 1, 1, 1) / 1000 + encoder_hidden_states.mean((1, 2)).reshape(-1, 1, 1, 1)
-        return (out,)
+        text = encoder_hidden_states.mean((1, 2)).reshape(-1, 1, 1, 1)
+        return (self.conv(x) + t.float().reshape(-1, 1, 1, 1) / 1000 + text,)
 
 
 def diffusers_reference(unet, scheduler, latents, noise, timesteps, hidden, *, snr_gamma=None, prior=False,

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,12 @@ from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import checkpoint, encode, optim, pretrained
 from jaxbooth.jax_backend import mesh as mesh_lib
+from jaxbooth.jax_backend.class_images import ensure_class_images
 from jaxbooth.jax_backend.models import clip as clip_lib
 from jaxbooth.jax_backend.models import unet as unet_lib
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_step
+from jaxbooth.jax_backend.validation import make_validator
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
 
 COMPUTE_DTYPES = {None: jnp.float32, "no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
@@ -77,15 +78,14 @@ def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     model_dir = resolve_model_dir(name, revision=spec.model.revision, variant=spec.model.variant,
                                   token=spec.hub.hub_token)
     prior = spec.prior
+    seed = spec.optim.seed if spec.optim.seed is not None else 0
     class_dir = prior.class_data_dir if prior.with_prior_preservation else None
+    if class_dir is not None:  # generate the shortfall first, resumably, as diffusers does
+        ensure_class_images(model_dir, class_dir, prior.class_prompt, prior.num_class_images,
+                            sample_batch_size=prior.sample_batch_size, precision=prior.prior_generation_precision,
+                            seed=seed, variant=spec.model.variant, skip_bad=spec.data.skip_bad_images)
     dataset = data.make_dreambooth_dataset(instance_dir, instance_prompt, class_dir, prior.class_prompt,
                                            prior.num_class_images, skip_bad=spec.data.skip_bad_images)
-    if class_dir is not None:
-        have = len(dataset.class_items)
-        if have < prior.num_class_images:
-            warnings.warn(f"class_data_dir {class_dir} has {have} images, fewer than num_class_images="
-                          f"{prior.num_class_images}; training with the {have} there", stacklevel=2)
-    seed = spec.optim.seed if spec.optim.seed is not None else 0
     steps = spec_lib.total_train_steps(spec, len(dataset), jax.device_count())
     return RunInputs(spec, Path(model_dir), Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
 
@@ -330,8 +330,10 @@ def train(spec: spec_lib.RunSpec) -> Path:
     models = load_models(run)
     noise_schedule = diffusion.load_schedule(run.model_dir)
     caches, prompts = build_caches(run, models)
-    models.pop("vae_params")  # latents are cached: the VAE leaves device memory
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
+    # latents are cached: the VAE leaves device memory (validation keeps a host copy)
+    validator = make_validator(spec, models, model_dir=run.model_dir, output_dir=run.output_dir,
+                               vae_params=models.pop("vae_params"), seed=run.seed, mesh=mesh)
     params_host = {"unet": models.pop("unet_params")}
     if spec.model.train_text_encoder:
         params_host["text_encoder"] = models["text_params"]
@@ -358,7 +360,8 @@ def train(spec: spec_lib.RunSpec) -> Path:
     log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
     frozen = jax.device_put(caches, frozen_shardings)
-    state = run_loop(run, compiled, state, frozen, iterator, prompt_index, batch_shardings, writer, models)
+    state = run_loop(run, compiled, state, frozen, iterator, prompt_index, batch_shardings, writer, models,
+                     validator)
     writer.wait()
     params_host = trained_params_host(state)
     steps_done = int(jax.device_get(state.step)) // accumulation
@@ -373,7 +376,7 @@ def train(spec: spec_lib.RunSpec) -> Path:
 
 
 def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data.BatchIterator,
-             prompt_index: dict[str, int], batch_shardings, writer, models: dict) -> TrainState:
+             prompt_index: dict[str, int], batch_shardings, writer, models: dict, validator=None) -> TrainState:
     """Micro-steps until max_train_steps optimizer steps; syncs with the host only at log/save steps."""
     spec = run.spec
     accumulation = spec.optim.gradient_accumulation_steps
@@ -396,6 +399,10 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             if step % log_every == 0 or step == run.max_train_steps:
                 progress.report(step, metrics, window_start=window_start)
                 window_start = step + 1
+            epochs_done = iterator.epoch if iterator.position == 0 else None
+            if validator is not None and validator.should_run(step, epochs_done):
+                validator.run(step, state.params["unet"], state.params.get("text_encoder"),
+                              writer=progress.tensorboard)
             if (save_every and step % save_every == 0) or stop.requested:
                 writer.save(step, state, iterator.state_dict(), spec,
                             export=lambda path, params: export_trained(

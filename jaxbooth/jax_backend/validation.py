@@ -82,7 +82,8 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
 
 
 def _host_copy(tree: Any) -> Any:
-    """numpy copy of a params tree, so device buffers the trainer drops are really freed."""
+    """The params tree as host numpy (device arrays are copied, numpy kept as is), so holding it
+    does not pin device buffers the trainer drops."""
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 

@@ -102,6 +102,10 @@ def maybe_resume(accelerator: Any, spec: spec_lib.RunSpec, output_dir: Path) -> 
     if path is None:
         return None, None
     record = json.loads((path / MARKER).read_text())
+    if not list((path / STATE_DIR).glob("random_states_*.pkl")):  # accelerate writes one per process
+        raise JaxboothError(f"--resume_from_checkpoint: {path} holds no accelerate train state (a jax-backend "
+                            f"checkpoint?); resume it with --backend=jax, or start a new output_dir. Its unet/ "
+                            "folder loads in diffusers as a model to start from")
     try:
         accelerator.load_state(str(path / STATE_DIR))
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:

@@ -72,16 +72,19 @@ def load_generation_pipeline(model_dir: Path, dtype: torch.dtype, device: torch.
 
 
 def generate_class_images(spec: spec_lib.RunSpec, model_dir: Path, *, device: torch.device, seed: int,
-                          process_index: int = 0, num_processes: int = 1) -> list[Path]:
+                          process_index: int = 0, num_processes: int = 1, have: int | None = None) -> list[Path]:
     """Fill ``class_data_dir`` up to ``num_class_images``; returns the files this process wrote.
 
-    The caller synchronises processes afterwards. Image ``i`` of the run is drawn with a
-    generator seeded from (seed, i), so the set does not depend on the batch size.
+    ``have``: the images already there, counted by every process before any of them writes
+    (counted here when None: one process). The caller synchronises processes afterwards.
+    Image ``i`` of the folder is drawn with a generator seeded from (seed, i), so the set does
+    not depend on the batch size, the process count or an interruption.
     """
     prior = spec.prior
     folder = Path(prior.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    have = count_class_images(folder, skip_bad=spec.data.skip_bad_images)
+    if have is None:
+        have = count_class_images(folder, skip_bad=spec.data.skip_bad_images)
     missing = prior.num_class_images - have
     if missing <= 0:
         return []

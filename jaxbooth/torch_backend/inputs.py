@@ -4,8 +4,10 @@
 file's content hash plus its crop and flip (``cache_latents``): the encoder is deterministic,
 so training on cached posteriors equals encoding every step (up to the ~1e-5 rounding a
 batched VAE call differs by), minus the VAE passes. Each image is encoded alone, so a cached
-value never depends on the batch it first appeared in and a resumed run sees the same one. ``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a
-frozen text encoder (all prompts up front and the encoder freed with
+value never depends on the batch it first appeared in and a resumed run sees the same one.
+
+``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a frozen text
+encoder (all prompts up front and the encoder freed with
 ``pre_compute_text_embeddings``), or a forward pass of the trained encoder.
 Never imports jax.
 """

@@ -61,6 +61,35 @@ class RunInputs:
     seed: int
 
 
+# Options the capability table routes to torch that this module does not implement (yet):
+# refused by name instead of being dropped silently.
+NOT_IMPLEMENTED = {
+    "use_lora": "LoRA training",
+    "do_edm_style_training": "EDM-style training (SDXL)",
+    "class_labels_conditioning": "DeepFloyd IF stage II class labels",
+    "validation_images": "image-to-image validation (DeepFloyd IF stage II)",
+    "dataset_name": "Hub datasets (download the images and pass --instance_data_dir)",
+}
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
+    """Refuse, naming them, the options and model families the torch backend does not train."""
+    spec_lib.check_backend(spec, "torch")
+    defaults = spec_lib.default_flat()
+    values = spec.flat()
+    problems = [f"--{key} ({what})" for key, what in NOT_IMPLEMENTED.items() if values[key] != defaults[key]]
+    if spec.model.model_family not in ("auto", "sd"):
+        problems.append(f"--model_family={spec.model.model_family}")
+    index = model_dir / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if pipeline not in SUPPORTED_PIPELINES:
+        problems.append(f"{index}: _class_name={pipeline!r} (expected one of {', '.join(SUPPORTED_PIPELINES)})")
+    if problems:
+        raise JaxboothError("the torch backend trains Stable Diffusion 1.x/2.x pipelines fully; not supported here: "
+                            + "; ".join(problems) + ". Drop these options or use a model/backend that has them")
+
+
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     """Local model folders (Hub ids resolved through the cache), output folder and seed."""
     from jaxbooth.hub import resolve_model_dir
@@ -69,12 +98,10 @@ def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     if m.pretrained_model_name_or_path is None or spec.data.instance_data_dir is None or not spec.data.instance_prompt:
         raise JaxboothError("pretrained_model_name_or_path, instance_data_dir and instance_prompt must be set "
                             "(the CLI fills in the built-in defaults; call jaxbooth.cli.fill_defaults)")
-    if spec.data.dataset_name is not None:
-        raise JaxboothError(f"--dataset_name={spec.data.dataset_name}: Hub datasets are not supported by the torch "
-                            "backend yet; download the images and pass --instance_data_dir")
     token = spec.hub.hub_token
     model_dir = resolve_model_dir(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant,
                                   token=token)
+    check_supported(spec, Path(model_dir))
     vae_name = spec_lib.vae_name_or_path(spec)
     vae_dir = resolve_model_dir(vae_name, revision=m.revision, token=token, subfolders=["vae"]) if vae_name else None
     seed = spec.optim.seed if spec.optim.seed is not None else 0
@@ -116,13 +143,14 @@ def make_accelerator(run: RunInputs) -> Any:
                                    logging_dir=str(run.output_dir / spec.logging.logging_dir))
     try:
         accelerator = Accelerator(cpu=cpu_only_multiprocess(),
-                           gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
-                           mixed_precision=spec.precision.mixed_precision,
-                           log_with=None if report_to == "none" else report_to, project_config=project)
+                                  gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
+                                  mixed_precision=spec.precision.mixed_precision,
+                                  log_with=None if report_to == "none" else report_to, project_config=project)
     except (ValueError, ImportError, RuntimeError) as error:
-        raise JaxboothError(f"accelerate could not start with --mixed_precision={spec.precision.mixed_precision} "
-                            f"--report_to={report_to} ({error}); on CPU use --mixed_precision=bf16 or no, and "
-                            "install the tracker you report to") from None
+        raise JaxboothError(f"accelerate could not start: {error}. Check --mixed_precision="
+                            f"{spec.precision.mixed_precision}, --gradient_accumulation_steps="
+                            f"{spec.optim.gradient_accumulation_steps} and --report_to={report_to} against your "
+                            "accelerate config, and install the tracker you report to") from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise JaxboothError("--mixed_precision=fp16 needs a GPU (torch has no fp16 autocast on CPU, so the "
                             "UNet would see mixed dtypes); on CPU use --mixed_precision=bf16 or no")
@@ -131,11 +159,14 @@ def make_accelerator(run: RunInputs) -> Any:
 
 def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
     """Generate missing class images (prior preservation), split over processes, before the dataset scan."""
-    if not run.spec.prior.with_prior_preservation:
+    spec = run.spec
+    if not spec.prior.with_prior_preservation:
         return
-    class_images.generate_class_images(run.spec, run.model_dir, device=accelerator.device, seed=run.seed,
+    have = class_images.count_class_images(Path(spec.prior.class_data_dir), skip_bad=spec.data.skip_bad_images)
+    accelerator.wait_for_everyone()  # every process counts before any writes
+    class_images.generate_class_images(spec, run.model_dir, device=accelerator.device, seed=run.seed,
                                        process_index=accelerator.process_index,
-                                       num_processes=accelerator.num_processes)
+                                       num_processes=accelerator.num_processes, have=have)
     accelerator.wait_for_everyone()
 
 
@@ -232,8 +263,6 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
             pipeline, prompt=prompt, num_images=spec.validation.num_validation_images, seed=run.seed,
             device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds)
         pipeline.unet.train(was_training)
-        if trained_te is not None:
-            trained_te.train()
         path = validation.save_and_log(images, run.output_dir, step, accelerator.trackers)
         written.append(str(path.relative_to(run.output_dir)))
         log(accelerator, f"validation images for step {step}: {path}")

@@ -90,14 +90,17 @@ def test_interrupted_checkpoint_is_never_latest(trained: Path, tmp_path: Path) -
     assert checkpoint.resolve_resume_path(out, "latest") == out / "checkpoint-2"
 
 
-def test_prior_preservation_and_text_encoder_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_prior_preservation_text_encoder_training_and_validation(tiny_model_dir: Path, tmp_path: Path) -> None:
     from jaxbooth.data import example_class_dir
 
     out = tmp_path / "prior"
     assert run_train(tiny_model_dir, out, "--max_train_steps=2", "--checkpointing_steps=100",
                      "--with_prior_preservation", f"--class_data_dir={example_class_dir()}",
                      "--class_prompt=a photo of a toy", "--num_class_images=5", "--train_text_encoder",
-                     "--snr_gamma=5.0", "--offset_noise") == 0
+                     "--snr_gamma=5.0", "--offset_noise", "--random_flip",
+                     "--validation_prompt=a photo of sks toy", "--num_validation_images=2",
+                     "--validation_steps=2") == 0
+    assert (out / "validation" / "step-000002.png").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train/prior_loss"] > 0 for r in records)
     te = "text_encoder/model.safetensors"

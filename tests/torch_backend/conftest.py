@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Two OpenMP threads on a shared 2-core CI box make torch CPU ops ~20x slower (spinning)."""
     previous = torch.get_num_threads()

@@ -86,6 +86,29 @@ def test_half_then_resume_equals_straight_run(tiny_model_dir: Path, trained: Pat
     np.testing.assert_allclose(losses[2:], [r["train/loss"] for r in metrics(trained)][2:], rtol=1e-6)
 
 
+def test_resume_with_gradient_accumulation_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """2 micro-steps per update: the accumulation window and the data position survive a resume."""
+    args = ("--gradient_accumulation_steps=2", "--checkpointing_steps=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(tiny_model_dir, straight, "--max_train_steps=2", *args) == 0
+    assert run_train(tiny_model_dir, resumed, "--max_train_steps=1", *args) == 0
+    assert run_train(tiny_model_dir, resumed, "--max_train_steps=2", "--resume_from_checkpoint=latest", *args) == 0
+    a, b = unet_state(straight), unet_state(resumed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert json.loads((resumed / "checkpoint-2" / MARKER).read_text())["data"]["position"] == 4 % 5
+
+
+def test_a_jax_backend_checkpoint_is_refused_with_a_clear_error(tiny_model_dir: Path, trained: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "foreign"
+    shutil.copytree(trained / "checkpoint-2", out / "checkpoint-2")
+    shutil.rmtree(out / "checkpoint-2" / "state")
+    (out / "checkpoint-2" / "state").mkdir()  # an orbax state/ folder, as the jax backend writes
+    assert run_train(tiny_model_dir, out, "--max_train_steps=3", "--resume_from_checkpoint=latest") == 2
+    assert "--backend=jax" in capsys.readouterr().err
+
+
 def test_total_limit_keeps_the_newest_across_a_resume(tiny_model_dir: Path, trained: Path, tmp_path: Path) -> None:
     """{2, 4} on disk; resume from checkpoint-4 to step 8 with limit 2 -> {6, 8}."""
     out = tmp_path / "limited"

@@ -161,8 +161,9 @@ def test_a_few_training_steps_track_each_other(tiny_model_dir: Path, tmp_path: P
         runs[backend] = np.array(_losses(out))
         shutil.rmtree(out / "unet")
     jax_losses, torch_losses = runs["jax"], runs["torch"]
+    print({name: np.round(values, 4).tolist() for name, values in runs.items()})
     assert len(jax_losses) == len(torch_losses) == 6
     ratio = torch_losses.mean() / jax_losses.mean()
-    assert 1 / 3 < ratio < 3, runs
+    assert 0.5 < ratio < 2, runs
     for losses in runs.values():
         assert losses[3:].mean() < losses[:3].mean(), runs

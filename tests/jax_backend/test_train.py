@@ -78,6 +78,41 @@ def test_resume_continues_exactly(tiny_model_dir: Path, trained: Path, tmp_path:
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+def test_total_limit_holds_across_a_resume(tiny_model_dir: Path, trained: Path, tmp_path: Path) -> None:
+    """4 steps every 2 -> {2, 4}; resuming from checkpoint-4 to 8 with a limit of 2 -> {6, 8}."""
+    import shutil
+
+    out = tmp_path / "limit"
+    shutil.copytree(trained, out)
+    assert run_train(tiny_model_dir, out, "--max_train_steps=8", "--checkpointing_steps=2",
+                     "--resume_from_checkpoint=checkpoint-4", "--checkpoints_total_limit=2") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "preempted"
+    args = ["train", f"--pretrained_model_name_or_path={tiny_model_dir}", f"--output_dir={out}", *TINY_ARGS,
+            "--max_train_steps=100000", "--checkpointing_steps=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxbooth", *args], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    deadline = time.time() + 600
+    for line in proc.stderr:
+        if "step 2/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    from jaxbooth.checkpoints import list_checkpoints
+
+    saved = list_checkpoints(out)
+    assert saved and saved[-1][0] >= 2, err[-2000:]
+    assert "resume with --resume_from_checkpoint=latest" in err
+
+
 def test_interrupted_checkpoint_is_never_latest(trained: Path, tmp_path: Path) -> None:
     from jaxbooth.jax_backend import checkpoint
 
@@ -97,7 +132,8 @@ def test_prior_preservation_text_encoder_training_and_validation(tiny_model_dir:
     assert run_train(tiny_model_dir, out, "--max_train_steps=2", "--checkpointing_steps=100",
                      "--with_prior_preservation", f"--class_data_dir={example_class_dir()}",
                      "--class_prompt=a photo of a toy", "--num_class_images=5", "--train_text_encoder",
-                     "--snr_gamma=5.0", "--offset_noise", "--random_flip",
+                     "--snr_gamma=5.0", "--offset_noise", "--random_flip", "--mixed_precision=bf16",
+                     "--gradient_checkpointing",
                      "--validation_prompt=a photo of sks toy", "--num_validation_images=2",
                      "--validation_steps=2") == 0
     assert (out / "validation" / "step-000002.png").is_file()

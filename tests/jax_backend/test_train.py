@@ -114,9 +114,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir: Path, tmp_
 
 
 def test_interrupted_checkpoint_is_never_latest(trained: Path, tmp_path: Path) -> None:
-    from jaxbooth.jax_backend import checkpoint
-
     import shutil
+
+    from jaxbooth.jax_backend import checkpoint
 
     out = tmp_path / "out"
     shutil.copytree(trained / "checkpoint-2", out / "checkpoint-2")

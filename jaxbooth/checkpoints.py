@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from jaxbooth.errors import JaxboothError
 
@@ -79,3 +82,25 @@ def clear_incomplete(output_dir: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+class StopOnSignal:
+    """SIGTERM (TPU preemption, ``kill``) asks a training loop to checkpoint after this step and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.requested = True
+        _log(f"received signal {signum}: saving a checkpoint after this step")
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -436,3 +436,38 @@ def dreambooth_loss(
     if not with_prior_preservation:
         return instance_loss, instance_loss, _xp(instance_loss).zeros_like(instance_loss)
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The run-spec fields the DreamBooth loss needs; one definition for both backends.
+
+    Hashable, so the JAX backend can bind it statically into its jitted step.
+    """
+
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    text_encoder_use_attention_mask: bool = False
+    latent_scaling_factor: float = 0.18215
+    latent_shift_factor: float = 0.0
+
+
+def loss_from_prediction(pred: Array, x0: Array, noise: Array, timesteps: Array, tables: NoiseTables,
+                         options: LossOptions) -> tuple[Array, dict[str, Array]]:
+    """Target, Min-SNR weights and the train_dreambooth.py loss for a model prediction.
+
+    Both backends call this after their own forward pass of ``add_noise(x0, noise, t)``;
+    returns (loss, {"instance_loss", "prior_loss"}) in float32.
+    """
+    target = training_target(x0, noise, timesteps, tables, options.prediction_type)
+    weights = None
+    if options.snr_gamma is not None:
+        weights = min_snr_loss_weights(compute_snr(timesteps, tables), options.snr_gamma, options.prediction_type)
+    loss, instance_loss, prior_loss = dreambooth_loss(
+        pred, target, with_prior_preservation=options.with_prior_preservation,
+        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
+    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}

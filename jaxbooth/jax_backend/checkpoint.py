@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import (
     MARKER,
     PREFIX,
+    StopOnSignal,
     clear_incomplete,
     list_checkpoints,
     prune_checkpoints,
@@ -111,24 +111,3 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise JaxboothError(f"saving a checkpoint failed: {error}") from error
 
-
-class StopOnSignal:
-    """SIGTERM (TPU preemption, `kill`) asks the loop to checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        self.requested = True
-        _log(f"received signal {signum}: saving a checkpoint after this step")
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

@@ -8,17 +8,18 @@ code in ``jaxbooth.diffusion``, so both backends compute the same loss.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbooth import diffusion
+from jaxbooth.diffusion import LossOptions
+
+__all__ = ["LossOptions", "TrainState", "denoising_loss", "make_train_step", "train_step"]
 
 
 @flax.struct.dataclass
@@ -34,21 +35,6 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class LossOptions:
-    """The run-spec fields the step needs; hashable so it can be bound statically."""
-
-    prediction_type: str = "epsilon"
-    snr_gamma: float | None = None
-    offset_noise: bool = False
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
-    text_encoder_use_attention_mask: bool = False
-    latent_scaling_factor: float = 0.18215
-    latent_shift_factor: float = 0.0
 
 
 def sample_latents(frozen: dict, example_idx: jax.Array, key: jax.Array, options: LossOptions) -> jax.Array:
@@ -78,16 +64,7 @@ def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, times
     """
     noisy = diffusion.add_noise(latents, noise, timesteps, tables)
     pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states)
-    target = diffusion.training_target(latents, noise, timesteps, tables, options.prediction_type)
-    weights = None
-    if options.snr_gamma is not None:
-        snr = diffusion.compute_snr(timesteps, tables)
-        weights = diffusion.min_snr_loss_weights(snr, options.snr_gamma, options.prediction_type)
-    loss, instance_loss, prior_loss = diffusion.dreambooth_loss(
-        pred.astype(jnp.float32), target.astype(jnp.float32),
-        with_prior_preservation=options.with_prior_preservation,
-        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
-    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+    return diffusion.loss_from_prediction(pred, latents, noise, timesteps, tables, options)
 
 
 def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from jaxbooth import output
 from jaxbooth import spec as spec_lib
-from jaxbooth.checkpoints import MARKER, PREFIX, clear_incomplete, prune_checkpoints, resolve_resume_path
+from jaxbooth.checkpoints import MARKER, PREFIX, StopOnSignal, clear_incomplete, prune_checkpoints, resolve_resume_path
 from jaxbooth.errors import JaxboothError
 
 STATE_DIR = "state"
@@ -113,24 +111,3 @@ def maybe_resume(accelerator: Any, spec: spec_lib.RunSpec, output_dir: Path) -> 
                             "same model and options, or start a new output_dir") from None
     return record, path
 
-
-class StopOnSignal:
-    """SIGTERM (preemption, ``kill``) asks the loop to checkpoint after this step and exit 0."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        self.requested = True
-        _log(f"received signal {signum}: saving a checkpoint after this step")
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

@@ -15,19 +15,9 @@ import numpy as np
 import torch
 
 from jaxbooth import diffusion
+from jaxbooth.diffusion import LossOptions
 
-
-@dataclasses.dataclass(frozen=True)
-class LossOptions:
-    """The run-spec fields the loss needs (same names as the JAX backend's ``LossOptions``)."""
-
-    prediction_type: str = "epsilon"
-    snr_gamma: float | None = None
-    offset_noise: bool = False
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    latent_scaling_factor: float = 0.18215
-    latent_shift_factor: float = 0.0
+__all__ = ["LossOptions", "denoising_loss", "draw_inputs", "make_generator", "step_seed"]
 
 
 def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -43,15 +33,7 @@ def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, t
     """
     noisy = diffusion.add_noise(latents_nchw, noise, timesteps, tables)
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-    target = diffusion.training_target(latents_nchw, noise, timesteps, tables, options.prediction_type)
-    weights = None
-    if options.snr_gamma is not None:
-        snr = diffusion.compute_snr(timesteps, tables)
-        weights = diffusion.min_snr_loss_weights(snr, options.snr_gamma, options.prediction_type)
-    loss, instance_loss, prior_loss = diffusion.dreambooth_loss(
-        pred.float(), target.float(), with_prior_preservation=options.with_prior_preservation,
-        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
-    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+    return diffusion.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
 
 
 def step_seed(seed: int, micro_step: int, process_index: int) -> int:

@@ -37,6 +37,7 @@ REPO = SCRIPTS.parent
 PROMPT = "a photo of sks cat"  # the peer harness's prompt
 COMPILED_RE = re.compile(r"compiled the train step in ([0-9.]+)\s*s")
 PEAK_RE = re.compile(r"PEAK_KB (\d+)")
+STEP_RE = re.compile(r"step (\d+)/\d+ .* ([0-9.]+) steps/s")
 
 
 def default_bench_dir() -> Path | None:
@@ -101,9 +102,13 @@ def launch(args, model_dir: Path, instance_dir: Path, steps: int, work: Path, ta
     wall = time.perf_counter() - start
     peak = PEAK_RE.findall(proc.stderr)
     compiled = COMPILED_RE.findall(proc.stderr)
+    # the trainer's progress lines (every log_every_steps): windows after the first hold no start-up at all
+    logged = [(int(step), float(rate)) for step, rate in STEP_RE.findall(proc.stderr)]
+    windows = [(b[0] - a[0], 1 / b[1]) for a, b in zip(logged[:-1], logged[1:], strict=True) if b[1] > 0]
     run = {"tag": tag, "steps": steps, "wall_s": wall, "rc": proc.returncode,
            "peak_rss_gb": int(peak[-1]) / 1e6 if peak else None,
-           "compile_s": float(compiled[-1]) if compiled else None}
+           "compile_s": float(compiled[-1]) if compiled else None,
+           "logged_s_per_step": (sum(n * t for n, t in windows) / sum(n for n, _ in windows)) if windows else None}
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(("PEAK_KB", "Command exited"))]
         run["error"] = "\n".join(lines[-15:])
@@ -117,6 +122,8 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     """XLA cost of the trainer's compiled step, built with train.py's own phase functions.
 
     Uses the warm compilation cache the trainer runs left, so this is normally a cache hit.
+    With ``--inproc-steps K`` the compiled step is also timed against the bare UNet fwd+bwd
+    (:func:`step_vs_unet`).
     """
     import jax
 
@@ -154,11 +161,44 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution,
                                   batch_size=T.global_batch_size(spec), seed=run.seed, center_crop=True)
     batch = T.global_rows(iterator, 0, 0, {prompt: i for i, prompt in enumerate(prompts)})
-    compiled, seconds, _, _ = T.compile_step(step_fn, state, shardings, caches, batch, mesh)
+    compiled, seconds, batch_shardings, frozen_shardings = T.compile_step(step_fn, state, shardings, caches, batch,
+                                                                          mesh)
     from bench_unet import xla_cost, xla_memory
 
-    return {"flops_source": "train_step", "in_process_compile_s": seconds, **xla_cost(compiled),
-            **xla_memory(compiled)}
+    result = {"flops_source": "train_step", "in_process_compile_s": seconds, **xla_cost(compiled),
+              **xla_memory(compiled)}
+    if args.inproc_steps:
+        step_args = (state, jax.device_put(caches, frozen_shardings), T.put_batch(batch, batch_shardings))
+        result["step_vs_unet"] = step_vs_unet(args, compiled, step_args, models["unet_params"])
+    return result
+
+
+def step_vs_unet(args, compiled, step_args, unet_params) -> dict:
+    """The trainer's compiled step against the bare UNet fwd+bwd (same params), interleaved, each timed to
+    completion: how much of a step is not the UNet (optimizer, sampling, step overhead)."""
+    import jax
+    from bench_unet import FlaxUNet, make_inputs, summarize, vae_downsampling
+
+    from jaxbooth import tiny
+
+    unet = FlaxUNet(tiny.unet_config(args.size), 0, params=unet_params)
+    latent = args.resolution // vae_downsampling(args.size)
+    inputs = make_inputs(1, latent, unet.config.in_channels, unet.config.encoder_hidden_dim, 0)["nhwc"]
+    unet.compile(inputs)
+    state, frozen, batch = step_args
+    step_times, unet_times = [], []
+    for i in range(args.inproc_steps + 1):  # the first of each is a warm-up
+        start = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - start
+        unet_elapsed = unet.run(inputs)
+        if i:
+            step_times.append(elapsed)
+            unet_times.append(unet_elapsed)
+    step, bare = summarize(step_times, 1, None), summarize(unet_times, 1, None)
+    return {"train_step": step, "unet_fwd_bwd": bare, "step_over_unet": step["median_s"] / bare["median_s"],
+            "step_over_unet_min": step["min_s"] / bare["min_s"]}
 
 
 def unet_fwd_bwd_cost(args) -> dict:
@@ -169,7 +209,7 @@ def unet_fwd_bwd_cost(args) -> dict:
 
     unet = FlaxUNet(tiny.unet_config(args.size), 0)
     latent = args.resolution // vae_downsampling(args.size)
-    inputs, _ = make_inputs(1, latent, unet.config.in_channels, unet.config.encoder_hidden_dim, 0)
+    inputs = make_inputs(1, latent, unet.config.in_channels, unet.config.encoder_hidden_dim, 0)["nhwc"]
     info = unet.compile(inputs)
     return {"flops_source": "unet_fwd_bwd", "flops": info.get("flops"), **{k: v for k, v in xla_cost(
         unet.compiled[1]).items() if k != "flops"}}
@@ -295,6 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra trainer flag, repeatable, e.g. --extra=--log_every_steps=100")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-cache relaunch")
     parser.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip FLOPs and the matmul peak")
+    parser.add_argument("--inproc-steps", dest="inproc_steps", type=int, default=0,
+                        help="also time K steps of the trainer's compiled step against the bare UNet fwd+bwd, "
+                        "interleaved in this process (needs the MFU pass; adds a UNet compile)")
     parser.add_argument("--phases", action="store_true",
                         help="also run train() in-process (N1 steps, cold cache) with each phase and step timed")
     parser.add_argument("--peer", action="store_true", help="also run ../shared/peer-bench/speed.py")
@@ -369,6 +412,7 @@ def measure(args, work: Path) -> dict:
         if r1["compile_s"] is not None and r2["compile_s"] is not None:
             corrected = ((r2["wall_s"] - r2["compile_s"]) - (r1["wall_s"] - r1["compile_s"])) / (args.n2 - args.n1)
         per_rep.append({"s_per_step": step, "s_per_step_compile_corrected": corrected,
+                        "s_per_step_logged": r2["logged_s_per_step"],
                         "startup_cold_s": r1["wall_s"] - args.n1 * step,
                         "startup_warm_s": rw["wall_s"] - args.n1 * step if rw else None,
                         "compile_cold_s": median_or_none([r1["compile_s"], r2["compile_s"]]),
@@ -376,8 +420,8 @@ def measure(args, work: Path) -> dict:
     record["runs"] = runs
     record["per_rep"] = per_rep
     ok = all(r["rc"] == 0 for r in runs)
-    for key in ("s_per_step", "s_per_step_compile_corrected", "startup_cold_s", "startup_warm_s", "compile_cold_s",
-                "compile_warm_s"):
+    for key in ("s_per_step", "s_per_step_compile_corrected", "s_per_step_logged", "startup_cold_s",
+                "startup_warm_s", "compile_cold_s", "compile_warm_s"):
         record[key] = median_or_none([p[key] for p in per_rep]) if ok else None
     record["peak_rss_gb"] = max((r["peak_rss_gb"] or 0) for r in runs) or None
     if args.mfu and ok:
@@ -434,6 +478,7 @@ def print_table(record: dict, stream) -> None:
     peak = record.get("matmul_peak") or {}
     rows = [("s/step (steady)", fmt(record.get("s_per_step"))),
             ("s/step (compile-corrected)", fmt(record.get("s_per_step_compile_corrected"))),
+            ("s/step (trainer's log, N2 run)", fmt(record.get("s_per_step_logged"))),
             ("steps/s", fmt(record.get("steps_per_s"))),
             ("start-up cold s", fmt(record.get("startup_cold_s"), ".1f")),
             ("start-up warm s", fmt(record.get("startup_warm_s"), ".1f")),
@@ -446,6 +491,11 @@ def print_table(record: dict, stream) -> None:
             ("MFU", fmt(record.get("mfu"), ".1%"))]
     for name, value in rows:
         print(f"  {name:28} {value:>10}", file=stream)
+    versus = (record.get("step_cost") or {}).get("step_vs_unet")
+    if versus:
+        print(f"in-process, interleaved: train step {versus['train_step']['median_s']:.3f} s, bare UNet fwd+bwd "
+              f"{versus['unet_fwd_bwd']['median_s']:.3f} s: step/UNet {versus['step_over_unet']:.2f} "
+              f"(best-of {versus['step_over_unet_min']:.2f})", file=stream)
     if record.get("phases", {}).get("phases_s"):
         ph = record["phases"]
         print(f"phases of an in-process cold run ({ph['steps']} steps, {ph['total_s']:.1f} s; steps timed "

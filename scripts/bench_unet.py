@@ -112,25 +112,34 @@ def summarize(times: list[float], batch: int, flops: float | None) -> dict:
 
 
 class FlaxUNet:
-    """jit-compiled fwd+bwd of jaxbooth's Flax UNet (NHWC)."""
+    """jit-compiled fwd+bwd of jaxbooth's Flax UNet (NHWC in and out)."""
 
-    def __init__(self, config_dict: dict, seed: int):
+    name = "flax"
+    nchw = False
+
+    def __init__(self, config_dict: dict, seed: int, params=None):
         import jax
 
         from jaxbooth.jax_backend.models import unet
 
         self.config = unet.unet_config_from_dict(config_dict)
-        self.model = unet.FlaxUNet2DConditionModel(self.config)
-        self.params = unet.init_params(self.config, jax.random.PRNGKey(seed))
+        self.model = self.make_module(config_dict)
+        self.params = params if params is not None else unet.init_params(self.config, jax.random.PRNGKey(seed))
 
         def loss(params, sample, timesteps, context):
-            pred = self.model.apply({"params": params}, sample, timesteps, context)
-            return (pred.astype("float32") ** 2).mean()
+            return (self.predict(params, sample, timesteps, context).astype("float32") ** 2).mean()
 
         self.step = jax.jit(jax.value_and_grad(loss))
-        self.forward = jax.jit(lambda params, sample, timesteps, context: self.model.apply(
-            {"params": params}, sample, timesteps, context))
+        self.forward_fn = jax.jit(self.predict)
         self.compiled: dict[int, object] = {}
+
+    def make_module(self, config_dict: dict):
+        from jaxbooth.jax_backend.models import unet
+
+        return unet.FlaxUNet2DConditionModel(self.config)
+
+    def predict(self, params, sample, timesteps, context):
+        return self.model.apply({"params": params}, sample, timesteps, context)
 
     def compile(self, inputs) -> dict:
         start = time.perf_counter()
@@ -149,9 +158,32 @@ class FlaxUNet:
         jax.block_until_ready(compiled(self.params, *inputs))
         return time.perf_counter() - start
 
+    def forward_nhwc(self, inputs):
+        import numpy as np
+
+        out = np.asarray(self.forward_fn(self.params, *inputs))
+        return out.transpose(0, 2, 3, 1) if self.nchw else out
+
+
+class DiffusersFlaxUNet(FlaxUNet):
+    """diffusers' own ``FlaxUNet2DConditionModel`` (diffusers < 0.40, NCHW), on jaxbooth's params (same names)."""
+
+    name = "diffusers_flax"
+    nchw = True
+
+    def make_module(self, config_dict: dict):
+        from diffusers import FlaxUNet2DConditionModel
+
+        return FlaxUNet2DConditionModel.from_config(config_dict)
+
+    def predict(self, params, sample, timesteps, context):
+        return self.model.apply({"params": params}, sample, timesteps, context).sample
+
 
 class TorchUNet:
     """diffusers' ``UNet2DConditionModel`` loaded from the Flax params exported in diffusers' layout (NCHW)."""
+
+    name = "torch"
 
     def __init__(self, flax_params, config_dict: dict, work_dir: Path):
         import torch
@@ -163,6 +195,9 @@ class TorchUNet:
         self.torch = torch
         self.model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).train()
 
+    def compile(self, inputs) -> dict:
+        return {}
+
     def run(self, inputs) -> float:
         self.model.zero_grad(set_to_none=True)
         start = time.perf_counter()
@@ -170,9 +205,13 @@ class TorchUNet:
         (pred.float() ** 2).mean().backward()
         return time.perf_counter() - start
 
+    def forward_nhwc(self, inputs):
+        with self.torch.no_grad():
+            return self.model(*inputs).sample.numpy().transpose(0, 2, 3, 1)
+
 
 def make_inputs(batch: int, latent: int, channels: int, context_dim: int, seed: int):
-    """The same random inputs for both: (NHWC jax arrays, NCHW torch tensors)."""
+    """The same random inputs for every model: {"nhwc": jax arrays, "nchw": jax arrays, "torch": NCHW tensors}."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -180,23 +219,19 @@ def make_inputs(batch: int, latent: int, channels: int, context_dim: int, seed: 
     sample = rng.standard_normal((batch, latent, latent, channels), dtype=np.float32)
     timesteps = rng.integers(0, 1000, (batch,)).astype(np.int32)
     context = rng.standard_normal((batch, TOKENS, context_dim), dtype=np.float32)
-    flax_inputs = (jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(context))
-    torch_inputs = None
+    nchw = sample.transpose(0, 3, 1, 2).copy()
+    inputs = {"nhwc": (jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(context)),
+              "nchw": (jnp.asarray(nchw), jnp.asarray(timesteps), jnp.asarray(context))}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
-        torch_inputs = (torch.from_numpy(sample.transpose(0, 3, 1, 2).copy()), torch.from_numpy(timesteps).long(),
-                        torch.from_numpy(context))
-    return flax_inputs, torch_inputs
+        inputs["torch"] = (torch.from_numpy(nchw), torch.from_numpy(timesteps).long(), torch.from_numpy(context))
+    return inputs
 
 
-def forward_max_abs_diff(flax_unet: FlaxUNet, torch_unet: TorchUNet, flax_inputs, torch_inputs) -> float:
-    """Forward outputs of the two models on the same inputs: evidence that both hold the same weights."""
-    import numpy as np
-
-    ours = np.asarray(flax_unet.forward(flax_unet.params, *flax_inputs))
-    with torch_unet.torch.no_grad():
-        theirs = torch_unet.model(*torch_inputs).sample.numpy().transpose(0, 2, 3, 1)
-    return float(np.max(np.abs(ours - theirs)))
+def inputs_for(runner, inputs: dict):
+    if runner.name == "torch":
+        return inputs["torch"]
+    return inputs["nchw"] if runner.nchw else inputs["nhwc"]
 
 
 def vae_downsampling(size: str) -> int:
@@ -219,7 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per model and batch (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-torch", action="store_true", help="Flax only")
+    parser.add_argument("--compare", default="torch",
+                        help="comma list of peers timed against jaxbooth's Flax UNet: torch (diffusers' PyTorch "
+                        "UNet), diffusers-flax (diffusers' own Flax UNet: needs diffusers<0.40, e.g. "
+                        "$JB_BENCH/venv-old/bin/python with PYTHONPATH=.), or none (default: torch)")
+    parser.add_argument("--no-torch", action="store_true", help="same as --compare=none")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--table", action="store_true", help="also print a human table on stderr")
@@ -230,6 +269,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup = min(args.warmup, 1)
         args.no_peak = True
     args.batch = args.batch or [1, 4]
+    args.compare = [] if args.no_torch or args.compare == "none" else args.compare.split(",")
+    unknown = set(args.compare) - {"torch", "diffusers-flax"}
+    if unknown:
+        parser.error(f"--compare: unknown {sorted(unknown)}; choose from torch, diffusers-flax, none")
     return args
 
 
@@ -239,80 +282,92 @@ def main(argv=None) -> int:
 
     from jaxbooth import tiny
 
-    use_torch = not args.no_torch
-    if use_torch:
-        import diffusers  # noqa: F401  (versions in device_info)
+    if "torch" in args.compare:
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
+    if args.compare:
+        import diffusers  # noqa: F401  (version in device_info)
     config_dict = tiny.unet_config(args.size)
     resolution = args.resolution or tiny.RESOLUTION[args.size]
     latent = resolution // vae_downsampling(args.size)
-    flax_unet = FlaxUNet(config_dict, args.seed)
-    torch_unet = None
-    with tempfile.TemporaryDirectory(prefix="bench-unet-") as tmp:
-        if use_torch:
-            torch_unet = TorchUNet(jax.device_get(flax_unet.params), config_dict, Path(tmp))
+    ours = FlaxUNet(config_dict, args.seed)
+    runners = [ours]
+    if "diffusers-flax" in args.compare:
+        runners.append(DiffusersFlaxUNet(config_dict, args.seed, params=ours.params))
+    if "torch" in args.compare:
+        with tempfile.TemporaryDirectory(prefix="bench-unet-") as tmp:
+            runners.append(TorchUNet(jax.device_get(ours.params), config_dict, Path(tmp)))
     results = []
     for batch in args.batch:
-        flax_inputs, torch_inputs = make_inputs(batch, latent, flax_unet.config.in_channels,
-                                                flax_unet.config.encoder_hidden_dim, args.seed + batch)
-        compile_info = flax_unet.compile(flax_inputs)
-        entry = {"batch": batch, "flax_compile": compile_info}
-        if torch_unet is not None and batch == args.batch[0]:
-            entry["forward_max_abs_diff"] = forward_max_abs_diff(flax_unet, torch_unet, flax_inputs, torch_inputs)
+        inputs = make_inputs(batch, latent, ours.config.in_channels, ours.config.encoder_hidden_dim,
+                             args.seed + batch)
+        entry = {"batch": batch}
+        for runner in runners:
+            info = runner.compile(inputs_for(runner, inputs))
+            if info:
+                entry[f"{runner.name}_compile"] = info
+        if batch == args.batch[0] and len(runners) > 1:  # evidence that every model holds the same weights
+            reference = ours.forward_nhwc(inputs["nhwc"])
+            for runner in runners[1:]:
+                diff = float(abs(reference - runner.forward_nhwc(inputs_for(runner, inputs))).max())
+                entry[f"forward_max_abs_diff_{runner.name}"] = diff
         for _ in range(args.warmup):
-            flax_unet.run(flax_inputs)
-            if torch_unet is not None:
-                torch_unet.run(torch_inputs)
-        flax_times, torch_times = [], []
-        for _ in range(args.steps):  # interleaved: flax, torch, flax, torch, ...
-            flax_times.append(flax_unet.run(flax_inputs))
-            if torch_unet is not None:
-                torch_times.append(torch_unet.run(torch_inputs))
-        flops = compile_info.get("flops")
+            for runner in runners:
+                runner.run(inputs_for(runner, inputs))
+        times = {runner.name: [] for runner in runners}
+        for _ in range(args.steps):  # interleaved: ours, peer(s), ours, peer(s), ...
+            for runner in runners:
+                times[runner.name].append(runner.run(inputs_for(runner, inputs)))
+        flops = entry["flax_compile"].get("flops")
         entry["flops_per_step"] = flops
-        entry["flax"] = summarize(flax_times, batch, flops)
-        if torch_unet is not None:
-            entry["torch"] = summarize(torch_times, batch, flops)
-            entry["speedup_flax_vs_torch"] = entry["torch"]["median_s"] / entry["flax"]["median_s"]
+        for runner in runners:
+            entry[runner.name] = summarize(times[runner.name], batch, flops)
+        for runner in runners[1:]:
+            peer = entry[runner.name]
+            entry[f"speedup_flax_vs_{runner.name}"] = peer["median_s"] / entry["flax"]["median_s"]
             # best-of ratio: less sensitive to other load (torch's OpenMP threads suffer most from it)
-            entry["speedup_flax_vs_torch_min"] = entry["torch"]["min_s"] / entry["flax"]["min_s"]
+            entry[f"speedup_flax_vs_{runner.name}_min"] = peer["min_s"] / entry["flax"]["min_s"]
         results.append(entry)
     peak = None if args.no_peak else matmul_peak()
     if peak:
         for entry in results:
-            for name in ("flax", "torch"):
-                if name in entry and entry[name].get("flops_per_s"):
-                    entry[name]["fraction_of_matmul_peak"] = entry[name]["flops_per_s"] / peak["flops_per_s"]
+            for runner in runners:
+                if entry[runner.name].get("flops_per_s"):
+                    entry[runner.name]["fraction_of_matmul_peak"] = entry[runner.name]["flops_per_s"] / peak[
+                        "flops_per_s"]
     record = {"bench": "unet", **device_info(),
               "config": {"size": args.size, "resolution": resolution, "latent": [latent, latent],
                          "tokens": TOKENS, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,
-                         "seed": args.seed, "unet": {k: config_dict[k] for k in ("block_out_channels",
-                                                                                  "layers_per_block",
-                                                                                  "cross_attention_dim",
-                                                                                  "attention_head_dim")}},
+                         "seed": args.seed, "compare": args.compare,
+                         "unet": {k: config_dict[k] for k in ("block_out_channels", "layers_per_block",
+                                                              "cross_attention_dim", "attention_head_dim")}},
               "loadavg": list(os.getloadavg()), "matmul_peak": peak, "results": results}
     print(json.dumps(record), flush=True)
     if args.table:
-        print_table(record, sys.stderr)
+        print_table(record, [r.name for r in runners], sys.stderr)
     return 0
 
 
-def print_table(record: dict, stream) -> None:
-    print(f"UNet fwd+bwd, size={record['config']['size']} {record['config']['resolution']} px, fp32, "
-          f"{record['device_kind']} ({record['cpu']})", file=stream)
-    print(f"{'batch':>5} {'flax s':>8} {'torch s':>8} {'flax sm/s':>9} {'torch sm/s':>10} {'speedup':>7} {'(min)':>6} "
-          f"{'GFLOP':>7} {'flax GF/s':>9} {'compile s':>9}", file=stream)
+def print_table(record: dict, names: list[str], stream) -> None:
+    c = record["config"]
+    print(f"UNet fwd+bwd, size={c['size']} {c['resolution']} px ({c['latent'][0]}x{c['latent'][1]} latents), fp32, "
+          f"{record['device_kind']} ({record['cpu']}), load {record['loadavg'][0]:.1f}; "
+          "speedup = peer median / flax median (best-of in brackets)", file=stream)
+    header = f"{'batch':>5} {'model':>15} {'median s':>9} {'min s':>7} {'samples/s':>9} {'GFLOP/s':>8} {'speedup':>14}"
+    print(header + f" {'GFLOP':>7} {'compile s':>9}", file=stream)
     for e in record["results"]:
-        torch_e = e.get("torch", {})
-        print(f"{e['batch']:>5} {e['flax']['median_s']:8.3f} {torch_e.get('median_s', float('nan')):8.3f} "
-              f"{e['flax']['samples_per_s']:9.2f} {torch_e.get('samples_per_s', float('nan')):10.2f} "
-              f"{e.get('speedup_flax_vs_torch', float('nan')):7.2f} "
-              f"{e.get('speedup_flax_vs_torch_min', float('nan')):6.2f} {(e['flops_per_step'] or 0) / 1e9:7.2f} "
-              f"{e['flax'].get('flops_per_s', 0) / 1e9:9.1f} {e['flax_compile']['compile_s']:9.1f}", file=stream)
+        for name in names:
+            r = e[name]
+            speed = (f"{e[f'speedup_flax_vs_{name}']:.2f} ({e[f'speedup_flax_vs_{name}_min']:.2f})"
+                     if name != "flax" else "")
+            compile_info = e.get(f"{name}_compile", {})
+            print(f"{e['batch']:>5} {name:>15} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['samples_per_s']:9.2f} "
+                  f"{r.get('flops_per_s', 0) / 1e9:8.1f} {speed:>14} "
+                  f"{(compile_info.get('flops') or 0) / 1e9:7.2f} {compile_info.get('compile_s', float('nan')):9.1f}",
+                  file=stream)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 
 Builds jaxbooth's ``FlaxUNet2DConditionModel`` for a tiny config (``jaxbooth.tiny``) with
 random params, exports them in diffusers' layout and loads them into
-``diffusers.UNet2DConditionModel``, then times one forward+backward (loss = mean(pred**2),
-gradients for every param) on both, fp32, interleaving the two iteration by iteration so
-machine noise lands on both alike. Compile time is reported apart from step time; FLOPs
-come from XLA's cost analysis of the compiled step (the same count is used for torch).
+``diffusers.UNet2DConditionModel`` (and, with ``--compare diffusers-flax``, hands them to
+diffusers' own ``FlaxUNet2DConditionModel``), then times one forward+backward (loss =
+mean(pred**2), gradients for every param) on each, fp32, interleaving the models iteration
+by iteration so machine noise lands on all alike. Compile time is reported apart from step
+time; FLOPs come from XLA's cost analysis of the compiled step (the same count is used for
+every model).
 
 Prints ONE JSON line (see scripts/README.md for the fields); ``--table`` adds a human table
 on stderr. Compare numbers only from the same device kind.
 
     python scripts/bench_unet.py                      # small model, 128 px (32x32 latents), batch 1 and 4
-    python scripts/bench_unet.py --tiny --steps 1     # smoke run, a few seconds
+    python scripts/bench_unet.py --tiny --steps 1     # smoke run (the tiny model's compile: ~20-40 s on 2 cores)
+    PYTHONPATH=. $JB_BENCH/venv-old/bin/python scripts/bench_unet.py --compare torch,diffusers-flax
 """
 
 from __future__ import annotations

@@ -301,14 +301,11 @@ def _tensorboard_writer(run: RunInputs):
     if run.spec.logging.report_to not in ("tensorboard", "all") or jax.process_index() != 0:
         return None
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # a declared dependency; no torch writer on the JAX path
     except ImportError:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log("report_to=tensorboard: no tensorboard writer installed (pip install tensorboardX); "
-                "metrics go to metrics.jsonl only")
-            return None
+        log("report_to=tensorboard: tensorboardX is not installed (pip install tensorboardX); "
+            "metrics go to metrics.jsonl only")
+        return None
     return SummaryWriter(str(run.output_dir / run.spec.logging.logging_dir))
 
 

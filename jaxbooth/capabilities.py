@@ -83,7 +83,7 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("optimizer", JAX_ONLY, values=("adafactor", "lion"), note="optax"),
     Capability("fsdp_parallelism", JAX_ONLY, note="sharded params and optimizer state"),
     Capability("data_parallelism", JAX_ONLY, note="torch takes the process count from its launcher"),
-    Capability("attention", JAX_ONLY, values=("xla", "dot_product", "flash")),
+    Capability("attention", JAX_ONLY, values=("xla", "dot_product", "flash", "chunked")),
     Capability("compilation_cache_dir", JAX_ONLY),
     Capability("coordinator_address", JAX_ONLY, note="jax.distributed; torch uses accelerate launch"),
     Capability("num_processes", JAX_ONLY),

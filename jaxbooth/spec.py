@@ -174,9 +174,9 @@ class PrecisionSection:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (remat on jax).")
     enable_xformers_memory_efficient_attention: bool = _f(False, "xFormers attention (torch backend).")
     set_grads_to_none: bool = _f(False, "zero_grad(set_to_none=True) to save memory (torch backend).")
-    attention: Literal["auto", "xla", "dot_product", "flash"] = _f(
-        "auto", "JAX attention kernel: xla einsum, jax.nn.dot_product_attention (cuDNN), or TPU "
-                "splash 'flash'; auto picks per platform.")
+    attention: Literal["auto", "xla", "dot_product", "flash", "chunked"] = _f(
+        "auto", "JAX attention kernel: xla einsum, jax.nn.dot_product_attention, cuDNN 'flash', or "
+                "'chunked' (query chunks, recomputed softmax; fastest on CPU); auto picks per platform.")
     cache_latents: bool = _f(True, "Encode every image with the VAE once, then train on cached latents.")
     pre_compute_text_embeddings: bool = _f(
         False, "Encode prompts once and free the text encoder (incompatible with train_text_encoder).")

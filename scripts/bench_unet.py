@@ -120,11 +120,12 @@ class FlaxUNet:
     name = "flax"
     nchw = False
 
-    def __init__(self, config_dict: dict, seed: int, params=None):
+    def __init__(self, config_dict: dict, seed: int, params=None, attention: str = "auto"):
         import jax
 
         from jaxbooth.jax_backend.models import unet
 
+        self.attention = attention
         self.config = unet.unet_config_from_dict(config_dict)
         self.model = self.make_module(config_dict)
         self.params = params if params is not None else unet.init_params(self.config, jax.random.PRNGKey(seed))
@@ -139,7 +140,7 @@ class FlaxUNet:
     def make_module(self, config_dict: dict):
         from jaxbooth.jax_backend.models import unet
 
-        return unet.FlaxUNet2DConditionModel(self.config)
+        return unet.FlaxUNet2DConditionModel(self.config, attention_kernel=self.attention)
 
     def predict(self, params, sample, timesteps, context):
         return self.model.apply({"params": params}, sample, timesteps, context)
@@ -257,6 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per model and batch (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default="auto",
+                        help="jaxbooth attention kernel (auto, xla, dot_product, chunked; see models/attention.py)")
     parser.add_argument("--compare", default="torch",
                         help="comma list of peers timed against jaxbooth's Flax UNet: torch (diffusers' PyTorch "
                         "UNet), diffusers-flax (diffusers' own Flax UNet: needs diffusers<0.40, e.g. "
@@ -281,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from jaxbooth.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as `jaxbooth train` does, for every model in this process alike
     import jax
 
     from jaxbooth import tiny
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     config_dict = tiny.unet_config(args.size)
     resolution = args.resolution or tiny.RESOLUTION[args.size]
     latent = resolution // vae_downsampling(args.size)
-    ours = FlaxUNet(config_dict, args.seed)
+    ours = FlaxUNet(config_dict, args.seed, attention=args.attention)
     runners = [ours]
     if "diffusers-flax" in args.compare:
         runners.append(DiffusersFlaxUNet(config_dict, args.seed, params=ours.params))
@@ -342,7 +348,8 @@ def main(argv=None) -> int:
                     entry[runner.name]["fraction_of_matmul_peak"] = entry[runner.name]["flops_per_s"] / peak[
                         "flops_per_s"]
     record = {"bench": "unet", **device_info(),
-              "config": {"size": args.size, "resolution": resolution, "latent": [latent, latent],
+              "config": {"size": args.size, "attention": args.attention, "resolution": resolution,
+                         "latent": [latent, latent],
                          "tokens": TOKENS, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,
                          "seed": args.seed, "compare": args.compare,
                          "unet": {k: config_dict[k] for k in ("block_out_channels", "layers_per_block",

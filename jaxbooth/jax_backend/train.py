@@ -29,6 +29,7 @@ from jaxbooth.jax_backend.models import unet as unet_lib
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_step
 from jaxbooth.jax_backend.validation import make_validator
+from jaxbooth.progress import TrainingProgress
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
 
 COMPUTE_DTYPES = {None: jnp.float32, "no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
@@ -276,6 +277,7 @@ class Progress:
         self.last_time, self.last_step = time.perf_counter(), 0
         self.tensorboard = _tensorboard_writer(run)
         self.wandb = _wandb_run(run)
+        self.display = TrainingProgress(total, enabled=jax.process_index() == 0)
 
     def report(self, step: int, metrics: dict, *, window_start: int) -> None:
         values = {key: float(value) for key, value in jax.device_get(metrics).items()}
@@ -292,21 +294,18 @@ class Progress:
         if self.tensorboard is not None:
             for key, value in record.items():
                 self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=step)
-        log(f"step {step}/{self.total}  loss {values['loss']:.4f}  lr {values['lr']:.2e}  {rate:.2f} steps/s")
+        self.display.show(step, values["loss"], values["lr"], rate)
 
 
 def _tensorboard_writer(run: RunInputs):
     if run.spec.logging.report_to not in ("tensorboard", "all") or jax.process_index() != 0:
         return None
-    try:
-        from tensorboardX import SummaryWriter  # a declared dependency; no torch writer on the JAX path
-    except ImportError:
-        log("report_to=tensorboard: tensorboardX is not installed (pip install tensorboardX); "
-            "metrics go to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(run.output_dir / run.spec.logging.logging_dir))
+    from jaxbooth.tensorboard import EventWriter  # torch-free: tensorboardX would import torch
+
+    return EventWriter(run.output_dir / run.spec.logging.logging_dir)
 
 
 def _wandb_run(run: RunInputs):
@@ -381,6 +380,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     micro = int(jax.device_get(state.step))
     progress = Progress(run, run.max_train_steps)
     progress.last_step = micro // accumulation
+    progress.display.advance(micro // accumulation)
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
     window_start = micro // accumulation + 1
@@ -393,6 +393,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             if micro % accumulation:
                 continue
             step = micro // accumulation
+            progress.display.advance()
             if step % log_every == 0 or step == run.max_train_steps:
                 progress.report(step, metrics, window_start=window_start)
                 window_start = step + 1
@@ -407,8 +408,10 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                             gather=trained_params_host)
             if stop.requested:
                 writer.wait()
+                progress.display.close()
                 log(f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
                 raise SystemExit(0)
+    progress.display.close()
     return state
 
 

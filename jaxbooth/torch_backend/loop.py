@@ -23,6 +23,7 @@ import torch
 from jaxbooth import data, diffusion, output
 from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
+from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
 from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
 from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, make_generator
@@ -108,6 +109,7 @@ class Progress:
         self.t = t
         self.metrics_log = output.MetricsLog(t.output_dir, enabled=t.accelerator.is_main_process)
         self.last_time, self.last_step, self.window_start = time.perf_counter(), start_step, start_step + 1
+        self.display = TrainingProgress(t.max_train_steps, start_step, enabled=t.accelerator.is_main_process)
 
     def report(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         accelerator = self.t.accelerator
@@ -124,8 +126,7 @@ class Progress:
                   "perf/steps_per_sec": rate}
         self.metrics_log.write(step, record)
         accelerator.log(record, step=step)
-        log(accelerator, f"step {step}/{self.t.max_train_steps}  loss {losses[0]:.4f}  lr {record['train/lr']:.2e}  "
-                         f"{rate:.2f} steps/s")
+        self.display.show(step, losses[0], record["train/lr"], rate)
 
 
 def should_validate(spec: spec_lib.RunSpec, step: int, epoch_before: int, epoch_after: int) -> bool:
@@ -157,6 +158,7 @@ def run_loop(t: Trainer, start_step: int) -> int:
             metrics = optimizer_step(t, micro)
             micro += int(metrics["micro_steps"])
             step += 1
+            progress.display.advance()
             if step % log_every == 0 or step == t.max_train_steps:
                 progress.report(step, metrics)
             if (save_every and step % save_every == 0) or stop.requested:
@@ -165,7 +167,9 @@ def run_loop(t: Trainer, start_step: int) -> int:
             if t.validate is not None and should_validate(spec, step, epoch_before, t.iterator.epoch):
                 t.validate(step)
             if stop.requested:
+                progress.display.close()
                 log(accelerator, f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
                 accelerator.end_training()
                 raise SystemExit(0)
+    progress.display.close()
     return step

@@ -40,9 +40,9 @@ def validator(models: dict, tiny_model_dir: Path, tmp_path_factory: pytest.TempP
 
 
 def test_run_writes_grid_singles_and_tensorboard_images(validator: Validator, models: dict) -> None:
-    from tensorboardX import SummaryWriter
+    from jaxbooth.tensorboard import EventWriter
 
-    writer = SummaryWriter(str(validator.out_dir.parent / "logs"))
+    writer = EventWriter(validator.out_dir.parent / "logs")
     with jax.transfer_guard("disallow"):  # as in the train loop: frozen params are placed explicitly
         grid = validator.run(10, models["unet_params"], writer=writer)
     writer.close()

@@ -8,7 +8,9 @@ softmax(QK^T)V part, so choosing a kernel is one argument, not one class per ker
 - ``"dot_product"``: ``jax.nn.dot_product_attention`` with the platform's choice
   (cuDNN flash attention on GPUs that support it, XLA elsewhere).
 - ``"flash"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; GPU only.
-- ``"auto"``: ``dot_product`` on GPU, ``xla`` elsewhere.
+- ``"chunked"``: query-chunked, recomputing attention (``chunked_attention``); the fast and
+  small one on CPU. Masked or causal calls (CLIP) take the ``"xla"`` path.
+- ``"auto"``: ``dot_product`` on GPU, ``chunked`` on CPU, ``xla`` on TPU.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("auto", "xla", "dot_product", "flash")
+from jaxbooth.jax_backend.models.chunked_attention import chunked_attention
+
+KERNELS = ("auto", "xla", "dot_product", "flash", "chunked")
 
 
 def resolve_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
     if kernel == "auto":
-        return "dot_product" if jax.default_backend() == "gpu" else "xla"
+        return {"gpu": "dot_product", "cpu": "chunked"}.get(jax.default_backend(), "xla")
     return kernel
 
 
@@ -49,6 +53,8 @@ def attend(
         return jax.nn.dot_product_attention(
             query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
         )
+    if kernel == "chunked" and mask is None and not is_causal:
+        return chunked_attention(query, key, value)
     dtype = query.dtype
     scale = query.shape[-1] ** -0.5
     if upcast:

@@ -53,7 +53,8 @@ class FlaxUNet2DConditionModel(nn.Module):
         config: the checked diffusers config (:func:`unet_config_from_dict`).
         dtype: computation dtype (e.g. ``jnp.bfloat16`` for mixed precision); norms reduce in float32.
         param_dtype: dtype of freshly initialised params.
-        attention_kernel: ``"auto"``, ``"xla"``, ``"dot_product"`` or ``"flash"`` (see ``attention.attend``).
+        attention_kernel: ``"auto"``, ``"xla"``, ``"dot_product"``, ``"flash"`` or ``"chunked"``
+            (see ``attention.attend``).
         gradient_checkpointing: remat every resnet and transformer block (as diffusers'
             ``enable_gradient_checkpointing``): less activation memory, one extra forward in backprop.
 

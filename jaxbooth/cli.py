@@ -168,9 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"jaxbooth: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
-    from jaxbooth.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # before any backend allocates: see host_memory.py
     try:
         return COMMANDS[command](rest)
     except JaxboothError as error:

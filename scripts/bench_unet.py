@@ -284,9 +284,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jaxbooth.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # as `jaxbooth train` does, for every model in this process alike
     import jax
 
     from jaxbooth import tiny

@@ -19,7 +19,8 @@ import optax
 from jaxbooth import diffusion
 from jaxbooth.diffusion import LossOptions
 
-__all__ = ["LossOptions", "TrainState", "denoising_loss", "make_train_step", "train_step"]
+__all__ = ["LossOptions", "TrainState", "denoising_loss", "gradient_step", "make_train_step", "step_halves",
+           "train_step", "update_step"]
 
 
 @flax.struct.dataclass
@@ -83,23 +84,50 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
                           tables=tables, options=options)
 
 
-def train_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
-               text_apply: Callable | None, tx: optax.GradientTransformation,
-               lr_schedule: Callable, tables: diffusion.NoiseTables, options: LossOptions,
-               gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
-    """One micro-step: gradients, optax update (accumulation lives inside ``tx``), metrics."""
+def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
+                  text_apply: Callable | None, tables: diffusion.NoiseTables,
+                  options: LossOptions) -> tuple[Any, dict]:
+    """The gradients of one micro-step's loss, and the losses (the first half of :func:`train_step`)."""
     key = jax.random.fold_in(state.rng, state.step)
     loss_fn = functools.partial(compute_loss, frozen=frozen, batch=batch, key=key, unet_apply=unet_apply,
                                 text_apply=text_apply, tables=tables, options=options)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, {"loss": loss, **aux}
+
+
+def update_step(state: TrainState, grads: Any, losses: dict, *, tx: optax.GradientTransformation,
+                lr_schedule: Callable, gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+    """The optax update (accumulation lives inside ``tx``) and the metrics (the second half)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+    metrics = {**losses, "grad_norm": optax.global_norm(grads),
                "lr": lr_schedule(state.step // gradient_accumulation_steps)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
+def train_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
+               text_apply: Callable | None, tx: optax.GradientTransformation,
+               lr_schedule: Callable, tables: diffusion.NoiseTables, options: LossOptions,
+               gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+    """One micro-step: gradients, optax update, metrics."""
+    grads, losses = gradient_step(state, frozen, batch, unet_apply=unet_apply, text_apply=text_apply,
+                                  tables=tables, options=options)
+    return update_step(state, grads, losses, tx=tx, lr_schedule=lr_schedule,
+                       gradient_accumulation_steps=gradient_accumulation_steps)
+
+
 def make_train_step(**static) -> Callable:
     """Bind the static pieces; the result is ``step(state, frozen, batch) -> (state, metrics)``."""
     return functools.partial(train_step, **static)
+
+
+def step_halves(step_fn: functools.partial) -> tuple[Callable, Callable]:
+    """``make_train_step``'s step as its two halves, with the same static pieces bound:
+    ``grads(state, frozen, batch) -> (grads, losses)`` and ``update(state, grads, losses)``."""
+    static = step_fn.keywords
+    grads = functools.partial(gradient_step, **{k: static[k] for k in ("unet_apply", "text_apply", "tables",
+                                                                      "options")})
+    update = functools.partial(update_step, tx=static["tx"], lr_schedule=static["lr_schedule"],
+                               gradient_accumulation_steps=static.get("gradient_accumulation_steps", 1))
+    return grads, update

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxbooth import diffusion
 from jaxbooth.jax_backend import mesh as mesh_lib
@@ -24,7 +25,8 @@ def test_two_part_step_matches_single_jit() -> None:
     params = jax.device_get(unet_lib.init_params(config, jax.random.PRNGKey(0)))
     tables = diffusion.NoiseTables(*(np.asarray(x, np.float32) for x in (
         np.linspace(1.0, 0.1, 1000), np.linspace(0.05, 0.99, 1000), np.linspace(400.0, 0.01, 1000))))
-    tx = optim.make_optimizer(learning_rate_schedule=1e-3, max_grad_norm=1.0)
+    # SGD: Adam's g/sqrt(v) turns float rounding on near-zero gradients into sign flips of size lr
+    tx = optax.chain(optim.clip_by_global_norm_like_torch(1.0), optax.sgd(0.05))
     step_fn = make_train_step(unet_apply=model.apply, text_apply=None, tx=tx, lr_schedule=lambda step: 1e-3,
                               tables=tables, options=LossOptions(snr_gamma=5.0))
     rng = np.random.default_rng(0)
@@ -58,5 +60,5 @@ def test_two_part_step_matches_single_jit() -> None:
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     assert int(got_state.step) == 3
     for got, want in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # Adam normalises rounding up
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(jax.tree.leaves(got_state.params)[0], jax.tree.leaves({"unet": params})[0])

@@ -22,7 +22,7 @@ def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.Comple
                           env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", ["bench_unet.py", "bench_train.py"])
+@pytest.mark.parametrize("name", ["bench_unet.py", "bench_train.py", "bench_torch_memory.py"])
 def test_help(name: str) -> None:
     proc = run_script(name, "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -50,3 +50,24 @@ def test_bench_unet_tiny_prints_one_json_line() -> None:
     assert result["flops_per_step"] > 0
     assert result["flax"]["samples_per_s"] > 0 and result["torch"]["samples_per_s"] > 0
     assert result["forward_max_abs_diff_torch"] < 1e-2  # the torch model really holds the exported Flax weights
+
+
+def test_bench_torch_memory_runs_every_recipe_on_a_small_unet() -> None:
+    pytest.importorskip("diffusers")
+    pytest.importorskip("bitsandbytes")
+    proc = run_script("bench_torch_memory.py", "--shape", "tiny", "--steps", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    record = json.loads(line)
+    assert record["bench"] == "torch_memory" and record["shape"] == "tiny"
+    assert sorted(record["recipes"]) == ["adam8bit", "adamw", "checkpointing", "checkpointing+adam8bit"]
+    for result in record["recipes"].values():
+        assert result["peak_gb"] > 0 and result["s_per_step"] > 0 and result["params"] > 100_000
+
+
+def test_bench_torch_memory_refuses_the_real_shape_without_a_gpu() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the real shape would run")
+    proc = run_script("bench_torch_memory.py", "--recipes", "adamw", timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr

@@ -58,10 +58,10 @@ def resolve_backend(spec) -> str:
     return backend
 
 
-def fill_defaults(spec):
+def fill_defaults(spec, given: set[str] = frozenset()):
     """What an unset spec key means, decided once for both backends (and recorded in the resolved spec):
-    no model -> the built-in tiny pipeline; no instance folder -> the bundled example images;
-    no seed -> a random one."""
+    no model -> the built-in tiny pipeline (at its own resolution unless ``resolution`` is in
+    ``given``); no instance folder -> the bundled example images; no seed -> a random one."""
     from jaxbooth import data
     from jaxbooth.spec import replace_flat
 
@@ -78,20 +78,24 @@ def fill_defaults(spec):
 
         overrides["seed"] = secrets.randbits(31)
     if spec.model.pretrained_model_name_or_path is None:
-        from jaxbooth.tiny import builtin_tiny_model
+        from jaxbooth.tiny import RESOLUTION, builtin_tiny_model
 
         overrides["pretrained_model_name_or_path"] = str(builtin_tiny_model())
-        print(f"no --pretrained_model_name_or_path: using the built-in tiny model at "
+        note = ""
+        if "resolution" not in given:  # 512 px on a model built for 64 would be ~100x the work
+            overrides["resolution"] = RESOLUTION["tiny"]
+            note = f" at its {RESOLUTION['tiny']} px (--resolution to change)"
+        print(f"no --pretrained_model_name_or_path: using the built-in tiny model{note} at "
               f"{overrides['pretrained_model_name_or_path']}", file=sys.stderr)
     return replace_flat(spec, **overrides) if overrides else spec
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from jaxbooth.spec import load_spec
+    from jaxbooth.spec import given_keys, load_spec
 
     spec = load_spec(list(argv))
     backend = resolve_backend(spec)
-    spec = fill_defaults(spec)
+    spec = fill_defaults(spec, given_keys(list(argv)))
     if backend == "jax":
         from jaxbooth.jax_backend.train import train
 

@@ -551,6 +551,15 @@ def load_spec(argv: Sequence[str], *, preset: str | None = None) -> RunSpec:
     return _finish(_build(values), sources)
 
 
+def given_keys(argv: Sequence[str]) -> set[str]:
+    """The flat keys a command line sets itself (flags, ``--config`` files, a preset), not by default."""
+    config_paths, cli_preset, cli_items = _parse_cli(argv)
+    items = _preset_items(cli_preset)
+    for path in config_paths:
+        items += _read_yaml_items(path)
+    return {name for name, _, _ in items + cli_items}
+
+
 def load_spec_from_dict(d: Mapping[str, Any], *, source: str = "<dict>") -> RunSpec:
     """A validated RunSpec from a mapping that is nested by section, flat, or a mix of both."""
     values, sources = default_flat(), {}

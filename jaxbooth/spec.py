@@ -541,23 +541,24 @@ def load_spec(argv: Sequence[str], *, preset: str | None = None) -> RunSpec:
     several values for list keys (``--validation_images a.png b.png``). Warnings are issued
     as ``SpecWarning``; every user error is a ``JaxboothError`` naming key, value and fix.
     """
-    config_paths, cli_preset, cli_items = _parse_cli(argv)
     values, sources = default_flat(), {}
-    items = _preset_items(cli_preset or preset)
-    for path in config_paths:
-        items += _read_yaml_items(path)
-    for name, value, where in items + cli_items:
+    for name, value, where in _command_line_items(argv, preset):
         values[name], sources[name] = value, where
     return _finish(_build(values), sources)
 
 
-def given_keys(argv: Sequence[str]) -> set[str]:
-    """The flat keys a command line sets itself (flags, ``--config`` files, a preset), not by default."""
+def _command_line_items(argv: Sequence[str], preset: str | None = None) -> list[_Item]:
+    """What a command line sets, lowest precedence first: preset, ``--config`` files, flags."""
     config_paths, cli_preset, cli_items = _parse_cli(argv)
-    items = _preset_items(cli_preset)
+    items = _preset_items(cli_preset or preset)
     for path in config_paths:
         items += _read_yaml_items(path)
-    return {name for name, _, _ in items + cli_items}
+    return items + cli_items
+
+
+def given_keys(argv: Sequence[str]) -> set[str]:
+    """The flat keys a command line sets itself (flags, ``--config`` files, a preset), not by default."""
+    return {name for name, _, _ in _command_line_items(argv)}
 
 
 def load_spec_from_dict(d: Mapping[str, Any], *, source: str = "<dict>") -> RunSpec:

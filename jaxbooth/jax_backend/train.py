@@ -220,7 +220,7 @@ class TwoPartStep:
         grads_jit = jax.jit(grads_fn, in_shardings=(shardings, frozen_shardings, batch_shardings),
                             out_shardings=(shardings.params, replicated))
         self.grads = grads_jit.lower(state, frozen, batch).compile(compiler_options=self.GRADIENT_OPTIONS)
-        grads_abstract, losses_abstract = jax.eval_shape(grads_fn, state, frozen, batch)
+        grads_abstract, losses_abstract = self.grads.out_info  # no second trace of the backward pass
         update_jit = jax.jit(update_fn, in_shardings=(shardings, shardings.params, replicated),
                              out_shardings=(shardings, replicated), donate_argnums=(0,))
         self.update = update_jit.lower(state, grads_abstract, losses_abstract).compile()
@@ -312,13 +312,13 @@ def loss_options(spec: spec_lib.RunSpec, schedule: diffusion.NoiseSchedule, vae_
 class Progress:
     """Progress line with loss, lr and steps/s; metrics to JSON lines. Host sync happens only here."""
 
-    def __init__(self, run: RunInputs, total: int):
-        self.total, self.start_step = total, 0
+    def __init__(self, run: RunInputs, total: int, start_step: int = 0):
+        self.total = total
         self.metrics_log = output.MetricsLog(run.output_dir, enabled=jax.process_index() == 0)
-        self.last_time, self.last_step = time.perf_counter(), 0
+        self.last_time, self.last_step = time.perf_counter(), start_step
         self.tensorboard = _tensorboard_writer(run)
         self.wandb = _wandb_run(run)
-        self.display = TrainingProgress(total, enabled=jax.process_index() == 0)
+        self.display = TrainingProgress(total, start_step, enabled=jax.process_index() == 0)
 
     def report(self, step: int, metrics: dict, *, window_start: int) -> None:
         values = {key: float(value) for key, value in jax.device_get(metrics).items()}
@@ -419,9 +419,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     accumulation = spec.optim.gradient_accumulation_steps
     total_micro = run.max_train_steps * accumulation
     micro = int(jax.device_get(state.step))
-    progress = Progress(run, run.max_train_steps)
-    progress.last_step = micro // accumulation
-    progress.display.advance(micro // accumulation)
+    progress = Progress(run, run.max_train_steps, start_step=micro // accumulation)
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
     window_start = micro // accumulation + 1

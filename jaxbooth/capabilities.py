@@ -5,20 +5,18 @@ supports, plus rows that record the JAX path's coverage of features diffusers' F
 script lacked. Options without a row are framework-neutral (paths, prompts, data
 loading) and work on both. An option counts as *set* when it differs from its default.
 
-Imports only the standard library at module level (``jaxbooth.spec`` is imported inside
-functions, so either module can be imported first). Probing devices is the CLI's job;
-everything here is pure.
+Imports the standard library and ``jaxbooth.spec.schema`` (which imports nothing of
+jaxbooth's but errors); ``jaxbooth.spec`` re-exports names from here lazily, so either module
+can be imported first. Probing devices is the CLI's job; everything here is pure.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jaxbooth.errors import JaxboothError
-
-if TYPE_CHECKING:
-    from jaxbooth.spec import RunSpec
+from jaxbooth.spec.schema import FIELDS, RunSpec
 
 JAX, TORCH = "jax", "torch"
 BOTH = frozenset({JAX, TORCH})
@@ -33,12 +31,13 @@ JAX_MIN_GPU_MEMORY_BYTES = 30 * 10**9
 @dataclass(frozen=True)
 class Capability:
     """``key`` set to a non-default value (or, when ``values`` is given, to one of them) needs
-    one of ``backends``."""
+    one of ``backends``. ``fix`` is the way to keep the run on the other backend, if any."""
 
     key: str
     backends: frozenset[str]
     values: tuple[Any, ...] = ()
     note: str = ""
+    fix: str = ""
 
 
 CAPABILITIES: tuple[Capability, ...] = (
@@ -48,7 +47,9 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("snr_gamma", BOTH, note="Min-SNR weighting, computed once in jaxbooth.diffusion"),
     Capability("offset_noise", BOTH),
     Capability("gradient_checkpointing", BOTH, note="remat on jax"),
-    Capability("mixed_precision", BOTH, values=("bf16", "fp16", "no")),
+    Capability("mixed_precision", BOTH, values=("bf16", "no")),
+    Capability("mixed_precision", TORCH_ONLY, values=("fp16",), note="fp16 needs dynamic loss scaling",
+               fix="--mixed_precision=bf16 (the JAX backend has no dynamic loss scaling, which fp16 needs)"),
     Capability("gradient_accumulation_steps", BOTH, note="optax.MultiSteps on jax"),
     Capability("lr_scheduler", BOTH),
     Capability("checkpointing_steps", BOTH),
@@ -116,8 +117,10 @@ def unsupported_options(spec: RunSpec, backend: str, *, model_family: str | None
     ``model_family`` is the family the CLI detected from the model files; it stands in for
     ``model_family: auto``.
     """
-    from jaxbooth.spec import FIELDS
+    return [(cap.key, value, cap.backends) for cap, value in _unsupported(spec, backend, model_family)]
 
+
+def _unsupported(spec: RunSpec, backend: str, model_family: str | None) -> list[tuple[Capability, Any]]:
     values = spec.flat()
     if model_family is not None and values["model_family"] == "auto":
         values["model_family"] = model_family
@@ -127,7 +130,7 @@ def unsupported_options(spec: RunSpec, backend: str, *, model_family: str | None
         if value == FIELDS[cap.key].default or (cap.values and value not in cap.values):
             continue
         if backend not in cap.backends:
-            out.append((cap.key, value, cap.backends))
+            out.append((cap, value))
     return out
 
 
@@ -136,19 +139,38 @@ def _flag(key: str, value: Any) -> str:
 
 
 def check_backend(spec: RunSpec, backend: str, *, model_family: str | None = None) -> None:
-    """Raise naming every set option ``backend`` cannot honour and the backend that can.
+    """Raise naming every set option ``backend`` cannot honour, the backend that can, and the fix.
 
     A JAX run never drops a torch-only option silently (and vice versa).
     """
     if backend not in (JAX, TORCH):
         raise JaxboothError(f"--backend={backend!r}: expected jax or torch here (auto is resolved first)")
     problems = []
-    for key, value, backends in unsupported_options(spec, backend, model_family=model_family):
-        other = "/".join(sorted(backends))
-        problems.append(f"{_flag(key, value)} is only supported by the {other} backend; "
-                        f"use --backend={other} or drop it")
+    for cap, value in _unsupported(spec, backend, model_family):
+        other = "/".join(sorted(cap.backends))
+        problems.append(f"{_flag(cap.key, value)} is only supported by the {other} backend; "
+                        f"use --backend={other} or {cap.fix or 'drop it'}")
     if problems:
         raise JaxboothError("\n".join(problems))
+
+
+def backend_support(key: str) -> str:
+    """Which backends honour ``key``, for ``--help``: 'jax, torch', 'torch only', plus the values
+    that only one backend has ('jax, torch; fp16: torch only')."""
+    rows = [cap for cap in CAPABILITIES if cap.key == key]
+    whole = next((cap.backends for cap in rows if not cap.values), BOTH)
+    by_backends: dict[frozenset[str], list[str]] = {}
+    for cap in rows:
+        if cap.values and cap.backends != whole:
+            shown = [str(v).lower() if isinstance(v, bool) else str(v) for v in cap.values]
+            by_backends.setdefault(cap.backends, []).extend(shown)
+    parts = [_backends_text(whole)]
+    parts += [f"{', '.join(values)}: {_backends_text(backends)}" for backends, values in by_backends.items()]
+    return "; ".join(parts)
+
+
+def _backends_text(backends: frozenset[str]) -> str:
+    return ", ".join(sorted(backends)) if len(backends) > 1 else f"{next(iter(backends))} only"
 
 
 def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | None = None
@@ -169,7 +191,7 @@ def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | Non
         raise JaxboothError(f"no backend supports all options: {_names(needs_torch)} need torch and "
                             f"{_names(needs_jax)} need jax; drop one side")
     if needs_torch:
-        _check_platform(TORCH, device, _names(needs_torch))
+        _check_platform(TORCH, device, _names(needs_torch), _fixes(spec, model_family))
         return TORCH, f"backend auto -> torch: {_names(needs_torch)} {_is(needs_torch)} torch-only"
     if needs_jax:
         return JAX, f"backend auto -> jax: {_names(needs_jax)} {_is(needs_jax)} jax-only"
@@ -189,10 +211,16 @@ def _by_device(device: DeviceInfo) -> tuple[str, str]:
     return TORCH, f"backend auto -> torch: GPU with {gb:.0f} GB (< 30 GB; torch has 8-bit Adam, xFormers)"
 
 
-def _check_platform(backend: str, device: DeviceInfo, why: str) -> None:
+def _check_platform(backend: str, device: DeviceInfo, why: str, fixes: str = "") -> None:
     if backend == TORCH and device.platform == "tpu":
         raise JaxboothError(f"{why} needs the torch backend, which does not run on TPU; "
-                            "drop it to train with jax")
+                            f"{fixes or 'drop it'} to train with jax")
+
+
+def _fixes(spec: RunSpec, model_family: str | None) -> str:
+    """'use --mixed_precision=bf16 (...)' for torch-only options that have a JAX alternative."""
+    fixes = [cap.fix for cap, _ in _unsupported(spec, JAX, model_family) if cap.fix]
+    return "use " + "; ".join(fixes) if fixes else ""
 
 
 def _names(found: list[tuple[str, Any, frozenset[str]]]) -> str:

@@ -1,16 +1,20 @@
-"""Checkpoint folders as both backends lay them out: naming, completeness, resume, retention.
+"""Checkpoint folders as both backends lay them out: naming, the marker, completeness, resume, retention.
 
-``OUTPUT_DIR/checkpoint-N/`` is complete once ``jaxbooth_checkpoint.json`` exists; it is
-written last, so a checkpoint killed mid-write is never resumed from. Framework-free.
+``OUTPUT_DIR/checkpoint-N/`` is complete once its marker ``jaxbooth_checkpoint.json`` exists;
+it is written last, so a checkpoint killed mid-write is never resumed from. The marker
+(``checkpoint_record``) holds the optimizer step, the run's seed, the data position and the
+resolved spec, never the Hub token. Framework-free (never jax or torch).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,56 @@ def _log(message: str) -> None:
 PREFIX = "checkpoint-"
 MARKER = "jaxbooth_checkpoint.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def _without_hub_token(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
+    spec_dict = dict(spec_dict)
+    if isinstance(spec_dict.get("hub"), Mapping):
+        spec_dict["hub"] = {**spec_dict["hub"], "hub_token": None}
+    return spec_dict
+
+
+def checkpoint_record(step: int, data_state: Mapping[str, Any], spec: Any, seed: int) -> dict[str, Any]:
+    """The marker's content: ``{"step", "seed", "data", "spec"}``.
+
+    ``step`` counts optimizer steps; ``seed`` is the run's, so a relaunch without ``--seed``
+    resumes with it (``run_defaults.choose_seed``); ``data`` is the batch iterator's
+    ``state_dict()``; ``spec`` the resolved spec with the Hub token left out (as
+    ``write_resolved_spec``): checkpoints get copied and shared.
+    """
+    from jaxbooth import spec as spec_lib
+
+    return {"step": int(step), "seed": int(seed), "data": dict(data_state),
+            "spec": _without_hub_token(spec_lib.spec_to_dict(spec))}
+
+
+def write_marker(checkpoint_dir: Path, record: Mapping[str, Any]) -> Path:
+    """Write ``checkpoint_dir/jaxbooth_checkpoint.json`` atomically, last: it makes the checkpoint complete.
+
+    A ``hub_token`` in the record's spec is dropped here too, whoever built the record.
+    """
+    from jaxbooth.output import atomic_write_text
+
+    record = dict(record)
+    if isinstance(record.get("spec"), Mapping):
+        record["spec"] = _without_hub_token(record["spec"])
+    path = Path(checkpoint_dir) / MARKER
+    atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
+def read_marker(checkpoint_dir: Path) -> dict[str, Any]:
+    """The record of a complete checkpoint; a missing or damaged marker is an error naming the file."""
+    path = Path(checkpoint_dir) / MARKER
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise JaxboothError(f"{path}: cannot read the checkpoint marker ({error}); resume from another checkpoint "
+                            "or start a new output_dir") from None
+    if not isinstance(record, dict) or not {"step", "data"} <= record.keys():
+        raise JaxboothError(f"{path}: not a jaxbooth checkpoint marker (needs step and data); resume from another "
+                            "checkpoint or start a new output_dir")
+    return record
 
 
 def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:

@@ -11,17 +11,27 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from jaxbooth import log
 from jaxbooth.errors import JaxboothError
+from jaxbooth.preflight import check_packages
+from jaxbooth.run_defaults import fill_defaults
+
+if TYPE_CHECKING:
+    from jaxbooth.spec import RunSpec
 
 USAGE = """usage: jaxbooth <command> [options]
 
 commands:
-  train        DreamBooth fine-tuning; takes diffusers' train_dreambooth.py flags
-               (jaxbooth train --help lists them) and --config RUN.yaml
+  train        DreamBooth fine-tuning: jaxbooth train [SCRIPT.py] [--config RUN.yaml] [--KEY VALUE ...]
+               takes the flags of diffusers' train_dreambooth*.py; SCRIPT.py (e.g. train_dreambooth_lora.py)
+               selects that script's defaults and mode
   generate     images from a trained pipeline: jaxbooth generate MODEL_DIR "prompt" -n 4
   tiny-model   write a random-weight SD-shaped pipeline: jaxbooth tiny-model OUT [--size tiny|small]
-  spec         print the resolved run spec as YAML (same flags as train)
+  spec         print the resolved run spec as YAML (same arguments as train)
+
+jaxbooth <command> --help lists the options of a command.
 """
 
 
@@ -54,48 +64,29 @@ def resolve_backend(spec) -> str:
         check_backend(spec, spec.backend)
         return spec.backend
     backend, reason = choose_backend(spec, probe_device())
-    print(reason, file=sys.stderr)
+    log.info(reason)
     return backend
 
 
-def fill_defaults(spec, given: set[str] = frozenset()):
-    """What an unset spec key means, decided once for both backends (and recorded in the resolved spec):
-    no model -> the built-in tiny pipeline (at its own resolution unless ``resolution`` is in
-    ``given``); no instance folder -> the bundled example images; no seed -> a random one."""
-    from jaxbooth import data
-    from jaxbooth.spec import replace_flat
+def load_or_help(argv: Sequence[str], prog: str) -> tuple[RunSpec, set[str]] | None:
+    """(spec, keys the command line set) from one parse of ``argv``; None after printing ``--help``."""
+    from jaxbooth.spec import HelpRequested, load_spec_with_keys
 
-    overrides = {}
-    if spec.data.instance_data_dir is None:
-        overrides["instance_data_dir"] = str(data.example_instance_dir())
-        if spec.data.instance_prompt is None:
-            overrides["instance_prompt"] = data.EXAMPLE_INSTANCE_PROMPT
-    elif spec.data.instance_prompt is None:
-        raise JaxboothError("--instance_prompt is required with --instance_data_dir, "
-                            "e.g. --instance_prompt='a photo of sks dog'")
-    if spec.optim.seed is None:  # drawn once and recorded, so a resume sees the same data order
-        import secrets
-
-        overrides["seed"] = secrets.randbits(31)
-    if spec.model.pretrained_model_name_or_path is None:
-        from jaxbooth.tiny import RESOLUTION, builtin_tiny_model
-
-        overrides["pretrained_model_name_or_path"] = str(builtin_tiny_model())
-        note = ""
-        if "resolution" not in given:  # 512 px on a model built for 64 would be ~100x the work
-            overrides["resolution"] = RESOLUTION["tiny"]
-            note = f" at its {RESOLUTION['tiny']} px (--resolution to change)"
-        print(f"no --pretrained_model_name_or_path: using the built-in tiny model{note} at "
-              f"{overrides['pretrained_model_name_or_path']}", file=sys.stderr)
-    return replace_flat(spec, **overrides) if overrides else spec
+    try:
+        return load_spec_with_keys(list(argv), prog=prog)
+    except HelpRequested as shown:
+        print(shown.text, end="")
+        return None
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from jaxbooth.spec import given_keys, load_spec
-
-    spec = load_spec(list(argv))
+    loaded = load_or_help(argv, "jaxbooth train")
+    if loaded is None:
+        return 0
+    spec, given = loaded
     backend = resolve_backend(spec)
-    spec = fill_defaults(spec, given_keys(list(argv)))
+    check_packages(spec, backend)  # before any model loads: every missing package at once
+    spec = fill_defaults(spec, given)
     if backend == "jax":
         from jaxbooth.jax_backend.train import train
 
@@ -113,9 +104,13 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_spec(argv: Sequence[str]) -> int:
     import yaml
 
-    from jaxbooth.spec import load_spec, spec_to_dict
+    from jaxbooth.spec import spec_to_dict
 
-    print(yaml.safe_dump(spec_to_dict(load_spec(list(argv))), sort_keys=False), end="")
+    loaded = load_or_help(argv, "jaxbooth spec")
+    if loaded is not None:
+        resolved = spec_to_dict(loaded[0])
+        resolved["hub"]["hub_token"] = None  # printed specs get pasted into issues and logs
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
     return 0
 
 
@@ -165,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    log.setup_logging()
     if command not in COMMANDS:
         import difflib
 

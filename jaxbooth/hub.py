@@ -50,7 +50,9 @@ def resolve_model_dir(
     when the network allows. ``subfolders`` are the components to fetch (default: the SD /
     SDXL ones; ``""`` means files at the repo root). With ``variant`` (e.g. ``"fp16"``) a
     component without variant files falls back to its plain weights, then to old Flax
-    ``*.msgpack`` weights, mirroring diffusers' variant fallback. Every failure is one
+    ``*.msgpack`` weights, mirroring diffusers' variant fallback. ``cache_dir``
+    (``--cache_dir``) is the HF hub cache to read and fill instead of ``HF_HUB_CACHE``, as
+    diffusers' ``from_pretrained(cache_dir=...)``. Every failure is one
     :class:`JaxboothError` that names what was looked for and how to fix it.
     """
     path = Path(name_or_path).expanduser()

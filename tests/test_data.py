@@ -1,4 +1,4 @@
-"""Tests for jaxbooth/data.py: decoding, folder validation, dataset model, batching."""
+"""Tests for jaxbooth.data: decoding, folder validation, dataset model, batching."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _snapshot(folder: Path) -> dict:
 def test_importing_data_and_text_leaves_frameworks_out():
     code = (
         "import sys, jaxbooth.data, jaxbooth.text; "
-        "print([m for m in ('jax', 'torch', 'transformers', 'flax', 'tensorflow') if m in sys.modules])"
+        "print([m for m in ('jax', 'torch', 'transformers', 'flax', 'tensorflow', 'datasets') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
@@ -472,7 +472,7 @@ def test_bundled_examples_are_what_the_script_draws(tmp_path):
     drawn = module.make_example_images(tmp_path)
     assert len(drawn) == 10
     for path in drawn:
-        bundled = Path(data.__file__).parent / "examples" / path.parent.name / path.name
+        bundled = data.example_instance_dir().parent / path.parent.name / path.name
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(bundled)))
 
 

@@ -104,6 +104,26 @@ def test_prepopulated_cache_resolves_offline(tmp_path: Path, offline: None) -> N
     assert hub.resolve_model_dir("owner/tiny-sd", cache_dir=cache, revision=SHA) == snapshot
 
 
+def test_cache_dir_is_honoured_instead_of_the_default_cache(
+    tmp_path: Path, offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--cache_dir is where models are looked up (as diffusers' from_pretrained(cache_dir=...)), not HF_HUB_CACHE."""
+    from huggingface_hub import constants
+
+    default, chosen = tmp_path / "default", tmp_path / "chosen"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(default))
+    in_default = make_fake_cache(default, "owner/only-default", {"unet/config.json": "{}"})
+    in_chosen = make_fake_cache(chosen, "owner/only-chosen", {"unet/config.json": "{}"})
+    assert hub.resolve_model_dir("owner/only-default") == in_default
+    assert hub.resolve_model_dir("owner/only-chosen", cache_dir=chosen) == in_chosen
+    assert hub.resolve_model_dir("owner/only-chosen", cache_dir=str(chosen)) == in_chosen
+    with pytest.raises(JaxboothError) as info:
+        hub.resolve_model_dir("owner/only-default", cache_dir=chosen)
+    assert str(chosen) in str(info.value) and "--cache_dir" in str(info.value)
+    with pytest.raises(JaxboothError, match="only-chosen"):
+        hub.resolve_model_dir("owner/only-chosen")
+
+
 def test_cache_without_the_requested_branch_is_an_error(tmp_path: Path, offline: None) -> None:
     cache = tmp_path / "cache"
     make_fake_cache(cache, "owner/tiny-sd", {"model_index.json": "{}"})
@@ -156,6 +176,7 @@ def test_download_takes_variant_then_plain_then_msgpack_per_component(
 
     def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
         assert repo_id == "owner/sd" and kwargs["revision"] == "main" and kwargs["token"] == "tok"
+        assert kwargs["cache_dir"] == str(tmp_path / "models")
         calls.append(list(kwargs["allow_patterns"]))
         for name in filter_repo_objects(remote, allow_patterns=kwargs["allow_patterns"]):
             (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +184,8 @@ def test_download_takes_variant_then_plain_then_msgpack_per_component(
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    got = hub.resolve_model_dir("owner/sd", revision="main", variant="fp16", token="tok")
+    got = hub.resolve_model_dir("owner/sd", revision="main", variant="fp16", token="tok",
+                                cache_dir=str(tmp_path / "models"))
     assert got == snapshot
     fetched = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
     assert fetched == sorted([

@@ -1,92 +1,50 @@
-"""Prior-preservation class images: top up `class_data_dir` to `num_class_images` with the JAX sampler.
+"""Prior-preservation class images on the JAX backend: top up `class_data_dir` with the JAX sampler.
 
-The behaviour of diffusers' `train_dreambooth.py` ("Generate class images if prior preservation
-is enabled"): count what is in the folder, generate only the shortfall with the base pipeline,
-and name each file `f"{index}-{sha1}.jpg"`. What differs, and why:
+The bookkeeping (which indices are missing, file names `{index}-{sha1 of the pixels}.jpg`,
+per-image seeds, atomic writes, the split over processes) is `jaxbooth.class_images`, shared
+with the torch backend; this module only supplies the sampler: "these prompts, these per-image
+seeds" -> PIL images, from the run's already loaded models (`LoadedModels`) or, alone, from
+the pipeline folder.
 
-- Counting uses `jaxbooth.data.scan_image_folder`, so only images the trainer will train on
-  count (diffusers counts every directory entry, a stray `.DS_Store` included).
-- Each image is written as soon as its batch is decoded, atomically (hidden temp file, then
-  rename), so an interrupted run leaves only whole images and the next run generates only what
-  is still missing. New files take the lowest indices not already used by a `N-<sha1>.jpg` file.
-- The sha1 is of the written JPEG bytes (diffusers hashes the raw pixels), so the name checks the
-  file: `sha1(path.read_bytes())` equals the name's hash.
-- A batch's noise seed is derived from (seed, the index of its first image), so a resumed run
-  never repeats an image already written.
-- Multi-host: every process computes the same list of missing indices, process p takes the
-  entries at positions k with k % process_count == p and writes only those files. No two
-  processes write the same name. The folder must be on a filesystem every process sees.
+Image k's noise comes from its own seed: `StableDiffusionSampler.generate([prompt], seed=s)`
+draws example 0 from `fold_in(key(s), 0)`, so each image is one sampler call today (see
+`sample_with_image_seeds`).
 
-Depends on `generate.py` / `sample.py` for the models; never imports torch.
+Differences from diffusers: with `LoadedModels` the images are decoded with the run's VAE (the
+`pretrained_vae_name_or_path` override when given; diffusers' script loads the base pipeline
+again, base VAE included). Multi-host: every process computes the same plan and writes only
+its share; the folder must be on a filesystem every process sees. Never imports torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import os
-import re
 import sys
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxbooth import data
+from jaxbooth import class_images as shared
+from jaxbooth.class_images import existing_class_images, missing_indices, write_class_image
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import mesh as mesh_lib
 from jaxbooth.jax_backend import pretrained
+from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.schedulers import canonical_sampler_name
+
+__all__ = ["ensure_class_images", "existing_class_images", "generation_dtype", "load_generation_sampler",
+           "missing_indices", "sample_with_image_seeds", "sampler_from_loaded", "write_class_image"]
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # StableDiffusionPipeline.__call__'s default, which diffusers' script uses
 DEFAULT_GUIDANCE_SCALE = 7.5  # likewise
 FALLBACK_SAMPLER = "DPMSolverMultistepScheduler"
-JPEG_QUALITY = 95  # class images are training data: PIL's default 75 leaves blocking the model can learn
-_GENERATED_NAME = re.compile(r"^(\d+)-[0-9a-f]{40}\.jpg$")
 _PRECISIONS = {"no": jnp.float32, "fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 
 
 def _message(text: str) -> None:
     print(f"[jaxbooth] {text}", file=sys.stderr, flush=True)
-
-
-def existing_class_images(class_data_dir: str | Path, *, skip_bad: bool = False) -> list[Path]:
-    """The usable images in `class_data_dir` ([] when it is missing or holds no files).
-
-    An empty folder is the normal first run, not an error; any other problem (unreadable
-    files without `skip_bad`) raises `scan_image_folder`'s error now, before a long generation.
-    """
-    folder = Path(class_data_dir)
-    if not folder.is_dir():
-        return []
-    if not any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir()):
-        return []
-    return data.scan_image_folder(folder, skip_bad=skip_bad, role="class")
-
-
-def missing_indices(existing: Sequence[Path], count: int) -> list[int]:
-    """The `count` smallest indices no existing `N-<sha1>.jpg` file uses.
-
-    For a folder filled by diffusers or by an uninterrupted run this is
-    `range(len(existing), len(existing) + count)`, diffusers' numbering.
-    """
-    used = {int(m.group(1)) for p in existing if (m := _GENERATED_NAME.match(p.name))}
-    out, index = [], 0
-    while len(out) < count:
-        if index not in used:
-            out.append(index)
-        index += 1
-    return out
-
-
-def batch_seed(seed: int, first_index: int) -> int:
-    """A 31-bit sampler seed for the batch whose first image has `first_index`."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(first_index)]).generate_state(1)[0] >> 1)
 
 
 def generation_dtype(precision: str | None, platform: str | None = None) -> Any:
@@ -147,23 +105,6 @@ def local_mesh(mesh: Any) -> Any:
     return None
 
 
-def write_class_image(folder: Path, index: int, image: Any) -> Path:
-    """Save a PIL image as `folder/{index}-{sha1 of the JPEG bytes}.jpg`, atomically."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    payload = buffer.getvalue()
-    path = folder / f"{index}-{hashlib.sha1(payload).hexdigest()}.jpg"
-    handle, temp = tempfile.mkstemp(prefix=f".{index}-", suffix=".tmp", dir=folder)  # hidden: scans skip it
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _barrier(name: str) -> None:
     """Wait for every process (multi-host runs), so no process scans while another writes."""
     if jax.process_count() > 1:
@@ -172,27 +113,74 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def ensure_class_images(model_dir: str | Path, class_data_dir: str | Path, class_prompt: str,
+def _in_dtype(params: Any, dtype: Any) -> Any:
+    """Floating leaves cast to ``dtype``; leaves already in it are kept (no copy)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+                        else x, params)
+
+
+def sampler_from_loaded(models: LoadedModels, *, dtype: Any, sampler_name: str | None = None,
+                        mesh: Any = None) -> Any:
+    """A `StableDiffusionSampler` over the run's loaded models, UNet and text encoder in `dtype`
+    (as diffusers loads the class-image pipeline in `prior_generation_precision`).
+
+    The modules are the run's with only dtype and remat changed (same attention kernel); the
+    VAE stays float32 (diffusers' `force_upcast`). Nothing is read from disk but the scheduler
+    config `sampler_from_models` reads.
+    """
+    from jaxbooth.jax_backend.generate import sampler_from_models
+
+    if models.vae_params is None:
+        raise ValueError("class images need LoadedModels.vae_params; generate them before the VAE params are dropped")
+    for_sampling = {"dtype": dtype, "gradient_checkpointing": False}
+    sampler = sampler_from_models(
+        model_dir=Path(models.model_dir), tokenizer=models.tokenizer, unet=models.unet.clone(**for_sampling),
+        unet_params=_in_dtype(models.unet_params, dtype), text_encoder=models.text_encoder.clone(**for_sampling),
+        text_params=_in_dtype(models.text_params, dtype), vae_config=models.vae_config,
+        vae_params=_in_dtype(models.vae_params, jnp.float32),
+        sampler_name=sampler_name or default_sampler_name(models.scheduler_config), mesh=mesh)
+    sampler.scheduler_config = models.scheduler_config
+    return sampler
+
+
+def sample_with_image_seeds(sampler: Any, *, num_inference_steps: int, guidance_scale: float,
+                            negative_prompt: str | None = None, height: int | None = None,
+                            width: int | None = None) -> shared.SampleImages:
+    """The `sample(prompts, seeds)` the shared bookkeeping calls: image k drawn from `seeds[k]` alone.
+
+    `StableDiffusionSampler.generate` draws a whole call's noise from one seed (example b from
+    `fold_in(key(seed), b)`), so per-image seeds are one call per image; every call has batch 1
+    and reuses one compiled loop.
+    """
+    def sample(prompts: list[str], seeds: list[int]) -> list[Any]:
+        return [sampler.generate([prompt], negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, seed=seed, height=height, width=width)[0]
+                for prompt, seed in zip(prompts, seeds, strict=True)]
+
+    return sample
+
+
+def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path, class_prompt: str,
                         num_class_images: int, *, sample_batch_size: int = 4, precision: str | None = None,
                         seed: int = 0, mesh: Any = None, process_index: int | None = None,
                         process_count: int | None = None, num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
                         guidance_scale: float = DEFAULT_GUIDANCE_SCALE, sampler_name: str | None = None,
                         negative_prompt: str | None = None, variant: str | None = None,
                         skip_bad: bool = False, height: int | None = None, width: int | None = None,
-                        sampler: Any = None) -> int:
+                        sampler: Any = None, models: LoadedModels | None = None) -> int:
     """Top `class_data_dir` up to `num_class_images` images; returns how many THIS process wrote.
 
-    When the folder already has enough images, returns 0 without loading any model. Otherwise
-    loads the pipeline at `model_dir` (see `load_generation_sampler`) and samples `class_prompt`
-    in batches of `sample_batch_size` per device, writing each image as soon as its batch is
-    decoded (module docstring: names, seeds, resume, multi-host split). Sizes default to the
-    pipeline's (unet sample_size x VAE scale), as diffusers' pipeline call does.
+    When the folder already has enough images, returns 0 without building a sampler. Otherwise
+    samples `class_prompt` with the run's loaded `models` (`sampler_from_loaded`), or, without
+    them, loads the pipeline at `model_dir` (`load_generation_sampler`), `sample_batch_size`
+    images per device per progress step (the shared module docstring: names, seeds, resume,
+    split). Sizes default to the pipeline's (unet sample_size x VAE scale), as diffusers'
+    pipeline call does.
 
     Every process of a multi-host run must call this (there are barriers); `process_index` /
     `process_count` default to JAX's and exist so tests can play several hosts in one process.
-    `sampler`: an already loaded `StableDiffusionSampler` to use instead of loading `model_dir`
-    (then `precision`, `sampler_name`, `variant` and `mesh` are the sampler's own): tests reuse
-    one compiled sampler across calls.
+    `sampler`: an already built `StableDiffusionSampler` (then `precision`, `sampler_name`,
+    `variant`, `mesh` and `models` are unused): tests reuse one compiled sampler across calls.
     """
     if not class_prompt:
         raise JaxboothError("with_prior_preservation needs class_prompt (--class_prompt), e.g. 'a photo of dog'")
@@ -202,44 +190,30 @@ def ensure_class_images(model_dir: str | Path, class_data_dir: str | Path, class
     world = jax.process_count() if process_count is None else process_count
     if not 0 <= rank < world:
         raise JaxboothError(f"process_index={rank} must be in [0, process_count={world})")
-    folder = Path(class_data_dir)
-    existing = existing_class_images(folder, skip_bad=skip_bad)
-    shortfall = num_class_images - len(existing)
+    plan = shared.plan_class_images(class_data_dir, num_class_images, process_index=rank, process_count=world,
+                                    skip_bad=skip_bad)
     _barrier("jaxbooth_class_images_counted")
-    if shortfall <= 0:
+    if not plan.missing:
         return 0
-    folder.mkdir(parents=True, exist_ok=True)
-    mine = missing_indices(existing, shortfall)[rank::world]
     if rank == 0:
-        _message(f"class images: {len(existing)} in {folder}, generating {shortfall} more for {class_prompt!r}")
-    written = 0
-    if mine:
+        _message(shared.describe(plan, num_class_images, class_prompt))
+    written = []
+    if plan.mine:
         if sampler is None:
-            sampler = load_generation_sampler(Path(model_dir), dtype=generation_dtype(precision),
-                                              sampler_name=sampler_name, variant=variant, mesh=local_mesh(mesh))
-        written = _generate(sampler, folder, class_prompt, mine, sample_batch_size=sample_batch_size, seed=seed,
-                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            negative_prompt=negative_prompt, height=height, width=width, rank=rank)
+            dtype, where = generation_dtype(precision), local_mesh(mesh)
+            sampler = (sampler_from_loaded(models, dtype=dtype, sampler_name=sampler_name, mesh=where)
+                       if models is not None else
+                       load_generation_sampler(Path(model_dir), dtype=dtype, sampler_name=sampler_name,
+                                               variant=variant, mesh=where))
+        sample = sample_with_image_seeds(sampler, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                         height=height, width=width)
+        written = shared.generate_class_images(plan, sample, prompt=class_prompt,
+                                               batch_size=sample_batch_size * _batch_shards(sampler.mesh),
+                                               seed=seed)
     _barrier("jaxbooth_class_images_written")
-    return written
+    return len(written)
 
 
-def _generate(sampler: Any, folder: Path, prompt: str, indices: list[int], *, sample_batch_size: int, seed: int,
-              num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-              height: int | None, width: int | None, rank: int) -> int:
-    """Sample and write the images of `indices`, one batch at a time."""
-    mesh = sampler.mesh
-    shards = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES if a in mesh.axis_names) if mesh else 1
-    batch = sample_batch_size * shards
-    written = 0
-    for start in range(0, len(indices), batch):
-        chunk = indices[start:start + batch]
-        # always a full batch, so the last one reuses the compiled loop; its extra images are dropped
-        images = sampler.generate([prompt] * batch, negative_prompt=negative_prompt,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  seed=batch_seed(seed, chunk[0]), height=height, width=width)
-        for index, image in zip(chunk, images[:len(chunk)], strict=True):
-            write_class_image(folder, index, image)
-        written += len(chunk)
-        _message(f"class images (process {rank}): {written}/{len(indices)} written")
-    return written
+def _batch_shards(mesh: Any) -> int:
+    return math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES if a in mesh.axis_names) if mesh else 1

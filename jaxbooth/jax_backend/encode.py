@@ -3,15 +3,13 @@ of every prompt are computed before the loop, so the train step runs the UNet on
 the VAE (and a frozen text encoder) need not stay in device memory.
 
 The VAE posterior (mean, std) is cached rather than one latent sample, so each step still
-draws a fresh ``latent_dist.sample()`` as diffusers does. With ``random_flip`` both
-orientations are cached and each row picks one. Cached images use the centre crop: with
-random crops of non-square images the crop is fixed (kohya does the same when caching
-latents), which the trainer reports.
+draws a fresh ``latent_dist.sample()`` as diffusers does. Which crops and orientations of
+each image are cached is ``caches.py``'s business; this module encodes pixel arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,32 +21,49 @@ from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 ENCODE_BATCH = 8  # fixed batch so the encoder compiles once; the last batch is padded
 
 
-def _padded_batches(count: int, batch: int) -> list[np.ndarray]:
-    return [np.arange(start, min(start + batch, count)) for start in range(0, count, batch)]
+def encode_pixel_stream(vae: FlaxAutoencoderKL, vae_params, pixels: Iterable[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of the VAE posterior of each ``[H, W, 3]`` pixel array, NHWC float32 ``[N, h, w, c]``.
+
+    Consumes ``pixels`` lazily, ``ENCODE_BATCH`` at a time, so host memory holds one batch of
+    images, not the data set.
+    """
+
+    @jax.jit
+    def encode(params, batch):
+        posterior = vae.apply({"params": params}, batch, method=FlaxAutoencoderKL.encode)
+        return posterior.mean, posterior.std
+
+    means, stds = [], []
+
+    def flush(rows: list[np.ndarray]) -> None:
+        padded = np.stack(rows + [rows[-1]] * (ENCODE_BATCH - len(rows)))
+        mean, std = jax.device_get(encode(vae_params, jnp.asarray(padded)))
+        means.append(mean[: len(rows)])
+        stds.append(std[: len(rows)])
+
+    pending: list[np.ndarray] = []
+    for image in pixels:
+        pending.append(image)
+        if len(pending) == ENCODE_BATCH:
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+    if not means:
+        raise ValueError("encode_pixel_stream got no images")
+    return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
 
 
 def encode_latent_posteriors(vae: FlaxAutoencoderKL, vae_params, dataset: Dataset, *, resolution: int,
                              center_crop: bool = True, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) of the VAE posterior for every example, NHWC float32 ``[N, h, w, c]``.
+    """(mean, std) of one fixed crop (centre, or a seed-0 random one) of every example, in order.
 
-    ``flip`` encodes the horizontally flipped images (``random_flip`` caches both orientations).
+    ``flip`` encodes the horizontally flipped images.
     """
-
-    @jax.jit
-    def encode(params, pixels):
-        posterior = vae.apply({"params": params}, pixels, method=FlaxAutoencoderKL.encode)
-        return posterior.mean, posterior.std
-
-    means, stds = [], []
-    examples = dataset.examples
-    for rows in _padded_batches(len(examples), ENCODE_BATCH):
-        pixels = np.stack([load_image(examples[i].path, resolution, center_crop=center_crop, flip=flip,
-                                      crop_rng=np.random.default_rng(0)) for i in rows])
-        padded = np.concatenate([pixels, np.repeat(pixels[-1:], ENCODE_BATCH - len(rows), axis=0)])
-        mean, std = jax.device_get(encode(vae_params, jnp.asarray(padded)))
-        means.append(mean[: len(rows)])
-        stds.append(std[: len(rows)])
-    return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
+    images = (load_image(example.path, resolution, center_crop=center_crop, flip=flip,
+                         crop_rng=np.random.default_rng(0)) for example in dataset.examples)
+    return encode_pixel_stream(vae, vae_params, images)
 
 
 def encode_prompts(text_apply: Callable, text_params, tokenize: Callable, prompts: Sequence[str], *,

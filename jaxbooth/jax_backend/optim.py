@@ -13,14 +13,21 @@ update (`adjust_scheduler` only bumps `_step_count`, which no LR value reads), a
 so update n (0-based) uses `lr * lambda(n * P)` with `W * P`, `T * P`: the same value as
 `lr * lambda(n)` with W and T unscaled. Our schedules are therefore built with the
 unscaled `lr_warmup_steps` / `max_train_steps` and indexed by optax's update count.
+
+Param groups (``--train_text_encoder``): torch gives each trained model its own group (lr,
+weight decay) and one `LambdaLR` scales every group's initial lr by the same lambda, so
+both groups follow one schedule shape; `clip_grad_norm_` sees all params at once. Here the
+groups are top-level keys of the params dict, one optax rule each under
+`optax.multi_transform`, after a clip over the whole tree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +119,7 @@ def make_lr_schedule(
     num_training_steps: int,
     num_cycles: int = 1,
     power: float = 1.0,
+    optimizer_learning_rate: float | None = None,
 ) -> optax.Schedule:
     """Optax schedule equal to diffusers `get_scheduler(name, ...)` per optimizer update.
 
@@ -120,7 +128,17 @@ def make_lr_schedule(
     Pass the *unscaled* `lr_warmup_steps` / `max_train_steps` (see module docstring).
     `num_cycles` only affects cosine_with_restarts and `power` only polynomial, exactly
     as `get_scheduler` forwards them. Parity-tested in tests/jax_backend/test_optim.py.
+
+    `optimizer_learning_rate`: for a param group whose lr differs from the optimizer's
+    default (torch: the first group's, the UNet's). Only diffusers' polynomial lambda reads
+    that default (`decay / optimizer.defaults["lr"]`), so the group's schedule is
+    `learning_rate * polynomial(optimizer_learning_rate) / optimizer_learning_rate`.
     """
+    if name == "polynomial" and optimizer_learning_rate is not None and optimizer_learning_rate != learning_rate:
+        reference = make_lr_schedule(name, learning_rate=optimizer_learning_rate, num_warmup_steps=num_warmup_steps,
+                                     num_training_steps=num_training_steps, power=power)
+        ratio = learning_rate / optimizer_learning_rate
+        return lambda count: reference(count) * ratio
     if name not in LR_SCHEDULERS:
         raise _unknown_choice("lr_scheduler", name, LR_SCHEDULERS)
     if num_warmup_steps < 0 or num_training_steps < 0:
@@ -165,6 +183,48 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
     return optax.stateless(clip)
 
 
+class GradNormState(NamedTuple):
+    """The global norm of the last gradient the optimizer rule received (see `record_grad_norm`)."""
+
+    accumulated_grad_norm: jax.Array
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+    """Pass updates through and keep their global norm in the state.
+
+    Placed first inside `optax.MultiSteps`, it sees the averaged gradient of the whole
+    accumulation window, the one the clip sees (MultiSteps keeps the inner state of the
+    emitting micro-step only), which is what torch logs from `clip_grad_norm_`.
+    """
+
+    def init(params: Any) -> GradNormState:
+        del params
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update(updates: Any, state: GradNormState, params: Any = None) -> tuple[Any, GradNormState]:
+        del state, params
+        return updates, GradNormState(optax.tree.norm(updates).astype(jnp.float32))
+
+    return optax.GradientTransformation(init, update)
+
+
+def accumulated_grad_norm(opt_state: Any) -> jax.Array:
+    """The norm `record_grad_norm` kept: of the last optimizer step's (averaged) gradient."""
+    found = optax.tree_utils.tree_get(opt_state, "accumulated_grad_norm")
+    if found is None:
+        raise ValueError("the optimizer state has no record_grad_norm state; build the optimizer with "
+                         "jaxbooth.jax_backend.optim.make_optimizer")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """A torch param group's own settings for one top-level subtree of the params."""
+
+    learning_rate_schedule: optax.ScalarOrSchedule
+    weight_decay: float
+
+
 def _make_base_optimizer(
     name: str,
     schedule: optax.ScalarOrSchedule,
@@ -201,6 +261,28 @@ def _mask_labels(trainable_mask: Any) -> Any:
     return to_labels(trainable_mask)
 
 
+def _grouped_rule(
+    make_rule: Callable[[ParamGroup], optax.GradientTransformation],
+    default: ParamGroup,
+    groups: Mapping[str, ParamGroup],
+) -> optax.GradientTransformation:
+    """One rule per param group; top-level keys not named in `groups` use `default`."""
+    if not groups:
+        return make_rule(default)
+    labels_of = {key: f"group:{key}" for key in groups}
+
+    def labels(params: Any) -> Any:
+        if not isinstance(params, Mapping):
+            raise ValueError(f"param_groups {sorted(groups)} need a dict of params keyed by group name")
+        missing = sorted(set(groups) - set(params))
+        if missing:
+            raise ValueError(f"param_groups name {missing}, which the params (keys {sorted(params)}) lack")
+        return {key: jax.tree.map(lambda _, k=key: labels_of.get(k, "default"), sub) for key, sub in params.items()}
+
+    rules = {"default": make_rule(default), **{labels_of[key]: make_rule(g) for key, g in groups.items()}}
+    return optax.multi_transform(rules, labels)
+
+
 def make_optimizer(
     *,
     learning_rate_schedule: optax.ScalarOrSchedule,
@@ -212,6 +294,7 @@ def make_optimizer(
     max_grad_norm: float | None = 1.0,
     gradient_accumulation_steps: int = 1,
     trainable_mask: Any = None,
+    param_groups: Mapping[str, ParamGroup] | None = None,
 ) -> optax.GradientTransformation:
     """The train_dreambooth.py update: accumulate -> clip -> AdamW, as one optax transform.
 
@@ -222,14 +305,24 @@ def make_optimizer(
     pytree or callable on params) routes frozen leaves to `set_to_zero`, so they get no
     moments and no accumulator, like params with `requires_grad=False`, and are left out
     of the clip norm, as torch only sees params that have a `.grad`.
+
+    `param_groups` maps top-level keys of the params dict (e.g. ``"text_encoder"``) to their
+    own schedule and weight decay; other keys use `learning_rate_schedule` and
+    `adam_weight_decay`. The clip norm is over all groups together, as torch's. The state
+    records the norm the clip sees (`accumulated_grad_norm`).
     """
     if gradient_accumulation_steps < 1:
         raise JaxboothError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
-    tx = _make_base_optimizer(
-        optimizer, learning_rate_schedule, adam_beta1, adam_beta2, adam_epsilon, adam_weight_decay
-    )
+
+    def make_rule(group: ParamGroup) -> optax.GradientTransformation:
+        return _make_base_optimizer(
+            optimizer, group.learning_rate_schedule, adam_beta1, adam_beta2, adam_epsilon, group.weight_decay
+        )
+
+    tx = _grouped_rule(make_rule, ParamGroup(learning_rate_schedule, adam_weight_decay), param_groups or {})
     if max_grad_norm is not None and max_grad_norm > 0:
         tx = optax.chain(clip_by_global_norm_like_torch(max_grad_norm), tx)
+    tx = optax.chain(record_grad_norm(), tx)
     if gradient_accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=gradient_accumulation_steps).gradient_transformation()
     if trainable_mask is None:

@@ -1,16 +1,19 @@
 """`jaxbooth train --backend=jax`: DreamBooth on jaxbooth's Flax models, in phases.
 
-resolve inputs -> load models -> encode caches -> mesh and shardings -> state ->
-compile the step -> loop (log, checkpoint) -> export the pipeline. Each phase is a
-function; the step itself is in ``train_step.py``.
+configure jax -> mesh -> refuse what this backend cannot train (options, then the pipeline
+class, before any weight loads; ``loading.py``) -> load every model once (``LoadedModels``)
+-> class images -> dataset -> caches (``caches.py``) -> state -> compile the step -> loop
+(log, checkpoint, validate; ``metrics.py``) -> export the pipeline. Each phase is a function;
+the step itself is in ``train_step.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbooth import data, diffusion, output
+from jaxbooth import data, output
 from jaxbooth import spec as spec_lib
-from jaxbooth.errors import JaxboothError
-from jaxbooth.jax_backend import checkpoint, encode, optim, pretrained
+from jaxbooth.jax_backend import caches as caches_lib
+from jaxbooth.jax_backend import checkpoint, loading, optim, pretrained
 from jaxbooth.jax_backend import mesh as mesh_lib
 from jaxbooth.jax_backend.class_images import ensure_class_images
-from jaxbooth.jax_backend.models import clip as clip_lib
-from jaxbooth.jax_backend.models import unet as unet_lib
-from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
+from jaxbooth.jax_backend.loaded import LoadedModels
+from jaxbooth.jax_backend.loading import COMPUTE_DTYPES, text_apply_fn
+from jaxbooth.jax_backend.metrics import Progress
 from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_step, step_halves
 from jaxbooth.jax_backend.validation import make_validator
-from jaxbooth.progress import TrainingProgress
-from jaxbooth.text import load_tokenizer, make_tokenize_fn
 
-COMPUTE_DTYPES = {None: jnp.float32, "no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+__all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "compile_step", "init_state", "make_optimizer",
+           "prepare_inputs", "run_loop", "save_pipeline", "text_apply_fn", "train"]
 
 
 @dataclasses.dataclass
 class RunInputs:
-    """What the spec leaves open, decided once: model folder, data, seed, step counts."""
+    """What the spec leaves open, decided once the models are loaded: data, seed, step count."""
 
     spec: spec_lib.RunSpec
     model_dir: Path
@@ -64,107 +66,43 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
-    """The model folder (local or from the Hub cache), the dataset, the seed and the step count.
+def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels) -> RunInputs:
+    """Class images (the shortfall, generated with the loaded models), then the dataset and step count.
 
     The CLI has already filled in the built-in defaults (``cli.fill_defaults``).
     """
-    from jaxbooth.hub import resolve_model_dir
-
-    name, instance_dir = spec.model.pretrained_model_name_or_path, spec.data.instance_data_dir
-    instance_prompt = spec.data.instance_prompt
-    if name is None or instance_dir is None or not instance_prompt:
-        raise JaxboothError("pretrained_model_name_or_path, instance_data_dir and instance_prompt must be set "
-                            "(the CLI fills in the built-in defaults; call jaxbooth.cli.fill_defaults)")
-    model_dir = resolve_model_dir(name, revision=spec.model.revision, variant=spec.model.variant,
-                                  token=spec.hub.hub_token)
     prior = spec.prior
     seed = spec.optim.seed if spec.optim.seed is not None else 0
-    class_dir = prior.class_data_dir if prior.with_prior_preservation else None
-    if class_dir is not None:  # generate the shortfall first, resumably, as diffusers does
-        ensure_class_images(model_dir, class_dir, prior.class_prompt, prior.num_class_images,
+    if prior.with_prior_preservation and prior.class_data_dir is not None:
+        ensure_class_images(models.model_dir, prior.class_data_dir, prior.class_prompt, prior.num_class_images,
                             sample_batch_size=prior.sample_batch_size, precision=prior.prior_generation_precision,
-                            seed=seed, variant=spec.model.variant, skip_bad=spec.data.skip_bad_images)
-    dataset = data.make_dreambooth_dataset(instance_dir, instance_prompt, class_dir, prior.class_prompt,
-                                           prior.num_class_images, skip_bad=spec.data.skip_bad_images)
+                            seed=seed, variant=spec.model.variant, skip_bad=spec.data.skip_bad_images, models=models)
+    dataset = data.dataset_from_spec(spec)
     steps = spec_lib.total_train_steps(spec, len(dataset), jax.device_count())
-    return RunInputs(spec, Path(model_dir), Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
-
-
-def load_models(run: RunInputs) -> dict[str, Any]:
-    """Configs, modules and host params of the UNet, VAE and text encoder."""
-    spec = run.spec
-    dtype = COMPUTE_DTYPES[spec.precision.mixed_precision]
-    kernel = spec.precision.attention
-    unet_config, unet_dict, unet_params = pretrained.load_pretrained(run.model_dir, "unet", variant=spec.model.variant,
-                                                                     dtype=jnp.float32)
-    vae_source = spec.model.pretrained_vae_name_or_path
-    vae_dir = Path(vae_source) if vae_source else run.model_dir
-    vae_config, _, vae_params = pretrained.load_pretrained(vae_dir, "vae", variant=spec.model.variant)
-    text_config, text_dict, text_params = pretrained.load_pretrained(run.model_dir, "text_encoder",
-                                                                     variant=spec.model.variant, dtype=jnp.float32)
-    remat = spec.precision.gradient_checkpointing
-    return {
-        "unet": unet_lib.FlaxUNet2DConditionModel(unet_config, dtype=dtype, attention_kernel=kernel,
-                                                  gradient_checkpointing=remat),
-        "unet_config_dict": unet_dict, "unet_params": unet_params,
-        "vae": FlaxAutoencoderKL(vae_config), "vae_config": vae_config, "vae_params": vae_params,
-        "text_encoder": clip_lib.make_text_encoder(text_config, dtype=dtype, attention_kernel=kernel,
-                                                   gradient_checkpointing=remat),
-        "text_config_dict": text_dict, "text_params": text_params,
-    }
-
-
-def text_apply_fn(text_encoder) -> Any:
-    return lambda variables, ids, mask: text_encoder.apply(variables, ids, mask).last_hidden_state
-
-
-def build_caches(run: RunInputs, models: dict) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Latent posteriors of every image and token ids / embeddings of every prompt."""
-    spec = run.spec
-    posteriors = [encode.encode_latent_posteriors(models["vae"], models["vae_params"], run.dataset,
-                                                  resolution=spec.data.resolution, center_crop=True, flip=flip)
-                  for flip in ((False, True) if spec.data.random_flip else (False,))]
-    if not spec.data.center_crop:
-        _note_fixed_crops(run.dataset)
-    mean = np.concatenate([p[0] for p in posteriors])
-    std = np.concatenate([p[1] for p in posteriors])
-    prompts = sorted({example.caption for example in run.dataset.examples})
-    tokenizer = load_tokenizer(spec.model.tokenizer_name or run.model_dir, revision=spec.model.revision)
-    tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
-    input_ids, mask = tokenize(prompts)
-    caches = {"latent_mean": mean, "latent_std": std}
-    if spec.model.train_text_encoder:
-        caches.update(input_ids=input_ids, attention_mask=mask)
-    else:
-        caches["text_embeddings"] = encode.encode_prompts(
-            text_apply_fn(models["text_encoder"]), models["text_params"], tokenize, prompts,
-            use_attention_mask=spec.model.text_encoder_use_attention_mask)
-    return caches, prompts
-
-
-def _note_fixed_crops(dataset: data.Dataset) -> None:
-    """Random crops only matter for non-square images; with cached latents they are centred."""
-    from PIL import Image
-
-    non_square = [e.path.name for e in dataset.examples if (lambda size: size[0] != size[1])(Image.open(e.path).size)]
-    if non_square:
-        log(f"note: {len(non_square)} non-square image(s) (e.g. {non_square[0]}) are centre-cropped once for the "
-            "latent cache instead of randomly cropped each step (as kohya does when caching latents)")
+    return RunInputs(spec, models.model_dir, Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
 
 
 def make_optimizer(run: RunInputs):
-    spec = run.spec
-    lr = spec_lib.effective_learning_rate(spec, jax.device_count())
-    schedule = optim.make_lr_schedule(spec.optim.lr_scheduler, learning_rate=lr,
-                                      num_warmup_steps=spec.optim.lr_warmup_steps,
-                                      num_training_steps=run.max_train_steps,
-                                      num_cycles=spec.optim.lr_num_cycles, power=spec.optim.lr_power)
-    tx = optim.make_optimizer(learning_rate_schedule=schedule, optimizer=spec.optim.optimizer,
-                              adam_beta1=spec.optim.adam_beta1, adam_beta2=spec.optim.adam_beta2,
-                              adam_epsilon=spec.optim.adam_epsilon, adam_weight_decay=spec.optim.adam_weight_decay,
-                              max_grad_norm=spec.optim.max_grad_norm,
-                              gradient_accumulation_steps=spec.optim.gradient_accumulation_steps)
+    """The optax update and the UNet's LR schedule; a trained text encoder is its own param group.
+
+    Both groups follow one schedule shape (one torch LambdaLR over two groups); the text encoder
+    takes ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` (None: the UNet's values).
+    """
+    spec, o = run.spec, run.spec.optim
+    unet_lr = spec_lib.effective_learning_rate(spec, jax.device_count())
+    schedule_for = functools.partial(optim.make_lr_schedule, o.lr_scheduler, num_warmup_steps=o.lr_warmup_steps,
+                                     num_training_steps=run.max_train_steps, num_cycles=o.lr_num_cycles,
+                                     power=o.lr_power, optimizer_learning_rate=unet_lr)
+    schedule = schedule_for(learning_rate=unet_lr)
+    groups = None
+    if spec.model.train_text_encoder:
+        decay = o.adam_weight_decay if o.adam_weight_decay_text_encoder is None else o.adam_weight_decay_text_encoder
+        text_lr = spec_lib.effective_text_encoder_learning_rate(spec, jax.device_count())
+        groups = {"text_encoder": optim.ParamGroup(schedule_for(learning_rate=text_lr), decay)}
+    tx = optim.make_optimizer(learning_rate_schedule=schedule, optimizer=o.optimizer, adam_beta1=o.adam_beta1,
+                              adam_beta2=o.adam_beta2, adam_epsilon=o.adam_epsilon,
+                              adam_weight_decay=o.adam_weight_decay, max_grad_norm=o.max_grad_norm,
+                              gradient_accumulation_steps=o.gradient_accumulation_steps, param_groups=groups)
     return tx, schedule
 
 
@@ -182,18 +120,6 @@ def init_state(params_host: dict, tx, mesh, seed: int) -> tuple[TrainState, Any]
                                                                replicated))
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
     return state, shardings
-
-
-def global_rows(iterator: data.BatchIterator, epoch: int, position: int, prompt_index: dict[str, int]):
-    """Latent-cache and prompt index of every row of the global batch: instance rows, then class rows.
-
-    Flipped rows (``random_flip``) index the second, flipped half of the latent cache.
-    """
-    examples = iterator.dataset.examples
-    plan = iterator.global_row_plan(epoch, position)
-    cache_rows = [example + len(examples) * iterator.row_flip(epoch, slot, stream) for example, slot, stream in plan]
-    prompts = [prompt_index[examples[example].caption] for example, _, _ in plan]
-    return {"example_idx": np.asarray(cache_rows, np.int32), "prompt_idx": np.asarray(prompts, np.int32)}
 
 
 def global_batch_size(spec: spec_lib.RunSpec) -> int:
@@ -269,16 +195,16 @@ def trained_params_host(state: TrainState) -> dict:
     return jax.device_get(state.params)
 
 
-def export_trained(params_host: dict, models: dict, out_dir: Path, *, train_text_encoder: bool,
+def export_trained(params_host: dict, models: LoadedModels, out_dir: Path, *, train_text_encoder: bool,
                    skip_text_encoder: bool = False) -> None:
     """Write trained components in diffusers' PyTorch layout (the only part that differs from the base)."""
-    pretrained.save_diffusers_component(params_host["unet"], models["unet_config_dict"], out_dir, "unet")
+    pretrained.save_diffusers_component(params_host["unet"], models.unet_config_dict, out_dir, "unet")
     if train_text_encoder and not skip_text_encoder:
-        pretrained.save_diffusers_component(params_host["text_encoder"], models["text_config_dict"], out_dir,
+        pretrained.save_diffusers_component(params_host["text_encoder"], models.text_config_dict, out_dir,
                                             "text_encoder")
 
 
-def save_pipeline(run: RunInputs, models: dict, params_host: dict, steps_done: int) -> Path:
+def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps_done: int) -> Path:
     """The final output folder: a loadable diffusers pipeline plus spec and model card."""
     spec, out = run.spec, run.output_dir
     train_te = spec.model.train_text_encoder
@@ -288,9 +214,8 @@ def save_pipeline(run: RunInputs, models: dict, params_host: dict, steps_done: i
     if spec.checkpointing.skip_save_text_encoder:
         skip.add("text_encoder")
     output.copy_base_components(run.model_dir, out, skip=skip)
-    vae_override = spec_lib.vae_name_or_path(spec)
-    if vae_override:
-        output.copy_base_components(Path(vae_override), out, skip=set(output.PIPELINE_COMPONENTS) - {"vae"})
+    if models.vae_dir is not None:  # the VAE the run trained with (a Hub id resolved to its cache folder)
+        output.copy_base_components(models.vae_dir, out, skip=set(output.PIPELINE_COMPONENTS) - {"vae"})
     output.write_model_index(run.model_dir, out)
     base = spec.model.pretrained_model_name_or_path or "jaxbooth built-in tiny model"
     prompt = run.dataset.examples[run.dataset.instance_items[0]].caption
@@ -299,7 +224,8 @@ def save_pipeline(run: RunInputs, models: dict, params_host: dict, steps_done: i
     return out
 
 
-def loss_options(spec: spec_lib.RunSpec, schedule: diffusion.NoiseSchedule, vae_config) -> LossOptions:
+def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
+    schedule, vae_config = models.noise_schedule, models.vae_config
     return LossOptions(
         prediction_type=schedule.prediction_type, snr_gamma=spec.optim.snr_gamma,
         offset_noise=spec.optim.offset_noise, with_prior_preservation=spec.prior.with_prior_preservation,
@@ -309,99 +235,61 @@ def loss_options(spec: spec_lib.RunSpec, schedule: diffusion.NoiseSchedule, vae_
         latent_shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0))
 
 
-class Progress:
-    """Progress line with loss, lr and steps/s; metrics to JSON lines. Host sync happens only here."""
-
-    def __init__(self, run: RunInputs, total: int, start_step: int = 0):
-        self.total = total
-        self.metrics_log = output.MetricsLog(run.output_dir, enabled=jax.process_index() == 0)
-        self.last_time, self.last_step = time.perf_counter(), start_step
-        self.tensorboard = _tensorboard_writer(run)
-        self.wandb = _wandb_run(run)
-        self.display = TrainingProgress(total, start_step, enabled=jax.process_index() == 0)
-
-    def report(self, step: int, metrics: dict, *, window_start: int) -> None:
-        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise JaxboothError(f"the loss became nan or inf somewhere within steps [{window_start}, {step}]; "
-                                "lower --learning_rate, or use --mixed_precision=bf16 instead of fp16")
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        record = {"train/loss": values["loss"], "train/instance_loss": values["instance_loss"],
-                  "train/prior_loss": values["prior_loss"], "train/lr": values["lr"],
-                  "train/grad_norm": values["grad_norm"], "perf/steps_per_sec": rate}
-        self.metrics_log.write(step, record)
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
-        self.display.show(step, values["loss"], values["lr"], rate)
-
-
-def _tensorboard_writer(run: RunInputs):
-    if run.spec.logging.report_to not in ("tensorboard", "all") or jax.process_index() != 0:
-        return None
-    from jaxbooth.tensorboard import EventWriter  # torch-free: tensorboardX would import torch
-
-    return EventWriter(run.output_dir / run.spec.logging.logging_dir)
-
-
-def _wandb_run(run: RunInputs):
-    if run.spec.logging.report_to not in ("wandb", "all") or jax.process_index() != 0:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise JaxboothError("--report_to=wandb needs the wandb package: pip install wandb "
-                            "(or use --report_to=tensorboard)") from None
-    return wandb.init(project="jaxbooth", dir=str(run.output_dir), config=spec_lib.spec_to_dict(run.spec))
+def load_for_training(spec: spec_lib.RunSpec) -> LoadedModels:
+    """Refuse what this backend cannot train (no file read, then model_index.json only), then load once."""
+    loading.refuse_unsupported_options(spec)
+    return loading.load_models(spec, loading.resolve_model_paths(spec))
 
 
 def train(spec: spec_lib.RunSpec) -> Path:
-    """Run DreamBooth end to end on the JAX backend; returns the output pipeline folder."""
+    """Run DreamBooth end to end on the JAX backend; returns the output folder."""
     configure_jax(spec)
-    run = resolve_inputs(spec)
-    models = load_models(run)
-    noise_schedule = diffusion.load_schedule(run.model_dir)
-    caches, prompts = build_caches(run, models)
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
-    # latents are cached: the VAE leaves device memory (validation keeps a host copy)
-    validator = make_validator(spec, models, model_dir=run.model_dir, output_dir=run.output_dir,
-                               vae_params=models.pop("vae_params"), seed=run.seed, mesh=mesh)
-    params_host = {"unet": models.pop("unet_params")}
+    models = load_for_training(spec)
+    run = prepare_inputs(spec, models)
+    caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
+    crops = "centre crops" if spec.data.center_crop else f"up to {caches_lib.CROPS_PER_IMAGE} random crops each"
+    log(f"cached {caches.latent_index.num_rows} latent posteriors of {len(run.dataset.examples)} images ({crops}"
+        f"{', both orientations' if spec.data.random_flip else ''})")
+    validator = make_validator(spec, models, output_dir=run.output_dir, seed=run.seed, mesh=mesh)
+    models.vae_params = None  # latents are cached: the VAE leaves memory (validation keeps a host copy)
+    params_host = {"unet": models.unet_params}
     if spec.model.train_text_encoder:
-        params_host["text_encoder"] = models["text_params"]
+        params_host["text_encoder"] = models.text_params
     tx, lr_schedule = make_optimizer(run)
     state, shardings = init_state(params_host, tx, mesh, run.seed)
-    del params_host
-    accumulation = spec.optim.gradient_accumulation_steps
+    models.unet_params = models.text_params = params_host = None  # the state holds what is trained
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution, batch_size=global_batch_size(spec),
-                                  seed=run.seed, center_crop=True, random_flip=spec.data.random_flip)
+                                  seed=run.seed, center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
+                                  interpolation=spec.data.image_interpolation_mode)
     writer = checkpoint.CheckpointWriter(run.output_dir, keep=spec.checkpointing.checkpoints_total_limit)
     state, resumed_from = checkpoint.maybe_resume(spec, run.output_dir, state, shardings, iterator)
+    accumulation = spec.optim.gradient_accumulation_steps
     if resumed_from:
         log(f"resumed from {resumed_from} at optimizer step {int(state.step) // accumulation}")
     step_fn = make_train_step(
-        unet_apply=models["unet"].apply,
-        text_apply=text_apply_fn(models["text_encoder"]) if spec.model.train_text_encoder else None,
-        tx=tx, lr_schedule=lr_schedule, tables=noise_schedule.as_tables(),
-        options=loss_options(spec, noise_schedule, models["vae_config"]),
-        gradient_accumulation_steps=accumulation)
-    prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
-    example_batch = global_rows(iterator, 0, 0, prompt_index)
+        unet_apply=models.unet.apply,
+        text_apply=text_apply_fn(models.text_encoder) if spec.model.train_text_encoder else None,
+        tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
+        options=loss_options(spec, models), gradient_accumulation_steps=accumulation)
+    rows = functools.partial(caches_lib.global_rows, prompt_index={p: i for i, p in enumerate(caches.prompts)},
+                             latent_index=caches.latent_index)
     compiled, compile_seconds, batch_shardings, frozen_shardings = compile_step(
-        step_fn, state, shardings, caches, example_batch, mesh)
+        step_fn, state, shardings, caches.frozen, rows(iterator, 0, 0), mesh)
     log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
-    frozen = jax.device_put(caches, frozen_shardings)
-    state = run_loop(run, compiled, state, frozen, iterator, prompt_index, batch_shardings, writer, models,
-                     validator)
+    frozen = jax.device_put(caches.frozen, frozen_shardings)
+    del caches  # the host copy of the caches; the device holds them now
+    state = run_loop(run, compiled, state, frozen, iterator, rows, batch_shardings, writer, models, validator)
     writer.wait()
+    return _finish(run, models, state)
+
+
+def _finish(run: RunInputs, models: LoadedModels, state: TrainState) -> Path:
+    """Gather the trained params and write the pipeline, resolved spec and (optionally) the Hub upload."""
+    spec = run.spec
     params_host = trained_params_host(state)
-    steps_done = int(jax.device_get(state.step)) // accumulation
+    steps_done = int(jax.device_get(state.step)) // spec.optim.gradient_accumulation_steps
     if jax.process_index() == 0:
         out = save_pipeline(run, models, params_host, steps_done)
         spec_lib.write_resolved_spec(spec, out / output.SPEC_FILENAME)
@@ -413,19 +301,24 @@ def train(spec: spec_lib.RunSpec) -> Path:
 
 
 def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data.BatchIterator,
-             prompt_index: dict[str, int], batch_shardings, writer, models: dict, validator=None) -> TrainState:
-    """Micro-steps until max_train_steps optimizer steps; syncs with the host only at log/save steps."""
+             rows: Callable[..., dict], batch_shardings, writer, models: LoadedModels,
+             validator=None) -> TrainState:
+    """Micro-steps until max_train_steps optimizer steps; syncs with the host only at log/save steps.
+
+    ``rows(iterator, epoch, position)`` is the global batch of cache indices (``caches.global_rows``).
+    """
     spec = run.spec
     accumulation = spec.optim.gradient_accumulation_steps
     total_micro = run.max_train_steps * accumulation
     micro = int(jax.device_get(state.step))
-    progress = Progress(run, run.max_train_steps, start_step=micro // accumulation)
+    progress = Progress(spec, run.output_dir, run.max_train_steps, start_step=micro // accumulation)
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
     window_start = micro // accumulation + 1
+    export = functools.partial(_export_checkpoint, models=models, train_text_encoder=spec.model.train_text_encoder)
     with checkpoint.StopOnSignal() as stop:
         while micro < total_micro:
-            batch = global_rows(iterator, iterator.epoch, iterator.position, prompt_index)
+            batch = rows(iterator, iterator.epoch, iterator.position)
             iterator.epoch, iterator.position = _next_position(iterator)
             state, metrics = compiled(state, frozen, put_batch(batch, batch_shardings))
             micro += 1
@@ -441,10 +334,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 validator.run(step, state.params["unet"], state.params.get("text_encoder"),
                               writer=progress.tensorboard)
             if (save_every and step % save_every == 0) or stop.requested:
-                writer.save(step, state, iterator.state_dict(), spec,
-                            export=lambda path, params: export_trained(
-                                params, models, path, train_text_encoder=spec.model.train_text_encoder),
-                            gather=trained_params_host)
+                writer.save(step, state, iterator.state_dict(), spec, export=export, gather=trained_params_host)
             if stop.requested:
                 writer.wait()
                 progress.display.close()
@@ -452,6 +342,10 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 raise SystemExit(0)
     progress.display.close()
     return state
+
+
+def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, train_text_encoder: bool) -> None:
+    export_trained(params, models, path, train_text_encoder=train_text_encoder)
 
 
 def _next_position(iterator: data.BatchIterator) -> tuple[int, int]:

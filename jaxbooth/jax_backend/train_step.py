@@ -18,6 +18,7 @@ import optax
 
 from jaxbooth import diffusion
 from jaxbooth.diffusion import LossOptions
+from jaxbooth.jax_backend import optim
 
 __all__ = ["LossOptions", "TrainState", "denoising_loss", "gradient_step", "make_train_step", "step_halves",
            "train_step", "update_step"]
@@ -97,10 +98,15 @@ def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: C
 
 def update_step(state: TrainState, grads: Any, losses: dict, *, tx: optax.GradientTransformation,
                 lr_schedule: Callable, gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
-    """The optax update (accumulation lives inside ``tx``) and the metrics (the second half)."""
+    """The optax update (accumulation lives inside ``tx``) and the metrics (the second half).
+
+    ``grad_norm`` is the norm of the gradient the clip saw: after the last micro-step of an
+    accumulation window, of the window's averaged gradient (what torch's ``clip_grad_norm_``
+    returns and logs); ``tx`` must come from ``optim.make_optimizer``, which records it.
+    """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**losses, "grad_norm": optax.global_norm(grads),
+    metrics = {**losses, "grad_norm": optim.accumulated_grad_norm(opt_state),
                "lr": lr_schedule(state.step // gradient_accumulation_steps)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

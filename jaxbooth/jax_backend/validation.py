@@ -5,8 +5,9 @@ inference steps, the pipeline's default guidance (7.5) and size (unet sample_siz
 noise from the run seed (so every validation starts from the same noise and images are
 comparable across steps), the `validation_scheduler` built from the pipeline's scheduler config
 (learned variance types read as "fixed_small", as diffusers does), and TensorBoard's
-`add_images("validation", images, step, dataformats="NHWC")`. Also writes the images as PNGs
-(one grid per validation plus the single images) under `output_dir/validation/`.
+`add_images("validation", images, step, dataformats="NHWC")`. The cadence and the files
+(`validation/step-{N}.png`, `validation/step-{N}/{k}.png`) are `jaxbooth.validation_files`,
+shared with the torch backend.
 
 Memory: the trainer drops the VAE params from the device once latents are cached. The
 `Validator` keeps a host (numpy) copy of the VAE params, and of the text-encoder params when the
@@ -21,10 +22,8 @@ to DDIM, the deterministic sampler on the same noise schedule, with a one-time n
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from jaxbooth import validation_files
 from jaxbooth.jax_backend.generate import read_scheduler_config, sampler_from_models
+from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.schedulers import canonical_sampler_name
+from jaxbooth.validation_files import image_grid
 
-VALIDATION_STEPS = 25  # log_validation's num_inference_steps
+__all__ = ["Validator", "image_grid", "make_validator", "validation_sampler_name", "validation_scheduler_config"]
+
+VALIDATION_STEPS = validation_files.NUM_INFERENCE_STEPS  # log_validation's num_inference_steps
 VALIDATION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default, which log_validation keeps
 _SUBSTITUTES = {"ddpmscheduler": "DDIMScheduler", "ddpm": "DDIMScheduler"}
 _noted: set[str] = set()
@@ -68,19 +72,6 @@ def validation_scheduler_config(config: dict) -> dict:
     return config
 
 
-def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images (all one size) tiled row by row into a ceil(sqrt(n))-column grid; empty cells black."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height))
-    for k, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((k % cols) * width, (k // cols) * height))
-    return grid
-
-
 def _host_copy(tree: Any) -> Any:
     """The params tree as host numpy (device arrays are copied, numpy kept as is), so holding it
     does not pin device buffers the trainer drops."""
@@ -101,7 +92,8 @@ class Validator:
 
     All processes must call `run` (sampling is collective over the mesh); only process 0
     writes files and TensorBoard events. One `Validator` keeps one compiled sampling loop, so
-    only the first `run` compiles.
+    only the first `run` compiles. `written`: the grids saved so far, relative to the output
+    folder (for the model card).
     """
 
     def __init__(self, *, model_dir: Path, output_dir: Path, tokenizer: Any, text_encoder: Any, text_params: Any,
@@ -110,9 +102,10 @@ class Validator:
                  schedule: tuple[str, int] = ("steps", 100), seed: int = 0,
                  num_inference_steps: int = VALIDATION_STEPS, guidance_scale: float = VALIDATION_GUIDANCE,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                 use_attention_mask: bool = False, mesh: Any = None) -> None:
+                 use_attention_mask: bool = False, mesh: Any = None, scheduler_config: dict | None = None) -> None:
         """`text_params`: the frozen text encoder's params (host copy kept); `schedule`: what
-        `spec.validation_schedule` returns, ("steps" | "epochs", n)."""
+        `spec.validation_schedule` returns, ("steps" | "epochs", n); `scheduler_config`: the
+        pipeline's (read from `model_dir` when None)."""
         kind, every = schedule
         if kind not in ("steps", "epochs") or every < 1:
             raise ValueError(f"validation schedule {schedule!r}: expected ('steps' | 'epochs', n >= 1)")
@@ -121,7 +114,9 @@ class Validator:
         self.prompt, self.num_images, self.schedule = validation_prompt, num_validation_images, (kind, every)
         self.seed, self.steps, self.guidance_scale = seed, num_inference_steps, guidance_scale
         self.height, self.width, self.negative_prompt = height, width, negative_prompt
-        self.out_dir, self.mesh = Path(output_dir) / "validation", mesh
+        self.output_dir, self.mesh = Path(output_dir), mesh
+        self.out_dir = self.output_dir / validation_files.VALIDATION_DIR
+        self.written: list[str] = []
         self._vae_host, self._text_host = _host_copy(vae_params), _host_copy(text_params)
         self.sampler = sampler_from_models(
             model_dir=Path(model_dir), tokenizer=tokenizer, unet=unet, unet_params=None, text_encoder=text_encoder,
@@ -129,20 +124,15 @@ class Validator:
             sampler_name=validation_sampler_name(validation_scheduler), use_attention_mask=use_attention_mask,
             mesh=mesh)
         # before the first sampler is built (lazily, per step count), as log_validation's from_config override
-        self.sampler.scheduler_config = validation_scheduler_config(read_scheduler_config(Path(model_dir)))
+        self.sampler.scheduler_config = validation_scheduler_config(
+            scheduler_config if scheduler_config is not None else read_scheduler_config(Path(model_dir)))
 
     def should_run(self, step: int, epochs_done: int | None = None) -> bool:
-        """Whether to validate now, after optimizer `step`.
+        """Whether to validate now, after optimizer `step`: `validation_files.should_validate`.
 
-        `epochs_done`: the number of finished epochs when `step` ended one, else None. Steps
-        mode is train_dreambooth.py's `global_step % validation_steps == 0`; epochs mode is the
-        LoRA scripts' end-of-epoch `epoch % validation_epochs == 0` with their 0-based epoch,
-        i.e. after the 1st, (1+n)th, (1+2n)th... epoch (an early look after the first).
+        `epochs_done`: the number of finished epochs when `step` ended one, else None.
         """
-        kind, every = self.schedule
-        if kind == "steps":
-            return step > 0 and step % every == 0
-        return epochs_done is not None and epochs_done >= 1 and (epochs_done - 1) % every == 0
+        return validation_files.should_validate(self.schedule, step, epochs_done)
 
     def generate(self, unet_params: Any, text_params: Any = None) -> list[Image.Image]:
         """The validation images for these params; the frozen params go on device only meanwhile."""
@@ -158,53 +148,44 @@ class Validator:
             self.sampler.vae_params = None  # drop the device copy
 
     def run(self, step: int, unet_params: Any, text_params: Any = None, *, writer: Any = None) -> Path:
-        """Generate, save `validation/step-{step:06d}.png` (grid) and `validation/step-{step:06d}/NN.png`,
-        and `writer.add_images` when a TensorBoard SummaryWriter is given. Returns the grid's path.
+        """Generate, save `validation/step-{step}.png` (grid) and `validation/step-{step}/{k}.png`,
+        and `writer.add_images` when a TensorBoard writer is given. Returns the grid's path.
 
         `unet_params`: the UNet params being trained (device arrays, any sharding on the mesh);
         `text_params`: the text encoder's when it is trained, else None (the frozen copy is used).
         """
         start = time.perf_counter()
         images = self.generate(unet_params, text_params)
-        grid_path = self.out_dir / f"step-{step:06d}.png"
+        grid_path = validation_files.grid_path(self.output_dir, step)
         if jax.process_index() == 0:
-            save_validation_images(images, grid_path, writer=writer, step=step)
+            validation_files.save_validation_images(images, self.output_dir, step)
+            if writer is not None:
+                validation_files.log_validation_images(writer, images, step)
             _log(f"validation at step {step}: {len(images)} images of {self.prompt!r} in "
                  f"{time.perf_counter() - start:.1f}s -> {grid_path}")
+        self.written.append(str(grid_path.relative_to(self.output_dir)))
         return grid_path
 
 
-def save_validation_images(images: Sequence[Image.Image], grid_path: Path, *, writer: Any = None,
-                           step: int = 0) -> None:
-    """The grid at `grid_path`, each image in a folder beside it, and TensorBoard images (NHWC uint8)."""
-    singles = grid_path.with_suffix("")
-    singles.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(images):
-        image.save(singles / f"{k:02d}.png")
-    image_grid(images).save(grid_path)
-    if writer is not None:
-        writer.add_images("validation", np.stack([np.asarray(image.convert("RGB")) for image in images]), step,
-                          dataformats="NHWC")
-        writer.flush()
-
-
-def make_validator(spec: Any, models: dict, *, model_dir: Path, output_dir: Path, vae_params: Any, seed: int,
+def make_validator(spec: Any, models: LoadedModels, *, output_dir: Path, seed: int,
                    mesh: Any = None) -> Validator | None:
-    """A `Validator` from the run spec and the trainer's `load_models` dict; None without a validation_prompt.
+    """A `Validator` from the run spec and the run's `LoadedModels`; None without a validation_prompt.
 
-    Pass `vae_params` explicitly: the trainer pops them from `models` once latents are cached.
+    Uses the models' tokenizer, scheduler config and `vae_params` (call it before the trainer
+    drops them: the validator keeps a host copy); the model folder is `models.model_dir`.
     """
     from jaxbooth import spec as spec_lib
-    from jaxbooth.text import load_tokenizer
 
     schedule = spec_lib.validation_schedule(spec)
     if schedule is None:
         return None
+    if models.vae_params is None:
+        raise ValueError("make_validator needs LoadedModels.vae_params; build the validator before dropping them")
     v = spec.validation
     return Validator(
-        model_dir=model_dir, output_dir=output_dir,
-        tokenizer=load_tokenizer(spec.model.tokenizer_name or model_dir, revision=spec.model.revision),
-        text_encoder=models["text_encoder"], text_params=models["text_params"], unet=models["unet"],
-        vae_config=models["vae_config"], vae_params=vae_params, validation_prompt=v.validation_prompt,
+        model_dir=models.model_dir, output_dir=output_dir, tokenizer=models.tokenizer,
+        text_encoder=models.text_encoder, text_params=models.text_params, unet=models.unet,
+        vae_config=models.vae_config, vae_params=models.vae_params, validation_prompt=v.validation_prompt,
         num_validation_images=v.num_validation_images, validation_scheduler=v.validation_scheduler,
-        schedule=schedule, seed=seed, use_attention_mask=spec.model.text_encoder_use_attention_mask, mesh=mesh)
+        schedule=schedule, seed=seed, use_attention_mask=spec.model.text_encoder_use_attention_mask, mesh=mesh,
+        scheduler_config=models.scheduler_config)

@@ -4,7 +4,8 @@
 scheduler, grad scaler, RNG states, or the DeepSpeed engine files), ``unet/`` (and
 ``text_encoder/`` when trained) in diffusers' layout, so
 ``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works, and
-``jaxbooth_checkpoint.json`` ({"step", "data", "spec"}), written last: a checkpoint without it
+the shared marker ``jaxbooth_checkpoint.json`` (``checkpoints.checkpoint_record``: step, seed,
+data position, spec without the Hub token), written last: a checkpoint without it
 (killed mid-write) is never resumed from and is cleared by the next run. The model weights
 live only in ``unet/`` / ``text_encoder/``: accelerate's state hooks write and read them
 there instead of a second copy in ``state/`` (diffusers does the same inside ``state/``).
@@ -13,15 +14,23 @@ Naming, completeness and retention are the shared ``jaxbooth.checkpoints``. Neve
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from jaxbooth import output
 from jaxbooth import spec as spec_lib
-from jaxbooth.checkpoints import MARKER, PREFIX, StopOnSignal, clear_incomplete, prune_checkpoints, resolve_resume_path
+from jaxbooth.checkpoints import (
+    MARKER,
+    PREFIX,
+    StopOnSignal,
+    checkpoint_record,
+    clear_incomplete,
+    prune_checkpoints,
+    read_marker,
+    resolve_resume_path,
+    write_marker,
+)
 from jaxbooth.errors import JaxboothError
 
 STATE_DIR = "state"
@@ -65,15 +74,8 @@ def register_state_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def checkpoint_record(step: int, data_state: dict, spec: spec_lib.RunSpec) -> dict:
-    """The marker's content; the hub token never lands on disk (as in ``write_resolved_spec``)."""
-    spec_dict = spec_lib.spec_to_dict(spec)
-    spec_dict["hub"]["hub_token"] = None
-    return {"step": step, "data": data_state, "spec": spec_dict}
-
-
-def save_checkpoint(accelerator: Any, output_dir: Path, step: int, data_state: dict, spec: spec_lib.RunSpec,
-                    keep: int | None) -> Path:
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, data_state: dict, spec: spec_lib.RunSpec, *,
+                    seed: int, keep: int | None) -> Path:
     """Save ``checkpoint-<step>`` on every process (DeepSpeed needs all ranks), then the
     marker and retention on the main process once every rank is done."""
     path = output_dir / f"{PREFIX}{step}"
@@ -83,8 +85,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, data_state: d
     accelerator.save_state(str(path / STATE_DIR))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        record = checkpoint_record(step, data_state, spec)
-        output.atomic_write_text(path / MARKER, json.dumps(record, indent=1, default=str) + "\n")
+        write_marker(path, checkpoint_record(step, data_state, spec, seed))
         prune_checkpoints(output_dir, keep)
         _log(f"saved {path}")
     accelerator.wait_for_everyone()
@@ -99,7 +100,7 @@ def maybe_resume(accelerator: Any, spec: spec_lib.RunSpec, output_dir: Path) -> 
     path = resolve_resume_path(output_dir, spec.checkpointing.resume_from_checkpoint)
     if path is None:
         return None, None
-    record = json.loads((path / MARKER).read_text())
+    record = read_marker(path)
     if not list((path / STATE_DIR).glob("random_states_*.pkl")):  # accelerate writes one per process
         raise JaxboothError(f"--resume_from_checkpoint: {path} holds no accelerate train state (a jax-backend "
                             f"checkpoint?); resume it with --backend=jax, or start a new output_dir. Its unet/ "

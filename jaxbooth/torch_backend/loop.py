@@ -4,16 +4,15 @@ One micro-step draws its randomness from (seed, micro-step, process) (see ``loss
 runs ``loss.denoising_loss`` and ``accelerator.backward``; at the end of each accumulation
 window the gradients are clipped and the optimizer and LR scheduler step (accelerate skips
 them inside the window, as in diffusers). The host reads values back only at log steps.
-Metrics have the JAX backend's names and go to ``metrics.jsonl`` and accelerate's trackers.
-Never imports jax.
+Metrics are the shared ``output.metric_record`` (the JAX backend's names) and go to
+``metrics.jsonl`` and accelerate's trackers; validation follows the shared cadence
+(``validation_files.should_validate``). Never imports jax.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import torch
 
 from jaxbooth import data, diffusion, output
 from jaxbooth import spec as spec_lib
-from jaxbooth.errors import JaxboothError
 from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
 from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
 from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, make_generator
+from jaxbooth.validation_files import should_validate
 
 
 def log(accelerator: Any, message: str) -> None:
@@ -108,36 +107,20 @@ class Progress:
     def __init__(self, t: Trainer, start_step: int):
         self.t = t
         self.metrics_log = output.MetricsLog(t.output_dir, enabled=t.accelerator.is_main_process)
-        self.last_time, self.last_step, self.window_start = time.perf_counter(), start_step, start_step + 1
+        self.window = output.MetricWindow(start_step)
         self.display = TrainingProgress(t.max_train_steps, start_step, enabled=t.accelerator.is_main_process)
 
     def report(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         accelerator = self.t.accelerator
-        losses = torch.stack([metrics["loss"], metrics["instance_loss"], metrics["prior_loss"]]).to(accelerator.device)
-        losses = accelerator.reduce(losses, reduction="mean").tolist()
-        if not all(math.isfinite(v) for v in losses):
-            raise JaxboothError(f"the loss became nan or inf somewhere within steps [{self.window_start}, {step}]; "
-                                "lower --learning_rate, or use --mixed_precision=bf16 instead of fp16")
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step, self.window_start = now, step, step + 1
-        record = {"train/loss": losses[0], "train/instance_loss": losses[1], "train/prior_loss": losses[2],
-                  "train/lr": float(metrics["lr"]), "train/grad_norm": float(metrics["grad_norm"]),
-                  "perf/steps_per_sec": rate}
+        names = output.LOSS_METRICS
+        losses = torch.stack([metrics[name] for name in names]).to(accelerator.device)
+        losses = accelerator.reduce(losses, reduction="mean").tolist()  # every process's mean
+        values = {**dict(zip(names, losses, strict=True)), "lr": float(metrics["lr"]),
+                  "grad_norm": float(metrics["grad_norm"])}
+        record = self.window.record(step, values)
         self.metrics_log.write(step, record)
         accelerator.log(record, step=step)
-        self.display.show(step, losses[0], record["train/lr"], rate)
-
-
-def should_validate(spec: spec_lib.RunSpec, step: int, epoch_before: int, epoch_after: int) -> bool:
-    """diffusers' cadence: every ``validation_steps`` steps, or every ``validation_epochs`` epochs."""
-    schedule = spec_lib.validation_schedule(spec)
-    if schedule is None:
-        return False
-    kind, every = schedule
-    if kind == "steps":
-        return step % every == 0
-    return epoch_after > epoch_before and epoch_after % every == 0
+        self.display.show(step, record["train/loss"], record["train/lr"], record["perf/steps_per_sec"])
 
 
 def run_loop(t: Trainer, start_step: int) -> int:
@@ -146,6 +129,7 @@ def run_loop(t: Trainer, start_step: int) -> int:
     SIGTERM saves a checkpoint after the current step and exits with status 0.
     """
     spec, accelerator = t.spec, t.accelerator
+    validation = spec_lib.validation_schedule(spec)
     accumulation = spec.optim.gradient_accumulation_steps
     step, micro = start_step, start_step * accumulation
     progress = Progress(t, start_step)
@@ -163,8 +147,9 @@ def run_loop(t: Trainer, start_step: int) -> int:
                 progress.report(step, metrics)
             if (save_every and step % save_every == 0) or stop.requested:
                 checkpoint.save_checkpoint(accelerator, t.output_dir, step, t.iterator.state_dict(), spec,
-                                           keep=spec.checkpointing.checkpoints_total_limit)
-            if t.validate is not None and should_validate(spec, step, epoch_before, t.iterator.epoch):
+                                           seed=t.seed, keep=spec.checkpointing.checkpoints_total_limit)
+            epochs_done = t.iterator.epoch if t.iterator.epoch > epoch_before else None
+            if t.validate is not None and should_validate(validation, step, epochs_done):
                 t.validate(step)
             if stop.requested:
                 progress.display.close()

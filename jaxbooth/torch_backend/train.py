@@ -162,11 +162,12 @@ def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
     spec = run.spec
     if not spec.prior.with_prior_preservation:
         return
-    have = class_images.count_class_images(Path(spec.prior.class_data_dir), skip_bad=spec.data.skip_bad_images)
-    accelerator.wait_for_everyone()  # every process counts before any writes
+    plan = class_images.plan_for_spec(spec, process_index=accelerator.process_index,
+                                      num_processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process plans before any writes
     class_images.generate_class_images(spec, run.model_dir, device=accelerator.device, seed=run.seed,
                                        process_index=accelerator.process_index,
-                                       num_processes=accelerator.num_processes, have=have)
+                                       num_processes=accelerator.num_processes, plan=plan)
     accelerator.wait_for_everyone()
 
 
@@ -274,25 +275,13 @@ def save_pipeline(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any
                   validation_images: list[str]) -> Path:
     """The final output folder: a diffusers pipeline loadable with ``StableDiffusionPipeline.from_pretrained``."""
     spec, out = run.spec, run.output_dir
-    skip_te = spec.checkpointing.skip_save_text_encoder
+    saved = output.components_to_save(spec)
     accelerator.unwrap_model(unet).save_pretrained(out / "unet")
-    if text_encoder is not None and not skip_te:
+    if "text_encoder" in saved:
         accelerator.unwrap_model(text_encoder).save_pretrained(out / "text_encoder")
-    skip = {"unet"} | ({"text_encoder"} if text_encoder is not None or skip_te else set())
-    output.copy_base_components(run.model_dir, out, skip=skip)
-    if run.vae_dir is not None:
-        output.copy_base_components(run.vae_dir, out, skip=set(output.PIPELINE_COMPONENTS) - {"vae"})
-    output.write_model_index(run.model_dir, out)
-    if skip_te:  # diffusers saves the pipeline with text_encoder=None
-        index = json.loads((out / "model_index.json").read_text())
-        index["text_encoder"] = [None, None]
-        output.atomic_write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
-    output.atomic_write_text(out / "README.md", output.model_card(
-        base_model=spec.model.pretrained_model_name_or_path, instance_prompt=spec.data.instance_prompt,
-        train_text_encoder=spec.model.train_text_encoder, steps=steps_done, backend="torch",
-        validation_images=validation_images))
-    spec_lib.write_resolved_spec(spec, out / output.SPEC_FILENAME)
-    return out
+    return output.write_pipeline(out, base_dir=run.model_dir, trained_components=saved, vae_dir=run.vae_dir,
+                                 spec=spec, steps=steps_done, backend="torch",
+                                 instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
 
 
 def init_trackers(run: RunInputs, accelerator: Any) -> None:

@@ -2,8 +2,9 @@
 
 Mirrors diffusers ``log_validation``: ``num_validation_images`` images of
 ``validation_prompt`` with ``validation_scheduler`` (25 steps, generator seeded with the run
-seed), from the in-memory models (no reload from disk). The grid goes to
-``OUTPUT_DIR/validation/step-N.png`` and to the tensorboard tracker. With
+seed), from the in-memory models (no reload from disk). Cadence and files
+(``validation/step-{N}.png`` grid, ``validation/step-{N}/{k}.png``) are the shared
+``jaxbooth.validation_files``; the images also go to the tensorboard tracker. With
 ``pre_compute_text_embeddings`` the prompt's embeddings were computed before the text
 encoder was freed and are passed to the pipeline instead of the prompt. Never imports jax.
 """
@@ -12,28 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-VALIDATION_DIR = "validation"
-NUM_INFERENCE_STEPS = 25
+from jaxbooth import validation_files
+from jaxbooth.validation_files import NUM_INFERENCE_STEPS, VALIDATION_DIR, image_grid
 
-
-def image_grid(images: list[Any]) -> Any:
-    """A near-square grid of equally sized PIL images (diffusers' ``make_image_grid``)."""
-    from PIL import Image
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
+__all__ = ["NUM_INFERENCE_STEPS", "VALIDATION_DIR", "generate_images", "image_grid", "make_pipeline",
+           "save_and_log", "validation_scheduler"]
 
 
 def validation_scheduler(name: str, config: Any) -> Any:
@@ -72,12 +61,9 @@ def generate_images(pipeline: Any, *, prompt: str, num_images: int, seed: int, d
 
 
 def save_and_log(images: list[Any], output_dir: Path, step: int, trackers: list[Any]) -> Path:
-    """Write the grid PNG and send the images to a tensorboard tracker; returns the PNG path."""
-    path = output_dir / VALIDATION_DIR / f"step-{step}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(path)
+    """Write the grid and single PNGs and send the images to a tensorboard tracker; returns the grid's path."""
+    path = validation_files.save_validation_images(images, output_dir, step)
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
-            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+            validation_files.log_validation_images(tracker.writer, images, step)
     return path

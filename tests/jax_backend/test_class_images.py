@@ -1,12 +1,15 @@
-"""Class-image top-up (`class_images.py`) on the tiny pipeline: shortfall only, resumable, split over hosts."""
+"""Class-image top-up (`jax_backend/class_images.py`) on the tiny pipeline: shortfall only, resumable, split
+over hosts, from the run's loaded models. Names, seeds and file modes are checked over both backends in
+tests/test_shared_outputs.py."""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import re
 import threading
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ from PIL import Image
 
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import class_images
-from jaxbooth.jax_backend.class_images import ensure_class_images, load_generation_sampler
+from jaxbooth.jax_backend.class_images import ensure_class_images, load_generation_sampler, sampler_from_loaded
+from tests._loaded import loaded_models
 
 PROMPT = "a photo of a toy"
 STEPS = 2  # enough to exercise the loop; quality is not the point here
@@ -28,14 +32,12 @@ def sampler(tiny_model_dir: Path):
 
 
 def generated(folder: Path) -> dict[int, Path]:
-    """index -> file for every `N-<sha1>.jpg` in `folder`, checking that each name's hash is its content's."""
-    out = {}
-    for path in folder.iterdir():
-        match = NAME.match(path.name)
-        if match:
-            assert hashlib.sha1(path.read_bytes()).hexdigest() == match.group(2), path.name
-            out[int(match.group(1))] = path
-    return out
+    """index -> file for every `N-<sha1>.jpg` in `folder`."""
+    return {int(m.group(1)): path for path in folder.iterdir() if (m := NAME.match(path.name))}
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), np.int16)
 
 
 def write_png(path: Path, value: int) -> None:
@@ -87,14 +89,6 @@ def test_unreadable_class_file_fails_before_generating(tmp_path: Path) -> None:
         assert class_images.existing_class_images(folder, skip_bad=True) == [folder / "ok.png"]
 
 
-def test_missing_indices_fill_gaps_and_hosts_split_them_disjointly() -> None:
-    existing = [Path("0-" + "a" * 40 + ".jpg"), Path("2-" + "b" * 40 + ".jpg"), Path("mine.png")]
-    missing = class_images.missing_indices(existing, 5)
-    assert missing == [1, 3, 4, 5, 6]
-    shares = [missing[rank::3] for rank in range(3)]
-    assert sorted(i for share in shares for i in share) == missing
-
-
 def test_two_hosts_write_disjoint_files_that_cover_the_shortfall(
         tiny_model_dir: Path, sampler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two 'hosts' as threads in one process; the barrier makes both count before either writes."""
@@ -123,7 +117,7 @@ def test_two_hosts_write_disjoint_files_that_cover_the_shortfall(
     assert not errors, errors
     assert written == {0: 3, 1: 2}
     files = generated(folder)
-    assert sorted(files) == [0, 1, 2, 3, 4]  # user.png is not an N-<sha1>.jpg, so numbering starts at 0
+    assert sorted(files) == [1, 2, 3, 4, 5]  # after user.png, as diffusers numbers them
     assert len({path.name for path in files.values()}) == 5
 
 
@@ -136,4 +130,49 @@ def test_sampler_and_precision_defaults_follow_diffusers() -> None:
     assert class_images.generation_dtype("no") == jnp.float32
     with pytest.raises(JaxboothError, match="prior_generation_precision"):
         class_images.generation_dtype("int8")
-    assert class_images.batch_seed(0, 3) != class_images.batch_seed(0, 4) != class_images.batch_seed(1, 4)
+
+
+def test_images_do_not_depend_on_the_batch_size(tiny_model_dir: Path, sampler, tmp_path: Path) -> None:
+    """Image i comes from its own seed: batches of 1 and of 3 make the same images."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    for folder, batch in ((one, 1), (three, 3)):
+        ensure_class_images(tiny_model_dir, folder, PROMPT, 3, sample_batch_size=batch, num_inference_steps=STEPS,
+                            seed=5, sampler=sampler)
+    a, b = generated(one), generated(three)
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    for index in a:
+        np.testing.assert_allclose(pixels(a[index]), pixels(b[index]), atol=2)
+    assert not np.array_equal(pixels(a[0]), pixels(a[1])), "two class images share their noise"
+
+
+def test_generates_from_the_loaded_models_without_loading_again(tiny_model_dir: Path, sampler, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's LoadedModels make the same images as the pipeline loaded alone (both float32)."""
+    alone = tmp_path / "alone"
+    ensure_class_images(tiny_model_dir, alone, PROMPT, 2, num_inference_steps=STEPS, seed=1, sampler=sampler)
+    models = loaded_models(tiny_model_dir)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded the pipeline again although LoadedModels were given")
+
+    monkeypatch.setattr(class_images, "load_generation_sampler", fail)
+    monkeypatch.setattr("jaxbooth.text.load_tokenizer", fail)
+    shared = tmp_path / "shared"
+    assert ensure_class_images(None, shared, PROMPT, 2, num_inference_steps=STEPS, seed=1, precision="fp32",
+                               models=models) == 2
+    a, b = generated(alone), generated(shared)
+    assert sorted(a) == sorted(b) == [0, 1]
+    for index in a:
+        np.testing.assert_allclose(pixels(a[index]), pixels(b[index]), atol=2)
+
+
+def test_loaded_models_sample_at_the_generation_precision(tiny_model_dir: Path) -> None:
+    models = loaded_models(tiny_model_dir)
+    made = sampler_from_loaded(dataclasses.replace(models, unet=models.unet.clone(gradient_checkpointing=True)),
+                               dtype=jnp.bfloat16)
+    leaves = [leaf.dtype for leaf in jax.tree.leaves(made.unet_params)]
+    assert set(leaves) == {jnp.dtype(jnp.bfloat16)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(made.vae_params)} == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(models.unet_params)} == {jnp.dtype(jnp.float32)}  # untouched
+    with pytest.raises(ValueError, match="vae_params"):
+        sampler_from_loaded(dataclasses.replace(models, vae_params=None), dtype=jnp.float32)

@@ -11,6 +11,8 @@ import pytest
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend.optim import (
     LR_SCHEDULERS,
+    ParamGroup,
+    accumulated_grad_norm,
     count_optimizer_state_bytes,
     make_lr_schedule,
     make_optimizer,
@@ -261,8 +263,8 @@ def test_adamw_state_bytes_are_two_moments_of_trainable_params() -> None:
     params = _mixed_params()
     tx = make_optimizer(learning_rate_schedule=1e-2, trainable_mask=MASK)
     abstract = jax.eval_shape(tx.init, params)
-    # mu + nu for the 2x3 f32 leaf, plus one int32 step count.
-    assert count_optimizer_state_bytes(abstract) == 2 * 2 * 3 * 4 + 4
+    # mu + nu for the 2x3 f32 leaf, one int32 step count, one f32 recorded gradient norm.
+    assert count_optimizer_state_bytes(abstract) == 2 * 2 * 3 * 4 + 4 + 4
     assert count_optimizer_state_bytes(tx.init(params)) == count_optimizer_state_bytes(abstract)
 
 
@@ -285,3 +287,96 @@ def test_disabled_clip_is_plain_adamw(max_norm: float | None) -> None:
         run(make_optimizer(learning_rate_schedule=0.1, max_grad_norm=max_norm)), plain
     )
     assert not np.allclose(run(make_optimizer(learning_rate_schedule=0.1, max_grad_norm=1.0)), plain)
+
+
+# ----------------------------------------------------------------------------- param groups
+
+
+def _two_groups() -> dict:
+    rng = np.random.default_rng(5)
+    return {"unet": {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+            "text_encoder": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_weight_decay_per_group(optimizer: str) -> None:
+    """Zero gradients leave only the decoupled decay: p <- p * (1 - lr * wd), with each group's own lr and wd."""
+    params = _two_groups()
+    tx = make_optimizer(learning_rate_schedule=0.1, optimizer=optimizer, adam_weight_decay=0.2, max_grad_norm=None,
+                        param_groups={"text_encoder": ParamGroup(learning_rate_schedule=0.05, weight_decay=0.5)})
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["unet"]["w"], params["unet"]["w"] * (1 - 0.1 * 0.2), rtol=1e-6)
+    np.testing.assert_allclose(new["text_encoder"]["w"], params["text_encoder"]["w"] * (1 - 0.05 * 0.5), rtol=1e-6)
+
+
+def test_zero_text_encoder_lr_freezes_that_group_only() -> None:
+    params = _two_groups()
+    tx = make_optimizer(learning_rate_schedule=0.1, param_groups={"text_encoder": ParamGroup(0.0, 0.01)})
+    state = tx.init(params)
+    new = params
+    for _ in range(2):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, new), state, new)
+        new = optax.apply_updates(new, updates)
+    np.testing.assert_array_equal(new["text_encoder"]["w"], params["text_encoder"]["w"])
+    assert not np.allclose(new["unet"]["w"], params["unet"]["w"])
+
+
+def test_clip_sees_the_norm_of_both_groups() -> None:
+    """torch clips over all params: a big text-encoder gradient scales the UNet's gradient down too."""
+    params = _two_groups()
+    grads = {"unet": {"w": jnp.full((4, 3), 1e-3)}, "text_encoder": {"w": jnp.full((3, 2), 100.0)}}
+    # Adam with b1 = b2 = 0 and a huge eps is SGD with lr / eps: its update is the clipped gradient, scaled
+    linear = dict(optimizer="adamw", adam_beta1=0.0, adam_beta2=0.0, adam_epsilon=1e6, adam_weight_decay=0.0)
+    tx = make_optimizer(learning_rate_schedule=1e6, max_grad_norm=1.0, **linear,
+                        param_groups={"text_encoder": ParamGroup(1e6, 0.0)})
+    updates, state = tx.update(grads, tx.init(params), params)
+    coef = 1.0 / (float(optax.global_norm(grads)) + 1e-6)  # one coefficient for the whole tree
+    for group in ("unet", "text_encoder"):
+        np.testing.assert_allclose(-updates[group]["w"], grads[group]["w"] * coef, rtol=1e-4)
+    np.testing.assert_allclose(accumulated_grad_norm(state), optax.global_norm(grads), rtol=1e-6)
+
+
+def test_param_groups_must_name_existing_subtrees() -> None:
+    tx = make_optimizer(learning_rate_schedule=0.1, param_groups={"text_encoder": ParamGroup(0.1, 0.0)})
+    with pytest.raises(ValueError, match="text_encoder"):
+        tx.init({"unet": {"w": jnp.zeros(2)}})
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("name", ["linear", "polynomial"])
+def test_group_schedule_matches_torch_two_group_lambda(name: str) -> None:
+    """diffusers' one LambdaLR over two groups: the text-encoder group follows the same shape at its own lr
+    (polynomial's lambda divides by the optimizer default lr, the first group's)."""
+    torch = pytest.importorskip("torch")
+    optimization = pytest.importorskip("diffusers.optimization")
+    unet_lr, text_lr = 1e-4, 3e-5
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": unet_lr},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": text_lr}]
+    opt = torch.optim.AdamW(groups, lr=unet_lr)
+    sched = optimization.get_scheduler(name, optimizer=opt, num_warmup_steps=3, num_training_steps=10, power=2.0)
+    expected = []
+    for _ in range(12):
+        expected.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    schedule = make_lr_schedule(name, learning_rate=text_lr, num_warmup_steps=3, num_training_steps=10, power=2.0,
+                                optimizer_learning_rate=unet_lr)
+    got = jax.vmap(schedule)(jnp.arange(12, dtype=jnp.int32))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- logged gradient norm
+
+
+def test_recorded_grad_norm_is_the_norm_of_the_accumulated_mean() -> None:
+    """What torch logs from clip_grad_norm_ after accumulation: the norm of the mean micro-gradient."""
+    params = jax.tree.map(jnp.asarray, _init_params())
+    tx = make_optimizer(learning_rate_schedule=0.01, gradient_accumulation_steps=2, max_grad_norm=MAX_NORM)
+    state = tx.init(params)
+    first, second = _scaled_random(3, 4.0), _scaled_random(4, 0.5)
+    _, state = tx.update(first, state, params)
+    _, state = tx.update(second, state, params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, first, second)
+    np.testing.assert_allclose(accumulated_grad_norm(state), optax.global_norm(mean), rtol=1e-6)
+    assert not np.isclose(float(optax.global_norm(mean)), float(optax.global_norm(second)), rtol=1e-3)

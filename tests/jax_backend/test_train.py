@@ -12,6 +12,8 @@ import pytest
 import safetensors.numpy
 
 from jaxbooth.cli import main
+from jaxbooth.validation_files import grid_path
+from tests.jax_backend.test_loading import rescaled_vae_pipeline
 
 TINY_ARGS = ["--backend=jax", "--resolution=64", "--train_batch_size=1", "--learning_rate=1e-4",
              "--lr_warmup_steps=0", "--seed=0", "--report_to=none", "--log_every_steps=1"]
@@ -136,11 +138,28 @@ def test_prior_preservation_text_encoder_training_and_validation(tiny_model_dir:
                      "--gradient_checkpointing",
                      "--validation_prompt=a photo of sks toy", "--num_validation_images=2",
                      "--validation_steps=2") == 0
-    assert (out / "validation" / "step-000002.png").is_file()
+    assert grid_path(out, 2).is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train/prior_loss"] > 0 for r in records)
     te = "text_encoder/model.safetensors"
     assert (out / te).read_bytes() != (tiny_model_dir / te).read_bytes()
+
+
+def test_text_encoder_group_lr_and_the_override_vae(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--text_encoder_lr is the text encoder's own lr (tiny here: it stays put while the UNet moves at
+    --learning_rate), and the --pretrained_vae_model_name_or_path VAE is the one exported."""
+    vae = rescaled_vae_pipeline(tiny_model_dir, tmp_path / "other-vae")
+    out = tmp_path / "groups"
+    assert run_train(tiny_model_dir, out, "--max_train_steps=1", "--checkpointing_steps=100", "--train_text_encoder",
+                     "--text_encoder_lr=1e-30", "--adam_weight_decay_text_encoder=0.5",
+                     f"--pretrained_vae_model_name_or_path={vae}") == 0
+    te = "text_encoder/model.safetensors"
+    base_te, final_te = (safetensors.numpy.load_file(folder / te) for folder in (tiny_model_dir, out))
+    assert max(np.abs(final_te[k] - base_te[k]).max() for k in base_te) < 1e-20
+    base, final = unet_weights(tiny_model_dir), unet_weights(out)
+    assert max(np.abs(final[k] - base[k]).max() for k in base) > 1e-5
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    assert (out / vae_file).read_bytes() == (vae / vae_file).read_bytes()
 
 
 def test_bad_flag_is_one_clear_error_without_traceback(tmp_path: Path) -> None:

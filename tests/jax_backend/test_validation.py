@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -10,46 +11,47 @@ import pytest
 from PIL import Image
 
 from jaxbooth import spec as spec_lib
-from jaxbooth.jax_backend import pretrained, validation
-from jaxbooth.jax_backend.models import clip as clip_lib
-from jaxbooth.jax_backend.models.unet import FlaxUNet2DConditionModel
+from jaxbooth.jax_backend import validation
+from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.validation import Validator, image_grid, make_validator
-from jaxbooth.text import load_tokenizer
+from tests._loaded import loaded_models
 
 PROMPT = "a photo of sks toy"
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir: Path) -> dict:
-    """The pieces `train.load_models` hands over (host params), UNet params already on device."""
-    unet_config, _, unet_params = pretrained.load_pretrained(tiny_model_dir, "unet")
-    text_config, _, text_params = pretrained.load_pretrained(tiny_model_dir, "text_encoder")
-    vae_config, _, vae_params = pretrained.load_pretrained(tiny_model_dir, "vae")
-    return {"unet": FlaxUNet2DConditionModel(unet_config), "unet_params": jax.device_put(unet_params),
-            "text_encoder": clip_lib.make_text_encoder(text_config), "text_params": text_params,
-            "vae_config": vae_config, "vae_params": vae_params}
+def models(tiny_model_dir: Path) -> LoadedModels:
+    """The trainer's hand-off (host params)."""
+    return loaded_models(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def validator(models: dict, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Validator:
+def unet_params(models: LoadedModels):
+    """The UNet params as the loop holds them: on device."""
+    return jax.device_put(models.unet_params)
+
+
+@pytest.fixture(scope="module")
+def validator(models: LoadedModels, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Validator:
     return Validator(model_dir=tiny_model_dir, output_dir=tmp_path_factory.mktemp("out"),
-                     tokenizer=load_tokenizer(tiny_model_dir), text_encoder=models["text_encoder"],
-                     text_params=models["text_params"], unet=models["unet"], vae_config=models["vae_config"],
-                     vae_params=models["vae_params"], validation_prompt=PROMPT, num_validation_images=3,
-                     schedule=("steps", 5), seed=0, num_inference_steps=2)
+                     tokenizer=models.tokenizer, text_encoder=models.text_encoder, text_params=models.text_params,
+                     unet=models.unet, vae_config=models.vae_config, vae_params=models.vae_params,
+                     validation_prompt=PROMPT, num_validation_images=3, schedule=("steps", 5), seed=0,
+                     num_inference_steps=2, scheduler_config=models.scheduler_config)
 
 
-def test_run_writes_grid_singles_and_tensorboard_images(validator: Validator, models: dict) -> None:
+def test_run_writes_grid_singles_and_tensorboard_images(validator: Validator, unet_params) -> None:
     from jaxbooth.tensorboard import EventWriter
 
     writer = EventWriter(validator.out_dir.parent / "logs")
     with jax.transfer_guard("disallow"):  # as in the train loop: frozen params are placed explicitly
-        grid = validator.run(10, models["unet_params"], writer=writer)
+        grid = validator.run(10, unet_params, writer=writer)
     writer.close()
-    assert grid == validator.out_dir / "step-000010.png"
+    assert grid == validator.out_dir / "step-10.png"  # validation_files' names, shared with torch
+    assert validator.written == ["validation/step-10.png"]
     assert Image.open(grid).size == (128, 128)  # 3 images of 64 px in a 2 x 2 grid
-    singles = sorted((validator.out_dir / "step-000010").glob("*.png"))
-    assert [p.name for p in singles] == ["00.png", "01.png", "02.png"]
+    singles = sorted((validator.out_dir / "step-10").glob("*.png"))
+    assert [p.name for p in singles] == ["0.png", "1.png", "2.png"]
     arrays = [np.asarray(Image.open(p)) for p in singles]
     assert all(a.shape == (64, 64, 3) for a in arrays)
     assert not np.array_equal(arrays[0], arrays[1]), "validation images share their noise"
@@ -58,21 +60,21 @@ def test_run_writes_grid_singles_and_tensorboard_images(validator: Validator, mo
     assert validator.sampler.vae_params is None, "the VAE stayed on device after validation"
 
 
-def test_params_given_at_run_time_are_the_ones_sampled(validator: Validator, models: dict) -> None:
-    base = validator.generate(models["unet_params"])
-    again = validator.generate(models["unet_params"])
-    changed = jax.tree.map(lambda x: x * 1.5, models["unet_params"])
+def test_params_given_at_run_time_are_the_ones_sampled(validator: Validator, models: LoadedModels,
+                                                       unet_params) -> None:
+    base = validator.generate(unet_params)
+    again = validator.generate(unet_params)
+    changed = jax.tree.map(lambda x: x * 1.5, unet_params)
     other = validator.generate(changed)
     assert np.array_equal(np.asarray(base[0]), np.asarray(again[0]))
     assert not np.array_equal(np.asarray(base[0]), np.asarray(other[0]))
-    text_changed = jax.tree.map(lambda x: jax.device_put(np.asarray(x) * 0.5), models["text_params"])
-    assert not np.array_equal(np.asarray(base[0]), np.asarray(validator.generate(models["unet_params"],
-                                                                                 text_changed)[0]))
+    text_changed = jax.tree.map(lambda x: jax.device_put(np.asarray(x) * 0.5), models.text_params)
+    assert not np.array_equal(np.asarray(base[0]), np.asarray(validator.generate(unet_params, text_changed)[0]))
 
 
-def test_only_process_zero_writes(validator: Validator, models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_process_zero_writes(validator: Validator, unet_params, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    grid = validator.run(20, models["unet_params"])
+    grid = validator.run(20, unet_params)
     assert not grid.exists() and not grid.with_suffix("").exists()
 
 
@@ -100,14 +102,23 @@ def test_image_grid_shape() -> None:
     assert grid.getpixel((4, 0)) == (40, 0, 0) and grid.getpixel((8, 3)) == (0, 0, 0)  # last cell empty
 
 
-def test_make_validator_from_spec(models: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_make_validator_from_the_loaded_models(models: LoadedModels, tiny_model_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     spec = spec_lib.load_spec([f"--pretrained_model_name_or_path={tiny_model_dir}"])
-    assert make_validator(spec, models, model_dir=tiny_model_dir, output_dir=tmp_path,
-                          vae_params=models["vae_params"], seed=0) is None
+    assert make_validator(spec, models, output_dir=tmp_path, seed=0) is None
     spec = spec_lib.load_spec([f"--pretrained_model_name_or_path={tiny_model_dir}", f"--validation_prompt={PROMPT}",
                                "--validation_epochs=3", "--num_validation_images=2",
                                "--validation_scheduler=DDPMScheduler"])
-    made = make_validator(spec, models, model_dir=tiny_model_dir, output_dir=tmp_path,
-                          vae_params=models["vae_params"], seed=7)
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("make_validator loaded the tokenizer again instead of using LoadedModels'")
+
+    monkeypatch.setattr("jaxbooth.text.load_tokenizer", no_second_load)
+    marked = {**models.scheduler_config, "steps_offset": 7}  # the hand-off's config is the one used
+    made = make_validator(spec, dataclasses.replace(models, scheduler_config=marked), output_dir=tmp_path, seed=7,
+                          mesh=None)
     assert made is not None and made.schedule == ("epochs", 3) and made.num_images == 2 and made.seed == 7
     assert made.sampler.sampler_name == "DDIMScheduler" and made.steps == 25
+    assert made.sampler.scheduler_config["steps_offset"] == 7
+    with pytest.raises(ValueError, match="vae_params"):
+        make_validator(spec, dataclasses.replace(models, vae_params=None), output_dir=tmp_path, seed=0)

@@ -1,70 +1,64 @@
-"""Class-image generation: diffusers' file names, resumable after an interruption, split over processes."""
+"""Class-image generation on the torch backend: diffusers' pipeline call, one generator per image.
+
+Names, resume, batch-size independence and the process split are checked over both backends
+in tests/test_shared_outputs.py; here, what only the torch side does.
+"""
 
 from __future__ import annotations
-
-import hashlib
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from jaxbooth.class_images import image_seed
 from jaxbooth.spec import load_spec
 from jaxbooth.torch_backend import class_images
 
-NAME = re.compile(r"^(\d+)-([0-9a-f]{40})\.jpg$")
 
+class RecordingPipeline:
+    """Records each call's prompts and generator seeds; images from the generators' first draw."""
 
-class FakePipeline:
-    """Images from the generator's seed; dies after ``fail_after`` images, like a killed job."""
-
-    def __init__(self, fail_after: int | None = None):
-        self.fail_after, self.made = fail_after, 0
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[int]]] = []
 
     def __call__(self, prompts, generator):
-        images = []
-        for g in generator:
-            if self.fail_after is not None and self.made >= self.fail_after:
-                raise KeyboardInterrupt("killed")
-            value = int(torch.randint(0, 255, (1,), generator=g))
-            images.append(Image.fromarray(np.full((8, 8, 3), value, np.uint8)))
-            self.made += 1
+        self.calls.append((list(prompts), [g.initial_seed() for g in generator]))
+        images = [Image.fromarray(np.full((8, 8, 3), int(torch.randint(0, 255, (1,), generator=g)), np.uint8))
+                  for g in generator]
         return type("Output", (), {"images": images})()
 
 
-def spec_for(class_dir: Path, num: int, batch: int = 2):
+def spec_for(class_dir, num: int, batch: int = 2):
     return load_spec(["--with_prior_preservation", f"--class_data_dir={class_dir}", "--class_prompt=a toy",
                       f"--num_class_images={num}", f"--sample_batch_size={batch}"])
 
 
-def test_names_carry_index_and_pixel_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(class_images, "load_generation_pipeline", lambda *a: FakePipeline())
-    written = class_images.generate_class_images(spec_for(tmp_path / "cls", 3), tmp_path, device=torch.device("cpu"),
-                                                 seed=0)
-    assert [NAME.match(p.name).group(1) for p in written] == ["0", "1", "2"]
-    image = Image.new("RGB", (4, 4), (1, 2, 3))
-    assert class_images.class_image_name(7, image) == f"7-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg"
+def test_pipeline_gets_sample_batch_size_prompts_and_one_seeded_generator_per_image(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = RecordingPipeline()
+    monkeypatch.setattr(class_images, "load_generation_pipeline", lambda *a: pipeline)
+    written = class_images.generate_class_images(spec_for(tmp_path / "cls", 5, batch=2), tmp_path,
+                                                 device=torch.device("cpu"), seed=3)
+    assert [len(prompts) for prompts, _ in pipeline.calls] == [2, 2, 1]
+    assert all(prompt == "a toy" for prompts, _ in pipeline.calls for prompt in prompts)
+    assert [s for _, seeds in pipeline.calls for s in seeds] == [image_seed(3, i) for i in range(5)]
+    assert sorted(p.name.split("-")[0] for p in written) == ["0", "1", "2", "3", "4"]
 
 
-def test_an_interrupted_generation_resumes_with_the_same_images(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    monkeypatch.setattr(class_images, "load_generation_pipeline", lambda *a: FakePipeline())
-    class_images.generate_class_images(spec_for(straight_dir, 5), tmp_path, device=torch.device("cpu"), seed=0)
-    monkeypatch.setattr(class_images, "load_generation_pipeline", lambda *a: FakePipeline(fail_after=3))
-    with pytest.raises(KeyboardInterrupt):
-        class_images.generate_class_images(spec_for(resumed_dir, 5), tmp_path, device=torch.device("cpu"), seed=0)
-    assert len(list(resumed_dir.iterdir())) == 2  # the first batch of 2 was saved as it was made
-    monkeypatch.setattr(class_images, "load_generation_pipeline", lambda *a: FakePipeline())
-    class_images.generate_class_images(spec_for(resumed_dir, 5), tmp_path, device=torch.device("cpu"), seed=0)
-    assert sorted(p.name for p in resumed_dir.iterdir()) == sorted(p.name for p in straight_dir.iterdir())
+def test_no_pipeline_is_loaded_when_the_folder_is_full_or_the_share_is_empty(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args):
+        raise AssertionError("loaded a pipeline with nothing to generate")
 
-
-def test_processes_split_the_missing_images() -> None:
-    parts = [class_images.my_indices(7, p, 3) for p in range(3)]
-    assert sorted(i for part in parts for i in part) == list(range(7))
+    monkeypatch.setattr(class_images, "load_generation_pipeline", fail)
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "user.png")
+    assert class_images.generate_class_images(spec_for(folder, 1), tmp_path, device=torch.device("cpu"), seed=0) == []
+    # 1 missing image, 2 processes: process 1's share is empty
+    assert class_images.generate_class_images(spec_for(folder, 2), tmp_path, device=torch.device("cpu"), seed=0,
+                                              process_index=1, num_processes=2) == []
 
 
 def test_generation_precision_follows_diffusers_defaults() -> None:

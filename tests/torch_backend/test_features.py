@@ -57,6 +57,7 @@ def test_precomputed_embeddings_attention_mask_and_validation_images(tiny_model_
     for step in (1, 2):
         grid = Image.open(out / "validation" / f"step-{step}.png")
         assert grid.size == (128, 64)  # two 64 px images side by side
+        assert sorted(p.name for p in (out / "validation" / f"step-{step}").iterdir()) == ["0.png", "1.png"]
     assert "validation/step-2.png" in (out / "README.md").read_text()
     assert len(metrics(out)) == 2
     assert "validation images for step 2" in capsys.readouterr().err
@@ -79,13 +80,15 @@ def test_bf16_accumulation_scaled_lr_and_cosine_warmup(tiny_model_dir: Path, tmp
 
 
 def test_validation_every_epoch_and_tensorboard(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """validation_epochs: 5 instance images at batch 5 is one step per epoch; images and metrics
-    also go to tensorboard (report_to's default)."""
+    """validation_epochs=2: 5 instance images at batch 5 is one step per epoch, and diffusers'
+    LoRA scripts validate after 0-based epochs 0, 2, 4...: after step 1 and 3, not 2. Images and
+    metrics also go to tensorboard (report_to's default)."""
     out = tmp_path / "out"
-    assert run_train(tiny_model_dir, out, "--max_train_steps=2", "--train_batch_size=5", "--checkpointing_steps=100",
+    assert run_train(tiny_model_dir, out, "--max_train_steps=3", "--train_batch_size=5", "--checkpointing_steps=100",
                      "--validation_prompt=a photo of sks toy", "--num_validation_images=1",
                      "--validation_epochs=2", "--report_to=tensorboard") == 0
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-1", "step-1.png", "step-3",
+                                                                        "step-3.png"]
     assert list((out / "logs" / "dreambooth").glob("events.out.tfevents.*")), "no tensorboard events"
 
 
@@ -96,6 +99,11 @@ def test_skip_save_text_encoder_writes_a_pipeline_without_it(tiny_model_dir: Pat
     assert run_train(tiny_model_dir, out, "--max_train_steps=1", "--skip_save_text_encoder") == 0
     assert not (out / "text_encoder").exists()
     assert json.loads((out / "model_index.json").read_text())["text_encoder"] == [None, None]
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model_dir, subfolder="text_encoder")
+    assert StableDiffusionPipeline.from_pretrained(out, text_encoder=text_encoder).text_encoder is text_encoder
 
 
 def test_bad_options_are_one_clear_error(tiny_model_dir: Path, tmp_path: Path,

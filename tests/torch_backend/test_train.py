@@ -52,7 +52,8 @@ def test_train_writes_the_jax_backend_layout(trained: Path, tiny_model_dir: Path
 def test_checkpoint_holds_state_unet_and_marker_written_last(trained: Path) -> None:
     ckpt = trained / "checkpoint-2"
     record = json.loads((ckpt / MARKER).read_text())
-    assert record["step"] == 2 and record["data"]["position"] >= 0
+    assert record["step"] == 2 and record["data"]["position"] >= 0 and record["seed"] == 0
+    assert record["spec"]["hub"]["hub_token"] is None
     assert record["spec"]["backend"] == "torch" and record["spec"]["checkpointing"]["checkpointing_steps"] == 2
     assert (ckpt / "state" / "optimizer.bin").is_file() and (ckpt / "state" / "scheduler.bin").is_file()
     # the weights live once, in diffusers layout, not again inside state/

@@ -1,0 +1,54 @@
+"""Framework-neutral image/prompt pipeline: folders or a Hugging Face dataset -> examples -> numpy batches.
+
+- ``images``: decoding with diffusers' DreamBooth transforms, resize filters, content hashes.
+- ``folders``: folder scanning and validation, bundled example folders, caption sidecars.
+- ``dataset``: the dataset model (subsets -> examples, with captions, repeats and class
+  subsets) and ``dataset_from_spec``, the entry point both backends call.
+- ``hf_dataset``: ``--dataset_name`` rows as image files (``datasets`` imported lazily).
+- ``batches``: the deterministic, resumable, multi-host-aware batch iterator.
+
+Imports only stdlib, numpy and PIL: never jax, torch or transformers (tests enforce this), so
+both backends share it. ``from jaxbooth import data; data.X`` reaches every public name.
+"""
+
+from jaxbooth.data.batches import BatchIterator, Tokenize
+from jaxbooth.data.dataset import (
+    Dataset,
+    Example,
+    Subset,
+    dataset_from_spec,
+    folder_examples,
+    make_dataset,
+    make_dreambooth_dataset,
+)
+from jaxbooth.data.folders import (
+    CAPTION_EXTENSION,
+    EXAMPLE_CLASS_PROMPT,
+    EXAMPLE_INSTANCE_PROMPT,
+    SKIP_BAD_HINT,
+    example_class_dir,
+    example_instance_dir,
+    inspect_image,
+    read_caption_file,
+    scan_image_folder,
+)
+from jaxbooth.data.hf_dataset import images_cache_dir, load_hf_examples
+from jaxbooth.data.images import (
+    DEFAULT_INTERPOLATION,
+    INTERPOLATION_FILTERS,
+    content_hash,
+    decode_rgb,
+    load_image,
+    load_image_with_info,
+    resize_filter,
+)
+
+__all__ = [
+    "BatchIterator", "Tokenize",
+    "Dataset", "Example", "Subset", "dataset_from_spec", "folder_examples", "make_dataset", "make_dreambooth_dataset",
+    "CAPTION_EXTENSION", "EXAMPLE_CLASS_PROMPT", "EXAMPLE_INSTANCE_PROMPT", "SKIP_BAD_HINT", "example_class_dir",
+    "example_instance_dir", "inspect_image", "read_caption_file", "scan_image_folder",
+    "images_cache_dir", "load_hf_examples",
+    "DEFAULT_INTERPOLATION", "INTERPOLATION_FILTERS", "content_hash", "decode_rgb", "load_image",
+    "load_image_with_info", "resize_filter",
+]

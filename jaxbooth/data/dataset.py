@@ -1,0 +1,260 @@
+"""The dataset model: subsets (a folder or a Hugging Face dataset, with a prompt) -> examples.
+
+Owns the subset/example/dataset types, building them from folders, and ``dataset_from_spec``,
+the one entry point both backends call: it turns a run spec's data and prior sections into a
+:class:`Dataset` (instance images from ``--instance_data_dir`` or ``--dataset_name``, repeated
+``--repeats`` times; class images when prior preservation is on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from jaxbooth.data.folders import CAPTION_EXTENSION, read_caption_file, scan_image_folder
+from jaxbooth.data.images import content_hash
+from jaxbooth.errors import JaxboothError
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """One source of images with how to caption it (the unit kohya/OneTrainer users know).
+
+    `folder` is the images folder, or for a Hugging Face dataset subset its ``--dataset_name``
+    (whose examples ``hf_dataset`` loads; such a subset is never scanned as a folder).
+    `is_class` marks a regularisation (prior-preservation) subset. `repeats` lists each
+    image that many times per epoch. Captions come from `prompt`, or with `use_captions`
+    from the first line of a sidecar `<image stem><caption_extension>` file (or the dataset's
+    caption column), falling back to `prompt`. `max_images` keeps the first N sorted images
+    (diffusers' `num_class_images`).
+    """
+
+    folder: Path
+    prompt: str
+    is_class: bool = False
+    repeats: int = 1
+    use_captions: bool = False
+    caption_extension: str = CAPTION_EXTENSION
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+        role = "class" if self.is_class else "instance"
+        if not isinstance(self.prompt, str) or not (self.prompt.strip() or self.use_captions):
+            raise JaxboothError(f"{role} subset {self.folder}: the prompt is empty; give a prompt.")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise JaxboothError(
+                f"{role} subset {self.folder}: repeats (--repeats)={self.repeats!r}; use an integer >= 1."
+            )
+        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
+            raise JaxboothError(
+                f"{role} subset {self.folder}: max_images (num_class_images)={self.max_images!r}; "
+                "use an integer >= 1."
+            )
+        if not self.caption_extension.startswith("."):
+            object.__setattr__(self, "caption_extension", "." + self.caption_extension)
+
+    @property
+    def role(self) -> str:
+        return "class" if self.is_class else "instance"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training image: file, caption, owning subset index, sha1 of the file bytes."""
+
+    path: Path
+    caption: str
+    subset: int
+    content_hash: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Subsets and their examples; instance and class items are example indices with repeats.
+
+    Its length follows diffusers' DreamBoothDataset: max(instance items, class items), where
+    instance items list every instance image `repeats` times; item i pairs instance item
+    i % n_instance with class item i % n_class.
+    """
+
+    subsets: tuple[Subset, ...]
+    examples: tuple[Example, ...]
+
+    def __post_init__(self) -> None:
+        if not self.instance_items:
+            raise JaxboothError("the dataset has no instance images; give at least one instance subset.")
+
+    def _items(self, is_class: bool) -> tuple[int, ...]:
+        out: list[int] = []
+        for i, ex in enumerate(self.examples):
+            if self.subsets[ex.subset].is_class == is_class:
+                out.extend([i] * self.subsets[ex.subset].repeats)
+        return tuple(out)
+
+    @cached_property
+    def instance_items(self) -> tuple[int, ...]:
+        return self._items(False)
+
+    @cached_property
+    def class_items(self) -> tuple[int, ...]:
+        return self._items(True)
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return bool(self.class_items)
+
+    def __len__(self) -> int:
+        return max(len(self.instance_items), len(self.class_items))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha1 over examples and subset flags: tells a resumed run whether its data changed."""
+        h = hashlib.sha1()
+        for ex in self.examples:
+            sub = self.subsets[ex.subset]
+            h.update(f"{ex.content_hash}|{ex.caption}|{sub.is_class}|{sub.repeats}\n".encode())
+        return h.hexdigest()
+
+
+def folder_examples(subset: Subset, index: int, *, skip_bad: bool = False) -> list[Example]:
+    """Scan one folder subset (validating every image) into its examples, captioned."""
+    paths = scan_image_folder(
+        subset.folder, skip_bad=skip_bad, role=subset.role, caption_extension=subset.caption_extension
+    )
+    if subset.max_images is not None:
+        paths = paths[: subset.max_images]
+    examples, missing = [], []
+    for p in paths:
+        caption = read_caption_file(p, subset.caption_extension) if subset.use_captions else None
+        if subset.use_captions and caption is None:
+            missing.append(p.name)
+        examples.append(Example(p, caption or subset.prompt, index, content_hash(p)))
+    if missing and subset.prompt.strip():
+        warnings.warn(
+            f"{subset.folder}: {len(missing)} images have no {subset.caption_extension} caption; "
+            f"using the prompt {subset.prompt!r} for them: {', '.join(missing[:10])}",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif missing:
+        raise JaxboothError(
+            f"{subset.folder}: {len(missing)} images have no {subset.caption_extension} caption and the "
+            f"subset has no prompt to fall back on ({', '.join(missing[:10])}); add captions or a prompt."
+        )
+    return examples
+
+
+def make_dataset(subsets: Sequence[Subset], *, skip_bad: bool = False) -> Dataset:
+    """Scan every subset's folder (validating all images) and build the example list."""
+    examples: list[Example] = []
+    for index, subset in enumerate(subsets):
+        examples.extend(folder_examples(subset, index, skip_bad=skip_bad))
+    return Dataset(tuple(subsets), tuple(examples))
+
+
+def _class_subset(
+    class_dir: str | Path, class_prompt: str | None, num_class_images: int | None
+) -> Subset:
+    if not class_prompt:
+        raise JaxboothError(
+            f"class images folder {class_dir} is given but class_prompt is empty; prior preservation "
+            "needs --class_prompt (e.g. 'a photo of a dog')."
+        )
+    return Subset(Path(class_dir), class_prompt, is_class=True, max_images=num_class_images)
+
+
+def make_dreambooth_dataset(
+    instance_dir: str | Path,
+    instance_prompt: str,
+    class_dir: str | Path | None = None,
+    class_prompt: str | None = None,
+    num_class_images: int | None = None,
+    skip_bad: bool = False,
+    repeats: int = 1,
+) -> Dataset:
+    """diffusers' DreamBooth flags as the one-instance + optional one-class subset case.
+
+    Each instance image appears `repeats` times per epoch (the LoRA scripts' ``--repeats``);
+    class images are never repeated. Uses at most `num_class_images` class images (the first
+    ones by name, where diffusers takes the first of an unsorted `iterdir()`). Generating
+    missing class images is the caller's job (it needs a model); this only reads the disk.
+    """
+    subsets = [Subset(Path(instance_dir), instance_prompt, repeats=repeats)]
+    if class_dir is not None:
+        subsets.append(_class_subset(class_dir, class_prompt, num_class_images))
+    return make_dataset(subsets, skip_bad=skip_bad)
+
+
+def dataset_from_spec(spec: Any) -> Dataset:
+    """The run's dataset from `spec.data` and `spec.prior`: the one entry point of both backends.
+
+    Instance images come from ``instance_data_dir`` (a folder, every image captioned with
+    ``instance_prompt``) or from the Hugging Face dataset ``dataset_name`` (its "train" split,
+    ``image_column``, and per-image captions from ``caption_column`` when given), listed
+    ``repeats`` times. Class images (``class_data_dir``, ``class_prompt``, at most
+    ``num_class_images``) are read only when ``with_prior_preservation`` is on; generating
+    the missing ones is the backend's job and must happen before this call.
+    """
+    d, prior = spec.data, spec.prior
+    skip_bad = bool(d.skip_bad_images)
+    dataset_name = getattr(d, "dataset_name", None)
+    class_subset = None
+    if prior.with_prior_preservation:
+        if prior.class_data_dir is None:
+            raise JaxboothError(
+                "with_prior_preservation (--with_prior_preservation) needs class_data_dir (--class_data_dir), "
+                "the folder of class images."
+            )
+        class_subset = _class_subset(prior.class_data_dir, prior.class_prompt, prior.num_class_images)
+    if dataset_name is None:
+        if d.instance_data_dir is None:
+            raise JaxboothError(
+                "no training images: give instance_data_dir (--instance_data_dir, a folder of images) "
+                "or dataset_name (--dataset_name, a Hugging Face dataset)."
+            )
+        if not d.instance_prompt:
+            raise JaxboothError(
+                f"instance_prompt (--instance_prompt) is empty; give the prompt for the images in "
+                f"{d.instance_data_dir}, e.g. 'a photo of sks dog'."
+            )
+        subsets = [Subset(Path(d.instance_data_dir), d.instance_prompt, repeats=d.repeats)]
+        if class_subset is not None:
+            subsets.append(class_subset)
+        return make_dataset(subsets, skip_bad=skip_bad)
+    if d.instance_data_dir is not None:
+        raise JaxboothError(
+            f"both instance_data_dir (--instance_data_dir {d.instance_data_dir}) and dataset_name "
+            f"(--dataset_name {dataset_name}) are set; give only one of them (as diffusers requires)."
+        )
+    if d.caption_column is None and not d.instance_prompt:
+        raise JaxboothError(
+            f"instance_prompt (--instance_prompt) is empty and no caption_column (--caption_column) is given; "
+            f"give the prompt for every image of --dataset_name {dataset_name}, or the column of its captions."
+        )
+    from jaxbooth.data.hf_dataset import load_hf_examples
+
+    prompt = d.instance_prompt or ""
+    instance_subset = Subset(
+        Path(dataset_name), prompt, repeats=d.repeats, use_captions=d.caption_column is not None
+    )
+    examples = load_hf_examples(
+        dataset_name,
+        config_name=d.dataset_config_name,
+        image_column=d.image_column,
+        caption_column=d.caption_column,
+        prompt=prompt,
+        cache_dir=d.cache_dir,
+        skip_bad=skip_bad,
+        subset_index=0,
+    )
+    subsets = [instance_subset]
+    if class_subset is not None:
+        subsets.append(class_subset)
+        examples += folder_examples(class_subset, 1, skip_bad=skip_bad)
+    return Dataset(tuple(subsets), tuple(examples))

@@ -1,0 +1,165 @@
+"""Load phase of a JAX run: refuse what this backend cannot train, then load every model once.
+
+Refusals come first and cost nothing: options are checked before any file is read, the
+pipeline class is read from ``model_index.json`` before any weight is downloaded or loaded.
+:func:`load_models` then fills the :class:`~jaxbooth.jax_backend.loaded.LoadedModels` hand-off
+that every later phase (caches, class images, validation, training, export) reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxbooth import capabilities, diffusion
+from jaxbooth import spec as spec_lib
+from jaxbooth.errors import JaxboothError
+from jaxbooth.jax_backend import pretrained
+from jaxbooth.jax_backend.loaded import LoadedModels
+from jaxbooth.jax_backend.models import clip as clip_lib
+from jaxbooth.jax_backend.models import unet as unet_lib
+from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
+from jaxbooth.text import load_tokenizer
+
+COMPUTE_DTYPES = {None: jnp.float32, "no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+
+TRAINABLE_PIPELINES = ("StableDiffusionPipeline",)
+# Pipelines diffusers' DreamBooth scripts train that the JAX backend does not, and who does.
+# Keep "who" in step with the torch backend's SUPPORTED_PIPELINES (today it trains neither).
+UNTRAINABLE_PIPELINES = {
+    "StableDiffusionXLPipeline": ("SDXL", "jax: planned, see the SDXL issue; no backend trains "
+                                          "StableDiffusionXLPipeline yet"),
+    "IFPipeline": ("DeepFloyd IF stage I", "no backend trains IFPipeline yet"),
+    "IFSuperResolutionPipeline": ("DeepFloyd IF stage II", "no backend trains IFSuperResolutionPipeline yet"),
+}
+# Options the capability table routes to torch although torch refuses them too: named here so
+# the JAX message does not send the user to a backend that also says no.
+NOT_TRAINED_ANYWHERE = {
+    "use_lora": "LoRA training is not implemented by the JAX backend yet (planned), and the torch backend "
+                "refuses it too; drop --use_lora to fine-tune all UNet weights",
+    "validation_images": "image-to-image validation (DeepFloyd IF stage II) is not implemented by any backend; "
+                         "drop --validation_images",
+}
+_FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "deepfloyd_if": "IFPipeline"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPaths:
+    """Local folders of the base pipeline and of the VAE override (None: the pipeline's own VAE)."""
+
+    model_dir: Path
+    vae_dir: Path | None
+
+
+def refuse_unsupported_options(spec: spec_lib.RunSpec) -> None:
+    """Refuse, naming the key, every set option the JAX backend would otherwise ignore; reads no file."""
+    defaults = spec_lib.default_flat()
+    values = spec.flat()
+    problems = [f"--{key}: {why}" for key, why in NOT_TRAINED_ANYWHERE.items() if values[key] != defaults[key]]
+    family = spec.model.model_family
+    if family in _FAMILY_PIPELINES:
+        pipeline = _FAMILY_PIPELINES[family]
+        what, who = UNTRAINABLE_PIPELINES[pipeline]
+        problems.append(f"--model_family={family}: the JAX backend does not train {what} ({who})")
+    if problems:
+        raise JaxboothError("\n".join(problems))
+    capabilities.check_backend(spec, capabilities.JAX)
+
+
+def pipeline_class(model_dir: Path) -> str:
+    """``_class_name`` of ``model_dir/model_index.json``, or an error naming the file."""
+    index = Path(model_dir) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except FileNotFoundError:
+        raise JaxboothError(f"{index}: not found; --pretrained_model_name_or_path must be a diffusers pipeline "
+                            "folder (one written by DiffusionPipeline.save_pretrained) or its Hub id") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise JaxboothError(f"{index}: cannot be read as a JSON object ({error}); re-download the model") from None
+    return str(name)
+
+
+def refuse_untrainable_pipeline(model_dir: Path) -> None:
+    """Refuse a pipeline this backend cannot train, by its model_index.json class, before any weight loads."""
+    index = Path(model_dir) / "model_index.json"
+    name = pipeline_class(model_dir)
+    if name in TRAINABLE_PIPELINES:
+        return
+    if name in UNTRAINABLE_PIPELINES:
+        what, who = UNTRAINABLE_PIPELINES[name]
+        raise JaxboothError(f"{index}: _class_name={name} is a {what} pipeline, which the JAX backend does not "
+                            f"train ({who}); use a Stable Diffusion 1.x/2.x pipeline ({TRAINABLE_PIPELINES[0]})")
+    raise JaxboothError(f"{index}: _class_name={name!r} is not a pipeline the JAX backend trains (expected "
+                        f"{', '.join(TRAINABLE_PIPELINES)}); use a Stable Diffusion 1.x/2.x pipeline")
+
+
+def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
+    """The base pipeline and VAE folders (Hub ids through the cache), refusing before any weight download.
+
+    A Hub id is first fetched with ``model_index.json`` only, so an SDXL or IF repo is refused
+    without downloading its weights.
+    """
+    from jaxbooth.hub import resolve_model_dir
+
+    m = spec.model
+    if m.pretrained_model_name_or_path is None:
+        raise JaxboothError("pretrained_model_name_or_path must be set (the CLI fills in the built-in tiny model; "
+                            "call jaxbooth.cli.fill_defaults)")
+    hub = {"revision": m.revision, "token": spec.hub.hub_token, "cache_dir": spec.data.cache_dir}
+    refuse_untrainable_pipeline(resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub))
+    model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
+    vae_name = spec_lib.vae_name_or_path(spec)
+    vae_dir = None
+    if vae_name:  # a pipeline-style folder with vae/, as the torch backend reads it
+        vae_dir = Path(resolve_model_dir(vae_name, variant=m.variant, subfolders=["vae"], **hub))
+    return ModelPaths(Path(model_dir), vae_dir)
+
+
+def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
+    """Every module, host param tree, config and the tokenizer of the run, each loaded once.
+
+    The UNet and text encoder load in float32 (trained params; ``mixed_precision`` sets the
+    compute dtype); the VAE comes from the override folder when the spec names one.
+    """
+    dtype = COMPUTE_DTYPES[spec.precision.mixed_precision]
+    kernel, remat, variant = spec.precision.attention, spec.precision.gradient_checkpointing, spec.model.variant
+    model_dir = paths.model_dir
+    unet_config, unet_dict, unet_params = pretrained.load_pretrained(model_dir, "unet", variant=variant,
+                                                                     dtype=jnp.float32)
+    vae_config, _, vae_params = pretrained.load_pretrained(paths.vae_dir or model_dir, "vae", variant=variant)
+    text_config, text_dict, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant,
+                                                                     dtype=jnp.float32)
+    scheduler_config = _read_scheduler_config(model_dir)
+    return LoadedModels(
+        model_dir=model_dir,
+        unet=unet_lib.FlaxUNet2DConditionModel(unet_config, dtype=dtype, attention_kernel=kernel,
+                                               gradient_checkpointing=remat),
+        unet_config_dict=unet_dict, unet_params=unet_params,
+        vae=FlaxAutoencoderKL(vae_config), vae_config=vae_config, vae_params=vae_params,
+        text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype, attention_kernel=kernel,
+                                                gradient_checkpointing=remat),
+        text_config_dict=text_dict, text_params=text_params,
+        tokenizer=load_tokenizer(model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision),
+        scheduler_config=scheduler_config,
+        noise_schedule=diffusion.schedule_from_config(scheduler_config,
+                                                      source=str(model_dir / diffusion.SCHEDULER_CONFIG)),
+        vae_dir=paths.vae_dir,
+    )
+
+
+def _read_scheduler_config(model_dir: Path) -> dict:
+    path = model_dir / diffusion.SCHEDULER_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise JaxboothError(f"{path}: cannot read the scheduler config ({error}); model_dir should be a "
+                            "diffusers pipeline folder with scheduler/scheduler_config.json") from None
+
+
+def text_apply_fn(text_encoder: Any) -> Any:
+    """``(variables, ids, mask) -> last hidden state``: the conditioning diffusers' scripts use."""
+    return lambda variables, ids, mask: text_encoder.apply(variables, ids, mask).last_hidden_state

@@ -22,6 +22,7 @@ JAX, TORCH = "jax", "torch"
 BOTH = frozenset({JAX, TORCH})
 JAX_ONLY = frozenset({JAX})
 TORCH_ONLY = frozenset({TORCH})
+PLANNED = frozenset()  # accepted by the spec (diffusers' flag names) but trained by no backend yet
 
 # `backend: auto` uses JAX on GPUs with at least this much memory (the diffusers guide's
 # ">30GB" for Flax). Decimal GB, so a "32 GB" V100 (34.1e9 bytes) counts.
@@ -67,11 +68,14 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("enable_xformers_memory_efficient_attention", TORCH_ONLY, note="xFormers is a CUDA library"),
     Capability("set_grads_to_none", TORCH_ONLY, note="a torch optimizer.zero_grad option"),
     Capability("allow_tf32", TORCH_ONLY, note="a torch.backends.cuda switch"),
-    Capability("class_labels_conditioning", TORCH_ONLY, note="DeepFloyd IF stage II"),
-    Capability("model_family", TORCH_ONLY, values=("deepfloyd_if",), note="DeepFloyd IF training"),
-    Capability("model_family", TORCH_ONLY, values=("sdxl",), note="SDXL training (jax: planned)"),
-    Capability("use_lora", TORCH_ONLY, note="LoRA training (jax: planned)"),
-    Capability("do_edm_style_training", TORCH_ONLY),
+    # Planned: no backend trains these yet; refused by name on both (never a silent full fine-tune).
+    Capability("use_lora", PLANNED, note="LoRA training (train_dreambooth_lora*.py)",
+               fix="train with train_dreambooth.py (a full fine-tune) until LoRA lands"),
+    Capability("class_labels_conditioning", PLANNED, note="DeepFloyd IF stage II"),
+    Capability("validation_images", PLANNED, note="DeepFloyd IF stage II validation"),
+    Capability("model_family", PLANNED, values=("deepfloyd_if",), note="DeepFloyd IF training"),
+    Capability("model_family", PLANNED, values=("sdxl",), note="SDXL training"),
+    Capability("do_edm_style_training", PLANNED, note="EDM-style SDXL training"),
     Capability("optimizer", TORCH_ONLY, values=("prodigy",), note="prodigyopt"),
     Capability("prodigy_beta3", TORCH_ONLY),
     Capability("prodigy_decouple", TORCH_ONLY),
@@ -112,7 +116,8 @@ class DeviceInfo:
 
 def unsupported_options(spec: RunSpec, backend: str, *, model_family: str | None = None
                         ) -> list[tuple[str, Any, frozenset[str]]]:
-    """(key, value, backends that support it) for every set option that ``backend`` lacks.
+    """(key, value, backends that support it) for every set option that ``backend`` lacks
+    (planned options, which no backend has, included with an empty set).
 
     ``model_family`` is the family the CLI detected from the model files; it stands in for
     ``model_family: auto``.
@@ -145,13 +150,21 @@ def check_backend(spec: RunSpec, backend: str, *, model_family: str | None = Non
     """
     if backend not in (JAX, TORCH):
         raise JaxboothError(f"--backend={backend!r}: expected jax or torch here (auto is resolved first)")
-    problems = []
+    problems = planned_problems(spec, model_family)
     for cap, value in _unsupported(spec, backend, model_family):
+        if not cap.backends:
+            continue
         other = "/".join(sorted(cap.backends))
         problems.append(f"{_flag(cap.key, value)} is only supported by the {other} backend; "
                         f"use --backend={other} or {cap.fix or 'drop it'}")
     if problems:
         raise JaxboothError("\n".join(problems))
+
+
+def planned_problems(spec: RunSpec, model_family: str | None = None) -> list[str]:
+    """One message per set option that no backend trains yet, naming it and the fix."""
+    return [f"{_flag(cap.key, value)}: {cap.note or cap.key} is not supported by any backend yet (planned); "
+            f"{cap.fix or 'drop it'}" for cap, value in _unsupported(spec, JAX, model_family) if not cap.backends]
 
 
 def backend_support(key: str) -> str:
@@ -170,6 +183,8 @@ def backend_support(key: str) -> str:
 
 
 def _backends_text(backends: frozenset[str]) -> str:
+    if not backends:
+        return "no backend yet (planned)"
     return ", ".join(sorted(backends)) if len(backends) > 1 else f"{next(iter(backends))} only"
 
 
@@ -185,6 +200,9 @@ def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | Non
         check_backend(spec, spec.backend, model_family=model_family)
         _check_platform(spec.backend, device, f"--backend={spec.backend}")
         return spec.backend, f"backend {spec.backend} (set explicitly)"
+    planned = planned_problems(spec, model_family)
+    if planned:
+        raise JaxboothError("\n".join(planned))
     needs_torch = unsupported_options(spec, JAX, model_family=model_family)
     needs_jax = unsupported_options(spec, TORCH, model_family=model_family)
     if needs_torch and needs_jax:

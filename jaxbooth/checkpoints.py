@@ -12,17 +12,17 @@ import json
 import re
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.errors import JaxboothError
 
 
 def _log(message: str) -> None:
-    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+    jaxbooth_log.info(message)
 
 
 PREFIX = "checkpoint-"

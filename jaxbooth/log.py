@@ -2,7 +2,8 @@
 
 Both backends and the shared layer log through the standard ``logging`` module under the
 ``jaxbooth`` logger; ``setup_logging`` (called by the CLI) attaches the one handler. A library
-user who configures logging themselves gets plain records instead. Third-party loggers that
+user who configures logging themselves gets plain records instead (the CLI's handler does
+not propagate, so a root handler some library installs never prints a line twice). Third-party loggers that
 only add noise on a working run (bitsandbytes' optional-kernel message on CPUs, absl's
 start-up chatter) are quietened to errors.
 """
@@ -30,16 +31,20 @@ class _Format(logging.Formatter):
 
 
 class _FlushingHandler(logging.StreamHandler):
-    """A stream handler that looks up ``sys.stderr`` at emit time (pytest's capsys swaps it)."""
+    """Writes through ``tqdm.write``, so a line never lands in the middle of a progress bar, to the
+    ``sys.stderr`` of the moment (pytest's capsys swaps it) unless a stream was given."""
 
     def __init__(self, stream: TextIO | None = None):
         super().__init__(stream)
         self._fixed = stream is not None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not self._fixed:
-            self.stream = sys.stderr
-        super().emit(record)
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream if self._fixed else sys.stderr)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
 
 
 def get_logger(name: str | None = None) -> logging.Logger:
@@ -55,6 +60,7 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> lo
         handler = _FlushingHandler(stream)
         handler.setFormatter(_Format())
         logger.addHandler(handler)
+    logger.propagate = False  # libraries that call logging.basicConfig() would print every line twice
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     return logger

@@ -110,10 +110,7 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: in
     """
     if size not in SIZES:
         raise JaxboothError(f"tiny-model: size {size!r} is not one of {SIZES}")
-    import jax
-
-    from jaxbooth.jax_backend.models import clip, unet, vae
-    from jaxbooth.jax_backend.pretrained import save_diffusers_component
+    from jaxbooth.jax_backend.tiny_weights import write_random_components  # the one step that needs jax
     from jaxbooth.text import write_tiny_clip_tokenizer
 
     out = Path(out_dir).absolute()
@@ -121,15 +118,8 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: in
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         vocab_size = write_tiny_clip_tokenizer(staging / "tokenizer")
-        keys = jax.random.split(jax.random.PRNGKey(seed), 3)
         configs = {"unet": unet_config(size), "vae": vae_config(size), "text_encoder": clip_config(size, vocab_size)}
-        params = {
-            "unet": unet.init_params(unet.unet_config_from_dict(configs["unet"]), keys[0]),
-            "vae": vae.init_params(vae.vae_config_from_dict(configs["vae"]), keys[1]),
-            "text_encoder": clip.init_params(clip.clip_config_from_dict(configs["text_encoder"]), keys[2]),
-        }
-        for component, component_params in params.items():
-            save_diffusers_component(component_params, configs[component], staging, component)
+        write_random_components(staging, configs, seed)
         write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
         write_json(staging / "model_index.json", MODEL_INDEX)
         write_json(staging / "jaxbooth_tiny.json", {"size": size, "seed": seed, "format": _FORMAT_VERSION,

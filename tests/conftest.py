@@ -29,3 +29,4 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from jaxbooth.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("pipes") / "tiny", "tiny", seed=0)
+

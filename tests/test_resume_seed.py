@@ -8,7 +8,6 @@ seed the first run drew), bit for bit. Also the unit rules of ``run_defaults.cho
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import yaml
 from jaxbooth import run_defaults
 from jaxbooth.checkpoints import MARKER
 from jaxbooth.cli import main
+from tests._logs import logged_warning
 
 
 def resolved_seed(out: Path) -> int:
@@ -53,12 +53,11 @@ def test_choose_seed_without_a_checkpoint_draws_a_fresh_one(tmp_path: Path) -> N
     assert run_defaults.choose_seed(5, tmp_path, None) == 5
 
 
-def test_a_given_seed_that_differs_is_one_warning_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_given_seed_that_differs_is_one_warning_line(tmp_path: Path) -> None:
     write_marker(tmp_path / "checkpoint-3", {"step": 3, "seed": 1234})
-    with caplog.at_level(logging.WARNING, logger="jaxbooth"):
+    with logged_warning("--seed=9") as messages:
         assert run_defaults.choose_seed(9, tmp_path, "latest") == 9
-    [record] = caplog.records
-    assert "--seed=9" in record.getMessage() and "1234" in record.getMessage()
+    assert len(messages) == 1 and "1234" in messages[0] and "\n" not in messages[0]
 
 
 @pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.requires_torch)])

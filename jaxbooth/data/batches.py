@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.data.dataset import Dataset
 from jaxbooth.data.images import DEFAULT_INTERPOLATION, load_image_with_info, resize_filter
 from jaxbooth.errors import JaxboothError
@@ -244,13 +244,10 @@ class BatchIterator:
             if k in ("seed", "batch_size", "dataset_len", "fingerprint") and k in state and state[k] != v
         ]
         if changed:
-            warnings.warn(
+            jaxbooth_log.warning(
                 "resuming with different data settings, so the batch order differs from the original run ("
                 + "; ".join(changed)
-                + ")",
-                UserWarning,
-                stacklevel=2,
-            )
+                + ")")
         if position >= self.num_batches_per_epoch:
             epoch, position = epoch + 1, 0
         self._drop_pending()

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.data.folders import CAPTION_EXTENSION, read_caption_file, scan_image_folder
 from jaxbooth.data.images import content_hash
 from jaxbooth.errors import JaxboothError
@@ -136,12 +136,9 @@ def folder_examples(subset: Subset, index: int, *, skip_bad: bool = False) -> li
             missing.append(p.name)
         examples.append(Example(p, caption or subset.prompt, index, content_hash(p)))
     if missing and subset.prompt.strip():
-        warnings.warn(
+        jaxbooth_log.warning(
             f"{subset.folder}: {len(missing)} images have no {subset.caption_extension} caption; "
-            f"using the prompt {subset.prompt!r} for them: {', '.join(missing[:10])}",
-            UserWarning,
-            stacklevel=3,
-        )
+            f"using the prompt {subset.prompt!r} for them: {', '.join(missing[:10])}")
     elif missing:
         raise JaxboothError(
             f"{subset.folder}: {len(missing)} images have no {subset.caption_extension} caption and the "

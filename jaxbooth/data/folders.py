@@ -7,12 +7,12 @@ together), the bundled example folders and kohya-style ``<stem>.txt`` caption fi
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.data.images import _hash_key, decode_rgb, remember_hash
 from jaxbooth.errors import JaxboothError
 
@@ -72,7 +72,7 @@ def report_bad_images(where: str, bad: Mapping[str, str], total: int, *, skip_ba
     head = f"{where}: {len(bad)} of {total} files cannot be used as images"
     if not skip_bad:
         raise JaxboothError(f"{head}:\n{listing}\nRemove or re-save them, or {SKIP_BAD_HINT}.")
-    warnings.warn(f"{head}; skipping them:\n{listing}", UserWarning, stacklevel=3)
+    jaxbooth_log.warning(f"{head}; skipping them:\n{listing}")
 
 
 def _candidate_files(folder: Path, caption_extension: str) -> tuple[list[Path], list[str]]:

@@ -3,16 +3,15 @@
 ``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (orbax: params, optimizer state, step, RNG),
 ``unet/`` (and ``text_encoder/`` when trained) in diffusers' PyTorch layout, so
 ``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works
-while training goes on, and ``jaxbooth_checkpoint.json`` (data position, resolved spec).
+while training goes on, and ``jaxbooth_checkpoint.json`` (step, seed, data position, resolved
+spec without the Hub token).
 That json is written last: a checkpoint without it (killed mid-write) is never resumed
 from, and is cleared away by the next run.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +20,19 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxbooth import output
+from jaxbooth import log
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import (
     MARKER,
     PREFIX,
     StopOnSignal,
+    checkpoint_record,
     clear_incomplete,
     list_checkpoints,
     prune_checkpoints,
+    read_marker,
     resolve_resume_path,
+    write_marker,
 )
 from jaxbooth.errors import JaxboothError
 
@@ -40,7 +42,7 @@ __all__ = ["MARKER", "CheckpointWriter", "StopOnSignal", "list_checkpoints", "ma
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
-        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+        log.info(message)
 
 
 def restore(path: Path, state: Any, shardings: Any) -> tuple[Any, dict]:
@@ -51,7 +53,7 @@ def restore(path: Path, state: Any, shardings: Any) -> tuple[Any, dict]:
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise JaxboothError(f"{path}: the saved train state does not fit this run ({error}); resume with the "
                             "same model and options, or start a new output_dir") from None
-    return restored, json.loads((path / MARKER).read_text())
+    return restored, read_marker(path)
 
 
 def maybe_resume(spec: spec_lib.RunSpec, output_dir: Path, state: Any, shardings: Any,
@@ -79,7 +81,7 @@ class CheckpointWriter:
         if jax.process_index() == 0:
             clear_incomplete(output_dir)
 
-    def save(self, step: int, state: Any, data_state: dict, spec: spec_lib.RunSpec,
+    def save(self, step: int, state: Any, data_state: dict, spec: spec_lib.RunSpec, *, seed: int,
              export: Callable[[Path, Any], None], gather: Callable[[Any], Any]) -> None:
         self.wait()
         path = self.output_dir / f"{PREFIX}{step}"
@@ -87,7 +89,7 @@ class CheckpointWriter:
             shutil.rmtree(path)
         self._checkpointer.save(path.absolute() / "state", args=ocp.args.StandardSave(state))
         params_host = gather(state)
-        record = {"step": step, "data": data_state, "spec": spec_lib.spec_to_dict(spec)}
+        record = checkpoint_record(step, data_state, spec, seed)
         self._thread = threading.Thread(target=self._finish, args=(path, params_host, record, export), daemon=True)
         self._thread.start()
 
@@ -97,7 +99,7 @@ class CheckpointWriter:
             if jax.process_index() != 0:
                 return
             export(path, params_host)
-            output.atomic_write_text(path / MARKER, json.dumps(record, indent=1, default=str) + "\n")
+            write_marker(path, record)
             prune_checkpoints(self.output_dir, self.keep)
             _log(f"saved {path}")
         except BaseException as error:  # surfaced on the main thread by wait()

@@ -6,43 +6,32 @@ NaN/Inf check names the step range the loss went bad in.
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import jax
 
 from jaxbooth import output
 from jaxbooth import spec as spec_lib
-from jaxbooth.errors import JaxboothError
 from jaxbooth.progress import TrainingProgress
 
 
 class Progress:
     """Progress line with loss, lr and steps/s; metrics to JSON lines and the trackers.
 
-    ``lr`` is the UNet group's; ``grad_norm`` the norm of the accumulated gradient the clip saw.
+    The record is the shared one (``output.metric_record``): ``lr`` is the UNet group's,
+    ``grad_norm`` the norm of the accumulated gradient the clip saw.
     """
 
     def __init__(self, spec: spec_lib.RunSpec, output_dir: Path, total: int, start_step: int = 0):
         self.total = total
         self.metrics_log = output.MetricsLog(output_dir, enabled=jax.process_index() == 0)
-        self.last_time, self.last_step = time.perf_counter(), start_step
+        self.window = output.MetricWindow(start_step)
         self.tensorboard = tensorboard_writer(spec, output_dir)
         self.wandb = wandb_run(spec, output_dir)
         self.display = TrainingProgress(total, start_step, enabled=jax.process_index() == 0)
 
-    def report(self, step: int, metrics: dict, *, window_start: int) -> None:
-        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise JaxboothError(f"the loss became nan or inf somewhere within steps [{window_start}, {step}]; "
-                                "lower --learning_rate or --max_grad_norm")
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        record = {"train/loss": values["loss"], "train/instance_loss": values["instance_loss"],
-                  "train/prior_loss": values["prior_loss"], "train/lr": values["lr"],
-                  "train/grad_norm": values["grad_norm"], "perf/steps_per_sec": rate}
+    def report(self, step: int, metrics: dict) -> None:
+        record = self.window.record(step, {key: float(value) for key, value in jax.device_get(metrics).items()})
         self.metrics_log.write(step, record)
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -50,7 +39,7 @@ class Progress:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=step)
-        self.display.show(step, values["loss"], values["lr"], rate)
+        self.display.show(step, record["train/loss"], record["train/lr"], record["perf/steps_per_sec"])
 
 
 def tensorboard_writer(spec: spec_lib.RunSpec, output_dir: Path):
@@ -65,9 +54,8 @@ def tensorboard_writer(spec: spec_lib.RunSpec, output_dir: Path):
 def wandb_run(spec: spec_lib.RunSpec, output_dir: Path):
     if spec.logging.report_to not in ("wandb", "all") or jax.process_index() != 0:
         return None
-    try:
-        import wandb
-    except ImportError:
-        raise JaxboothError("--report_to=wandb needs the wandb package: pip install wandb "
-                            "(or use --report_to=tensorboard)") from None
-    return wandb.init(project="jaxbooth", dir=str(output_dir), config=spec_lib.spec_to_dict(spec))
+    import wandb  # preflight.check_packages has made sure it is installed
+
+    config = spec_lib.spec_to_dict(spec)
+    config["hub"]["hub_token"] = None
+    return wandb.init(project="jaxbooth", dir=str(output_dir), config=config)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import struct
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.errors import JaxboothError
 from jaxbooth.hub import WEIGHT_STEMS
 from jaxbooth.jax_backend.weights import (
@@ -217,8 +217,8 @@ def find_weight_files(folder: str | Path, *, variant: str | None = None,
     if variant:
         files = _strict_safetensors_files(folder, None)
         if files:
-            warnings.warn(f"{folder}: no '{variant}' variant weights; loading the plain weights "
-                          f"{files[0].name} instead (diffusers does the same).", UserWarning, stacklevel=2)
+            jaxbooth_log.warning(f"{folder}: no '{variant}' variant weights; loading the plain weights "
+                          f"{files[0].name} instead (diffusers does the same).")
             return "safetensors", files
     for name in MSGPACK_NAMES if allow_msgpack else ():
         if (folder / name).is_file():

@@ -12,8 +12,10 @@ Models are passed in as pure apply functions, so this module depends on no model
   and time ids), concatenated and passed through untouched;
 - `vae_decode(params, latents_nhwc) -> image_nhwc` roughly in [-1, 1].
 
-Randomness: example b of a batch starts from noise drawn with `fold_in(rng, b)`, so an image
-depends only on (seed, its position), not on the batch size, the padding or the mesh.
+Randomness: with one seed, example b of a batch starts from noise drawn with `fold_in(key(seed), b)`,
+so an image depends only on (seed, its position), not on the batch size, the padding or the mesh.
+With one seed per example (class images), example b draws `fold_in(key(seeds[b]), 0)`: exactly the
+noise a batch of one with seed `seeds[b]` starts from, so an image does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -39,14 +41,36 @@ Tokenize = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 EncodeText = Callable[[Any, np.ndarray, np.ndarray], Any]
 
 
+def _noise_from_keys(keys: jax.Array, example_shape: tuple[int, ...], init_noise_sigma: float) -> jax.Array:
+    noise = jax.vmap(lambda key: jax.random.normal(key, example_shape, jnp.float32))(keys)
+    return noise * init_noise_sigma
+
+
 def make_initial_noise(rng: jax.Array, latent_shape: Sequence[int],
                        init_noise_sigma: float = 1.0) -> jax.Array:
     """float32 standard normal noise of `latent_shape` [B, ...] times `init_noise_sigma`;
     example b uses key `fold_in(rng, b)` (see module docstring)."""
     batch, *rest = latent_shape
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
-    noise = jax.vmap(lambda key: jax.random.normal(key, tuple(rest), jnp.float32))(keys)
-    return noise * init_noise_sigma
+    return _noise_from_keys(keys, tuple(rest), init_noise_sigma)
+
+
+def make_seeded_noise(seeds: jax.Array, latent_shape: Sequence[int], init_noise_sigma: float = 1.0) -> jax.Array:
+    """Like `make_initial_noise`, but example b from its own seed: key `fold_in(key(seeds[b]), 0)`,
+    bit for bit `make_initial_noise(key(seeds[b]), (1, ...))[0]`. `seeds`: integers [B] as
+    `seed_array` makes them (traced or not)."""
+    batch, *rest = latent_shape
+    if seeds.shape != (batch,):
+        raise ValueError(f"seeds have shape {seeds.shape} but latent_shape is {tuple(latent_shape)}")
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
+    return _noise_from_keys(keys, tuple(rest), init_noise_sigma)
+
+
+def seed_array(seeds: Sequence[int]) -> np.ndarray:
+    """Host integer seeds as `jax.random.key(int)` reads a Python int: int64, then JAX's default
+    integer (int32 unless x64 is on, wrapping as it does), so traced seeds give the same keys."""
+    values = np.asarray([np.int64(int(seed)) for seed in seeds], np.int64)
+    return values.astype(jax.dtypes.canonicalize_dtype(np.int64))
 
 
 def apply_guidance(uncond: jax.Array, cond: jax.Array, guidance_scale: jax.Array | float) -> jax.Array:
@@ -54,12 +78,15 @@ def apply_guidance(uncond: jax.Array, cond: jax.Array, guidance_scale: jax.Array
     return uncond + guidance_scale * (cond - uncond)
 
 
-def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng: jax.Array,
-             guidance_scale: jax.Array, *, unet_apply: UNetApply, sampler: Sampler,
+def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng: jax.Array | None,
+             seeds: jax.Array | None, guidance_scale: jax.Array, *, unet_apply: UNetApply, sampler: Sampler,
              latent_shape: tuple[int, ...], latents_sharding: NamedSharding | None) -> jax.Array:
     """The traced denoising loop behind `generate_latents` (guidance when uncond is given)."""
     guided = uncond_embeddings is not None
-    x = make_initial_noise(rng, latent_shape, sampler.init_noise_sigma)
+    if seeds is not None:
+        x = make_seeded_noise(seeds, latent_shape, sampler.init_noise_sigma)
+    else:
+        x = make_initial_noise(rng, latent_shape, sampler.init_noise_sigma)
     if latents_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, latents_sharding)
     cond = text_embeddings
@@ -88,8 +115,9 @@ _denoise_jit = jax.jit(_denoise,
 
 
 def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, *,
-                     sampler: Sampler, rng: jax.Array, latent_shape: Sequence[int], guidance_scale: float,
-                     latents_sharding: NamedSharding | None = None) -> jax.Array:
+                     sampler: Sampler, rng: jax.Array | None = None, latent_shape: Sequence[int],
+                     guidance_scale: float, latents_sharding: NamedSharding | None = None,
+                     seeds: Any = None) -> jax.Array:
     """Denoise fresh noise into float32 NHWC latents [B, h, w, c] (`latent_shape`), in one jit.
 
     `text_embeddings` / `uncond_embeddings`: the conditioning for the prompts and the negative
@@ -98,7 +126,11 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
     `uncond_embeddings` may be None. Compiled once per (unet_apply, sampler, shape) — reuse
     the same `sampler` object; the guidance scale is traced, so changing it does not recompile.
     `latents_sharding` (e.g. the batch sharding of a mesh) places the noise and the loop.
+    Noise: give either `rng` (one key; example b from `fold_in(rng, b)`) or `seeds` (integers [B],
+    see `seed_array`; example b from its own seed, as `make_seeded_noise`).
     """
+    if (rng is None) == (seeds is None):
+        raise ValueError("generate_latents needs exactly one of rng (a key) and seeds (one integer per example)")
     latent_shape = tuple(int(n) for n in latent_shape)
     guided = guidance_scale > 1.0
     if guided and uncond_embeddings is None:
@@ -108,7 +140,11 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
         for leaf in jax.tree.leaves(tree):
             if leaf.shape[0] != latent_shape[0]:
                 raise ValueError(f"{name} has batch {leaf.shape[0]} but latent_shape is {latent_shape}")
-    return _denoise_jit(unet_params, text_embeddings, uncond_embeddings if guided else None, rng,
+    if seeds is not None and not isinstance(seeds, jax.Array):
+        seeds = jax.device_put(seed_array(seeds))
+    if seeds is not None and seeds.shape != latent_shape[:1]:
+        raise ValueError(f"seeds have shape {seeds.shape} but latent_shape is {latent_shape}")
+    return _denoise_jit(unet_params, text_embeddings, uncond_embeddings if guided else None, rng, seeds,
                         jax.device_put(np.float32(guidance_scale)), unet_apply=unet_apply, sampler=sampler,
                         latent_shape=latent_shape, latents_sharding=latents_sharding)
 
@@ -177,6 +213,19 @@ def _to_host(images: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(images, tiled=True))
     return np.asarray(jax.device_get(images))
+
+
+def _per_prompt_seeds(seed: int | Sequence[int], count: int) -> list[int] | None:
+    """None for one seed (an int); else the list of one seed per prompt, checked."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return None
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence | np.ndarray):
+        raise JaxboothError(f"seed must be an integer or one integer per prompt, got {seed!r}")
+    seeds = list(seed)
+    if len(seeds) != count or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+        raise JaxboothError(f"seed has {len(seeds)} entries for {count} prompts; give one integer per prompt "
+                            "or a single integer")
+    return [int(s) for s in seeds]
 
 
 def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
@@ -262,36 +311,45 @@ class StableDiffusionSampler:
         return embeddings if sharding is None else _put(embeddings, sharding)
 
     def generate_latents(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                         num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                         num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
                          height: int | None = None, width: int | None = None, unet_params: Any = None,
                          text_params: Any = None) -> jax.Array:
         """Denoised NHWC latents for `prompts`, padded to a multiple of the mesh's batch size.
-        `unet_params` / `text_params` replace the bound ones for this call."""
+        `seed`: one int for the call, or one per prompt (see `generate`). `unet_params` /
+        `text_params` replace the bound ones for this call."""
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise JaxboothError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         negatives = _negative_prompts(negative_prompt, len(prompts))
+        seeds = _per_prompt_seeds(seed, len(prompts))
         shards = math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh)) if self.mesh else 1
         padded = -(-len(prompts) // shards) * shards
-        pad = padded - len(prompts)  # padding repeats the last prompt; its images are dropped
+        pad = padded - len(prompts)  # padding repeats the last prompt (and seed); its images are dropped
         prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
         sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
         text_params = self._params(text_params, self.text_params)
         uncond = self._encode(negatives, text_params, sharding) if guidance_scale > 1.0 else None
+        noise: dict[str, Any] = {"rng": _seed_key(seed)} if seeds is None else {}
+        if seeds is not None:
+            host_seeds = seed_array(seeds + seeds[-1:] * pad)
+            noise["seeds"] = jax.device_put(host_seeds) if sharding is None else _put(host_seeds, sharding)
         return generate_latents(
             self.unet_apply, self._params(unet_params, self.unet_params),
             self._encode(prompts, text_params, sharding), uncond,
-            sampler=self.sampler(num_inference_steps), rng=_seed_key(seed),
+            sampler=self.sampler(num_inference_steps),
             latent_shape=(padded, *self._latent_size(height, width), self.latent_channels),
-            guidance_scale=guidance_scale, latents_sharding=sharding)
+            guidance_scale=guidance_scale, latents_sharding=sharding, **noise)
 
     def generate(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
                  height: int | None = None, width: int | None = None, unet_params: Any = None,
                  text_params: Any = None) -> list[Any]:
         """One PIL RGB image per prompt (diffusers' defaults for steps and guidance).
 
-        The image of prompt k depends only on (seed, k), the prompts, the settings and the params.
+        With one int `seed`, the image of prompt k depends only on (seed, k), the prompts, the
+        settings and the params. With one seed per prompt, prompt k starts from exactly the noise
+        `generate([prompt_k], seed=seed[k])` starts from, so its image does not depend on the
+        batch it was drawn in (class images: one call per batch, one seed per image).
         """
         from PIL import Image
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbooth import data, output
+from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.jax_backend import caches as caches_lib
 from jaxbooth.jax_backend import checkpoint, loading, optim, pretrained
@@ -51,7 +51,7 @@ class RunInputs:
 
 def log(message: str) -> None:
     if jax.process_index() == 0:
-        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+        jaxbooth_log.info(message)
 
 
 def configure_jax(spec: spec_lib.RunSpec) -> None:
@@ -195,33 +195,28 @@ def trained_params_host(state: TrainState) -> dict:
     return jax.device_get(state.params)
 
 
-def export_trained(params_host: dict, models: LoadedModels, out_dir: Path, *, train_text_encoder: bool,
-                   skip_text_encoder: bool = False) -> None:
+def export_trained(params_host: dict, models: LoadedModels, out_dir: Path, components: tuple[str, ...]) -> None:
     """Write trained components in diffusers' PyTorch layout (the only part that differs from the base)."""
-    pretrained.save_diffusers_component(params_host["unet"], models.unet_config_dict, out_dir, "unet")
-    if train_text_encoder and not skip_text_encoder:
-        pretrained.save_diffusers_component(params_host["text_encoder"], models.text_config_dict, out_dir,
-                                            "text_encoder")
+    configs = {"unet": models.unet_config_dict, "text_encoder": models.text_config_dict}
+    for component in components:
+        pretrained.save_diffusers_component(params_host[component], configs[component], out_dir, component)
 
 
-def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps_done: int) -> Path:
-    """The final output folder: a loadable diffusers pipeline plus spec and model card."""
+def trained_components(spec: spec_lib.RunSpec) -> tuple[str, ...]:
+    """What a checkpoint holds in diffusers' layout: every trained component, saved or not at the end."""
+    return ("unet", "text_encoder") if spec.model.train_text_encoder else ("unet",)
+
+
+def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps_done: int,
+                  validation_images: tuple[str, ...] = ()) -> Path:
+    """The final output folder: the shared ``output.write_pipeline`` around the trained components."""
     spec, out = run.spec, run.output_dir
-    train_te = spec.model.train_text_encoder
-    export_trained(params_host, models, out, train_text_encoder=train_te,
-                   skip_text_encoder=spec.checkpointing.skip_save_text_encoder)
-    skip = {"unet"} | ({"text_encoder"} if train_te else set())
-    if spec.checkpointing.skip_save_text_encoder:
-        skip.add("text_encoder")
-    output.copy_base_components(run.model_dir, out, skip=skip)
-    if models.vae_dir is not None:  # the VAE the run trained with (a Hub id resolved to its cache folder)
-        output.copy_base_components(models.vae_dir, out, skip=set(output.PIPELINE_COMPONENTS) - {"vae"})
-    output.write_model_index(run.model_dir, out)
-    base = spec.model.pretrained_model_name_or_path or "jaxbooth built-in tiny model"
+    saved = output.components_to_save(spec)
+    export_trained(params_host, models, out, saved)
     prompt = run.dataset.examples[run.dataset.instance_items[0]].caption
-    output.atomic_write_text(out / "README.md", output.model_card(
-        base_model=base, instance_prompt=prompt, train_text_encoder=train_te, steps=steps_done, backend="jax"))
-    return out
+    return output.write_pipeline(out, base_dir=models.model_dir, trained_components=saved, vae_dir=models.vae_dir,
+                                 spec=spec, steps=steps_done, backend="jax", instance_prompt=prompt,
+                                 validation_images=validation_images)
 
 
 def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
@@ -282,17 +277,16 @@ def train(spec: spec_lib.RunSpec) -> Path:
     del caches  # the host copy of the caches; the device holds them now
     state = run_loop(run, compiled, state, frozen, iterator, rows, batch_shardings, writer, models, validator)
     writer.wait()
-    return _finish(run, models, state)
+    return _finish(run, models, state, tuple(validator.written) if validator is not None else ())
 
 
-def _finish(run: RunInputs, models: LoadedModels, state: TrainState) -> Path:
+def _finish(run: RunInputs, models: LoadedModels, state: TrainState, validation_images: tuple[str, ...]) -> Path:
     """Gather the trained params and write the pipeline, resolved spec and (optionally) the Hub upload."""
     spec = run.spec
     params_host = trained_params_host(state)
     steps_done = int(jax.device_get(state.step)) // spec.optim.gradient_accumulation_steps
     if jax.process_index() == 0:
-        out = save_pipeline(run, models, params_host, steps_done)
-        spec_lib.write_resolved_spec(spec, out / output.SPEC_FILENAME)
+        out = save_pipeline(run, models, params_host, steps_done, validation_images)
         if spec.hub.push_to_hub:
             repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
             log(f"pushed to the Hub: {repo}")
@@ -314,10 +308,11 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     progress = Progress(spec, run.output_dir, run.max_train_steps, start_step=micro // accumulation)
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
-    window_start = micro // accumulation + 1
-    export = functools.partial(_export_checkpoint, models=models, train_text_encoder=spec.model.train_text_encoder)
+    export = functools.partial(_export_checkpoint, models=models, components=trained_components(spec))
     with checkpoint.StopOnSignal() as stop:
         while micro < total_micro:
+            if micro % accumulation == 0:
+                epoch_before = iterator.epoch  # an epoch may end inside an accumulation window
             batch = rows(iterator, iterator.epoch, iterator.position)
             iterator.epoch, iterator.position = _next_position(iterator)
             state, metrics = compiled(state, frozen, put_batch(batch, batch_shardings))
@@ -327,14 +322,14 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             step = micro // accumulation
             progress.display.advance()
             if step % log_every == 0 or step == run.max_train_steps:
-                progress.report(step, metrics, window_start=window_start)
-                window_start = step + 1
-            epochs_done = iterator.epoch if iterator.position == 0 else None
+                progress.report(step, metrics)
+            epochs_done = iterator.epoch if iterator.epoch > epoch_before else None
             if validator is not None and validator.should_run(step, epochs_done):
                 validator.run(step, state.params["unet"], state.params.get("text_encoder"),
                               writer=progress.tensorboard)
             if (save_every and step % save_every == 0) or stop.requested:
-                writer.save(step, state, iterator.state_dict(), spec, export=export, gather=trained_params_host)
+                writer.save(step, state, iterator.state_dict(), spec, seed=run.seed, export=export,
+                            gather=trained_params_host)
             if stop.requested:
                 writer.wait()
                 progress.display.close()
@@ -344,8 +339,8 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     return state
 
 
-def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, train_text_encoder: bool) -> None:
-    export_trained(params, models, path, train_text_encoder=train_text_encoder)
+def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, components: tuple[str, ...]) -> None:
+    export_trained(params, models, path, components)
 
 
 def _next_position(iterator: data.BatchIterator) -> tuple[int, int]:

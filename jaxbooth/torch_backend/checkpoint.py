@@ -15,10 +15,10 @@ Naming, completeness and retention are the shared ``jaxbooth.checkpoints``. Neve
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import (
     MARKER,
@@ -40,7 +40,7 @@ __all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "checkpoint_record", "clear_in
 
 
 def _log(message: str) -> None:
-    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+    jaxbooth_log.info(message)
 
 
 def component_name(model: Any) -> str:

@@ -12,7 +12,6 @@ Metrics are the shared ``output.metric_record`` (the JAX backend's names) and go
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from jaxbooth import data, diffusion, output
+from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
@@ -30,7 +30,7 @@ from jaxbooth.validation_files import should_validate
 
 def log(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
-        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+        jaxbooth_log.info(message)
 
 
 @dataclasses.dataclass

@@ -7,16 +7,16 @@ optimizer in ``optim.py``. Imports torch and diffusers; never jax.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.errors import JaxboothError
 
 
 def log(message: str) -> None:
-    print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+    jaxbooth_log.info(message)
 
 
 def xformers_unavailable_reason(device: torch.device) -> str | None:

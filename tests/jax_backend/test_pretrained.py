@@ -23,6 +23,7 @@ import pytest
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import pretrained
 from jaxbooth.jax_backend.weights import flatten_tree
+from tests._logs import logged_warning
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 MODEL_MODULES = {"unet": "unet", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "clip"}
@@ -172,7 +173,7 @@ def test_sharded_fp16_variant_uses_the_variant_index_name(tmp_path: Path) -> Non
 
 def test_missing_variant_falls_back_to_plain_with_a_warning(checkpoints: dict) -> None:
     entry = saved(checkpoints, "text_encoder")
-    with pytest.warns(UserWarning, match="no 'fp16' variant weights"):
+    with logged_warning("no 'fp16' variant weights"):
         *_, params = pretrained.load_pretrained(entry["root"] / "plain", "text_encoder", variant="fp16")
     *_, plain = pretrained.load_pretrained(entry["root"] / "plain", "text_encoder")
     assert_trees_equal(params, plain)

@@ -6,9 +6,10 @@ with the torch backend; this module only supplies the sampler: "these prompts, t
 seeds" -> PIL images, from the run's already loaded models (`LoadedModels`) or, alone, from
 the pipeline folder.
 
-Image k's noise comes from its own seed: `StableDiffusionSampler.generate([prompt], seed=s)`
-draws example 0 from `fold_in(key(s), 0)`, so each image is one sampler call today (see
-`sample_with_image_seeds`).
+Image k's noise comes from its own seed: `StableDiffusionSampler.generate(prompts, seed=seeds)`
+draws example k from `fold_in(key(seeds[k]), 0)`, the noise of a batch of one with that seed, so
+one sampler call makes a whole batch (`sample_batch_size` per local device) and the images still
+do not depend on the batch size (see `sample_with_image_seeds`).
 
 Differences from diffusers: with `LoadedModels` the images are decoded with the run's VAE (the
 `pretrained_vae_name_or_path` override when given; diffusers' script loads the base pipeline
@@ -83,12 +84,13 @@ def load_generation_sampler(model_dir: Path, *, dtype: Any, sampler_name: str | 
     unet_config, _, unet_params = pretrained.load_pretrained(model_dir, "unet", variant=variant, dtype=dtype)
     text_config, _, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant, dtype=dtype)
     vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae", variant=variant, dtype=jnp.float32)
-    name = sampler_name or default_sampler_name(read_scheduler_config(model_dir))
+    scheduler_config = read_scheduler_config(model_dir)
     return sampler_from_models(
         model_dir=model_dir, tokenizer=load_tokenizer(model_dir),
         unet=FlaxUNet2DConditionModel(unet_config, dtype=dtype), unet_params=unet_params,
         text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype), text_params=text_params,
-        vae_config=vae_config, vae_params=vae_params, sampler_name=name, mesh=mesh)
+        vae_config=vae_config, vae_params=vae_params, scheduler_config=scheduler_config,
+        sampler_name=sampler_name or default_sampler_name(scheduler_config), mesh=mesh)
 
 
 def local_mesh(mesh: Any) -> Any:
@@ -125,37 +127,40 @@ def sampler_from_loaded(models: LoadedModels, *, dtype: Any, sampler_name: str |
     (as diffusers loads the class-image pipeline in `prior_generation_precision`).
 
     The modules are the run's with only dtype and remat changed (same attention kernel); the
-    VAE stays float32 (diffusers' `force_upcast`). Nothing is read from disk but the scheduler
-    config `sampler_from_models` reads.
+    VAE stays float32 (diffusers' `force_upcast`). Nothing is read from disk: the scheduler
+    config is the models' too.
     """
     from jaxbooth.jax_backend.generate import sampler_from_models
 
     if models.vae_params is None:
         raise ValueError("class images need LoadedModels.vae_params; generate them before the VAE params are dropped")
     for_sampling = {"dtype": dtype, "gradient_checkpointing": False}
-    sampler = sampler_from_models(
+    return sampler_from_models(
         model_dir=Path(models.model_dir), tokenizer=models.tokenizer, unet=models.unet.clone(**for_sampling),
         unet_params=_in_dtype(models.unet_params, dtype), text_encoder=models.text_encoder.clone(**for_sampling),
         text_params=_in_dtype(models.text_params, dtype), vae_config=models.vae_config,
         vae_params=_in_dtype(models.vae_params, jnp.float32),
-        sampler_name=sampler_name or default_sampler_name(models.scheduler_config), mesh=mesh)
-    sampler.scheduler_config = models.scheduler_config
-    return sampler
+        sampler_name=sampler_name or default_sampler_name(models.scheduler_config), mesh=mesh,
+        scheduler_config=models.scheduler_config)
 
 
 def sample_with_image_seeds(sampler: Any, *, num_inference_steps: int, guidance_scale: float,
                             negative_prompt: str | None = None, height: int | None = None,
-                            width: int | None = None) -> shared.SampleImages:
+                            width: int | None = None, batch_size: int | None = None) -> shared.SampleImages:
     """The `sample(prompts, seeds)` the shared bookkeeping calls: image k drawn from `seeds[k]` alone.
 
-    `StableDiffusionSampler.generate` draws a whole call's noise from one seed (example b from
-    `fold_in(key(seed), b)`), so per-image seeds are one call per image; every call has batch 1
-    and reuses one compiled loop.
+    One `sampler.generate` call per `sample` call, with the per-image seeds. `batch_size`: pad
+    shorter calls (the last batch) to it by repeating the last prompt and seed, so every call
+    reuses one compiled loop; the padding's images are dropped.
     """
     def sample(prompts: list[str], seeds: list[int]) -> list[Any]:
-        return [sampler.generate([prompt], negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, seed=seed, height=height, width=width)[0]
-                for prompt, seed in zip(prompts, seeds, strict=True)]
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        pad = max(0, (batch_size or 0) - len(prompts))
+        images = sampler.generate(prompts + prompts[-1:] * pad, negative_prompt=negative_prompt,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  seed=seeds + seeds[-1:] * pad, height=height, width=width)
+        return list(images[: len(prompts)])
 
     return sample
 
@@ -205,12 +210,11 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
                        if models is not None else
                        load_generation_sampler(Path(model_dir), dtype=dtype, sampler_name=sampler_name,
                                                variant=variant, mesh=where))
+        batch_size = sample_batch_size * _batch_shards(sampler.mesh)
         sample = sample_with_image_seeds(sampler, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                         height=height, width=width)
-        written = shared.generate_class_images(plan, sample, prompt=class_prompt,
-                                               batch_size=sample_batch_size * _batch_shards(sampler.mesh),
-                                               seed=seed)
+                                         height=height, width=width, batch_size=batch_size)
+        written = shared.generate_class_images(plan, sample, prompt=class_prompt, batch_size=batch_size, seed=seed)
     _barrier("jaxbooth_class_images_written")
     return len(written)
 

@@ -37,12 +37,17 @@ def vae_scale_factor(vae_config: Any) -> int:
 
 def sampler_from_models(*, model_dir: Path, tokenizer: Any, unet: FlaxUNet2DConditionModel, unet_params: Any,
                         text_encoder: Any, text_params: Any, vae_config: Any, vae_params: Any,
-                        sampler_name: str, use_attention_mask: bool = False, mesh=None) -> StableDiffusionSampler:
-    """Bind loaded (or in-training) models into a sampler; shared by `generate` and validation."""
+                        sampler_name: str, use_attention_mask: bool = False, mesh=None,
+                        scheduler_config: dict | None = None) -> StableDiffusionSampler:
+    """Bind loaded (or in-training) models into a sampler; shared by `generate`, validation and
+    class images. `scheduler_config`: the one already in hand (a run's `LoadedModels`, validation's
+    adjusted copy); None reads `model_dir`'s scheduler/scheduler_config.json."""
     scale = vae_scale_factor(vae_config)
+    if scheduler_config is None:
+        scheduler_config = read_scheduler_config(model_dir)
     return make_pipeline_sampler(
         tokenizer=tokenizer, text_encoder=text_encoder, text_params=text_params, unet=unet, unet_params=unet_params,
-        vae=FlaxAutoencoderKL(vae_config), vae_params=vae_params, scheduler_config=read_scheduler_config(model_dir),
+        vae=FlaxAutoencoderKL(vae_config), vae_params=vae_params, scheduler_config=scheduler_config,
         sampler_name=sampler_name, scaling_factor=float(vae_config.scaling_factor), vae_scale_factor=scale,
         latent_channels=int(vae_config.latent_channels), default_size=int(unet.config.sample_size) * scale,
         use_attention_mask=use_attention_mask, mesh=mesh)

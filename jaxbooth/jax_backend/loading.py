@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbooth import capabilities, diffusion
+from jaxbooth import capabilities, diffusion, pipelines
 from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import pretrained
@@ -27,26 +27,6 @@ from jaxbooth.text import load_tokenizer
 
 COMPUTE_DTYPES = {None: jnp.float32, "no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 
-TRAINABLE_PIPELINES = ("StableDiffusionPipeline",)
-# Pipelines diffusers' DreamBooth scripts train that the JAX backend does not, and who does.
-# Keep "who" in step with the torch backend's SUPPORTED_PIPELINES (today it trains neither).
-UNTRAINABLE_PIPELINES = {
-    "StableDiffusionXLPipeline": ("SDXL", "jax: planned, see the SDXL issue; no backend trains "
-                                          "StableDiffusionXLPipeline yet"),
-    "IFPipeline": ("DeepFloyd IF stage I", "no backend trains IFPipeline yet"),
-    "IFSuperResolutionPipeline": ("DeepFloyd IF stage II", "no backend trains IFSuperResolutionPipeline yet"),
-}
-# Options the capability table routes to torch although torch refuses them too: named here so
-# the JAX message does not send the user to a backend that also says no.
-NOT_TRAINED_ANYWHERE = {
-    "use_lora": "LoRA training is not implemented by the JAX backend yet (planned), and the torch backend "
-                "refuses it too; drop --use_lora to fine-tune all UNet weights",
-    "validation_images": "image-to-image validation (DeepFloyd IF stage II) is not implemented by any backend; "
-                         "drop --validation_images",
-}
-_FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "deepfloyd_if": "IFPipeline"}
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelPaths:
     """Local folders of the base pipeline and of the VAE override (None: the pipeline's own VAE)."""
@@ -56,45 +36,16 @@ class ModelPaths:
 
 
 def refuse_unsupported_options(spec: spec_lib.RunSpec) -> None:
-    """Refuse, naming the key, every set option the JAX backend would otherwise ignore; reads no file."""
-    defaults = spec_lib.default_flat()
-    values = spec.flat()
-    problems = [f"--{key}: {why}" for key, why in NOT_TRAINED_ANYWHERE.items() if values[key] != defaults[key]]
-    family = spec.model.model_family
-    if family in _FAMILY_PIPELINES:
-        pipeline = _FAMILY_PIPELINES[family]
-        what, who = UNTRAINABLE_PIPELINES[pipeline]
-        problems.append(f"--model_family={family}: the JAX backend does not train {what} ({who})")
-    if problems:
-        raise JaxboothError("\n".join(problems))
+    """Refuse, naming the key, every set option the JAX backend would otherwise ignore; reads no file.
+
+    The capability table covers them all, planned options (LoRA, SDXL, IF) included.
+    """
     capabilities.check_backend(spec, capabilities.JAX)
-
-
-def pipeline_class(model_dir: Path) -> str:
-    """``_class_name`` of ``model_dir/model_index.json``, or an error naming the file."""
-    index = Path(model_dir) / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except FileNotFoundError:
-        raise JaxboothError(f"{index}: not found; --pretrained_model_name_or_path must be a diffusers pipeline "
-                            "folder (one written by DiffusionPipeline.save_pretrained) or its Hub id") from None
-    except (OSError, ValueError, AttributeError) as error:
-        raise JaxboothError(f"{index}: cannot be read as a JSON object ({error}); re-download the model") from None
-    return str(name)
 
 
 def refuse_untrainable_pipeline(model_dir: Path) -> None:
     """Refuse a pipeline this backend cannot train, by its model_index.json class, before any weight loads."""
-    index = Path(model_dir) / "model_index.json"
-    name = pipeline_class(model_dir)
-    if name in TRAINABLE_PIPELINES:
-        return
-    if name in UNTRAINABLE_PIPELINES:
-        what, who = UNTRAINABLE_PIPELINES[name]
-        raise JaxboothError(f"{index}: _class_name={name} is a {what} pipeline, which the JAX backend does not "
-                            f"train ({who}); use a Stable Diffusion 1.x/2.x pipeline ({TRAINABLE_PIPELINES[0]})")
-    raise JaxboothError(f"{index}: _class_name={name!r} is not a pipeline the JAX backend trains (expected "
-                        f"{', '.join(TRAINABLE_PIPELINES)}); use a Stable Diffusion 1.x/2.x pipeline")
+    pipelines.refuse_untrainable_pipeline(model_dir, capabilities.JAX)
 
 
 def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:

@@ -329,10 +329,11 @@ class StableDiffusionSampler:
         sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
         text_params = self._params(text_params, self.text_params)
         uncond = self._encode(negatives, text_params, sharding) if guidance_scale > 1.0 else None
-        noise: dict[str, Any] = {"rng": _seed_key(seed)} if seeds is None else {}
-        if seeds is not None:
+        if seeds is None:
+            noise = {"rng": _seed_key(seed)}
+        else:
             host_seeds = seed_array(seeds + seeds[-1:] * pad)
-            noise["seeds"] = jax.device_put(host_seeds) if sharding is None else _put(host_seeds, sharding)
+            noise = {"seeds": jax.device_put(host_seeds) if sharding is None else _put(host_seeds, sharding)}
         return generate_latents(
             self.unet_apply, self._params(unet_params, self.unet_params),
             self._encode(prompts, text_params, sharding), uncond,

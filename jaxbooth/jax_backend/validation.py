@@ -122,10 +122,8 @@ class Validator:
             model_dir=Path(model_dir), tokenizer=tokenizer, unet=unet, unet_params=None, text_encoder=text_encoder,
             text_params=None, vae_config=vae_config, vae_params=None,
             sampler_name=validation_sampler_name(validation_scheduler), use_attention_mask=use_attention_mask,
-            mesh=mesh)
-        # before the first sampler is built (lazily, per step count), as log_validation's from_config override
-        self.sampler.scheduler_config = validation_scheduler_config(
-            scheduler_config if scheduler_config is not None else read_scheduler_config(Path(model_dir)))
+            mesh=mesh, scheduler_config=validation_scheduler_config(  # log_validation's from_config override
+                scheduler_config if scheduler_config is not None else read_scheduler_config(Path(model_dir))))
 
     def should_run(self, step: int, epochs_done: int | None = None) -> bool:
         """Whether to validate now, after optimizer `step`: `validation_files.should_validate`.

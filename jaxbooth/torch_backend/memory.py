@@ -19,35 +19,28 @@ def log(message: str) -> None:
     jaxbooth_log.info(message)
 
 
-def xformers_unavailable_reason(device: torch.device) -> str | None:
-    """Why xFormers attention cannot run here, or None when it can (installed and on CUDA)."""
-    from diffusers.utils.import_utils import is_xformers_available
+def check_xformers(enabled: bool, device: torch.device) -> None:
+    """Refuse --enable_xformers_memory_efficient_attention where xFormers cannot run, before any model loads.
 
-    if device.type != "cuda":
-        return f"xFormers kernels need a CUDA device and this run is on {device.type}"
-    if not is_xformers_available():
-        return "xformers is not installed (pip install xformers)"
-    return None
-
-
-def set_attention(unet: Any, enable_xformers: bool, device: torch.device) -> str:
-    """Switch the UNet to xFormers attention when asked and possible; returns the kernel in use.
-
-    diffusers raises when xFormers is missing; jaxbooth says why once and keeps PyTorch's
-    ``scaled_dot_product_attention`` (diffusers' default ``AttnProcessor2_0``), which already
-    picks a memory-efficient or flash kernel on GPUs.
+    As diffusers does (it raises too): quietly training with another kernel would change the
+    memory a recipe was chosen for. ``preflight.check_packages`` has already made sure it is installed.
     """
+    if enabled and device.type != "cuda":
+        raise JaxboothError(f"--enable_xformers_memory_efficient_attention: xFormers kernels need a CUDA device and "
+                            f"this run is on {device.type}; drop the flag (PyTorch SDPA attention is used then, "
+                            "which already picks a memory-efficient kernel on GPUs)")
+
+
+def set_attention(unet: Any, enable_xformers: bool) -> str:
+    """Switch the UNet to xFormers attention when asked (``check_xformers`` ran); returns the kernel in use."""
     if not enable_xformers:
         return "sdpa"
-    reason = xformers_unavailable_reason(device)
-    if reason is None:
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-            return "xformers"
-        except Exception as error:  # diffusers probes a tiny kernel call; broken builds fail there
-            reason = f"xformers failed its self-test ({error})"
-    log(f"--enable_xformers_memory_efficient_attention: {reason}; using PyTorch SDPA attention instead")
-    return "sdpa"
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as error:  # diffusers probes a tiny kernel call; broken builds fail there
+        raise JaxboothError(f"--enable_xformers_memory_efficient_attention: xformers failed its self-test ({error}); "
+                            "reinstall xformers for this torch/CUDA, or drop the flag") from None
+    return "xformers"
 
 
 def enable_gradient_checkpointing(unet: Any, text_encoder: Any | None, train_text_encoder: bool) -> None:
@@ -62,7 +55,7 @@ def apply_memory_options(spec: Any, unet: Any, text_encoder: Any | None, device:
     precision = spec.precision
     if precision.gradient_checkpointing:
         enable_gradient_checkpointing(unet, text_encoder, spec.model.train_text_encoder)
-    kernel = set_attention(unet, precision.enable_xformers_memory_efficient_attention, device)
+    kernel = set_attention(unet, precision.enable_xformers_memory_efficient_attention)
     if precision.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -32,14 +32,13 @@ every global batch from the shared ``BatchIterator``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jaxbooth import data, output
+from jaxbooth import data, output, pipelines
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
@@ -61,33 +60,11 @@ class RunInputs:
     seed: int
 
 
-# Options the capability table routes to torch that this module does not implement (yet):
-# refused by name instead of being dropped silently.
-NOT_IMPLEMENTED = {
-    "use_lora": "LoRA training",
-    "do_edm_style_training": "EDM-style training (SDXL)",
-    "class_labels_conditioning": "DeepFloyd IF stage II class labels",
-    "validation_images": "image-to-image validation (DeepFloyd IF stage II)",
-    "dataset_name": "Hub datasets (download the images and pass --instance_data_dir)",
-}
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-
-
 def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
-    """Refuse, naming them, the options and model families the torch backend does not train."""
+    """Refuse, naming them, the options (capability table, planned ones included) and the pipeline
+    class (``model_index.json``) the torch backend does not train."""
     spec_lib.check_backend(spec, "torch")
-    defaults = spec_lib.default_flat()
-    values = spec.flat()
-    problems = [f"--{key} ({what})" for key, what in NOT_IMPLEMENTED.items() if values[key] != defaults[key]]
-    if spec.model.model_family not in ("auto", "sd"):
-        problems.append(f"--model_family={spec.model.model_family}")
-    index = model_dir / "model_index.json"
-    pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if pipeline not in SUPPORTED_PIPELINES:
-        problems.append(f"{index}: _class_name={pipeline!r} (expected one of {', '.join(SUPPORTED_PIPELINES)})")
-    if problems:
-        raise JaxboothError("the torch backend trains Stable Diffusion 1.x/2.x pipelines fully; not supported here: "
-                            + "; ".join(problems) + ". Drop these options or use a model/backend that has them")
+    pipelines.refuse_untrainable_pipeline(model_dir, "torch")
 
 
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
@@ -95,15 +72,15 @@ def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     from jaxbooth.hub import resolve_model_dir
 
     m = spec.model
-    if m.pretrained_model_name_or_path is None or spec.data.instance_data_dir is None or not spec.data.instance_prompt:
-        raise JaxboothError("pretrained_model_name_or_path, instance_data_dir and instance_prompt must be set "
-                            "(the CLI fills in the built-in defaults; call jaxbooth.cli.fill_defaults)")
-    token = spec.hub.hub_token
-    model_dir = resolve_model_dir(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant,
-                                  token=token)
-    check_supported(spec, Path(model_dir))
+    if m.pretrained_model_name_or_path is None:
+        raise JaxboothError("pretrained_model_name_or_path must be set (the CLI fills in the built-in tiny model; "
+                            "call jaxbooth.run_defaults.fill_defaults)")
+    hub = {"revision": m.revision, "token": spec.hub.hub_token, "cache_dir": spec.data.cache_dir}
+    # the pipeline class first, from model_index.json alone: an SDXL or IF repo downloads no weights
+    check_supported(spec, Path(resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub)))
+    model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
     vae_name = spec_lib.vae_name_or_path(spec)
-    vae_dir = resolve_model_dir(vae_name, revision=m.revision, token=token, subfolders=["vae"]) if vae_name else None
+    vae_dir = resolve_model_dir(vae_name, variant=m.variant, subfolders=["vae"], **hub) if vae_name else None
     seed = spec.optim.seed if spec.optim.seed is not None else 0
     return RunInputs(spec, Path(model_dir), vae_dir, Path(spec.checkpointing.output_dir).absolute(), seed)
 
@@ -172,10 +149,8 @@ def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
 
 
 def make_dataset(spec: spec_lib.RunSpec) -> data.Dataset:
-    prior = spec.prior
-    class_dir = prior.class_data_dir if prior.with_prior_preservation else None
-    return data.make_dreambooth_dataset(spec.data.instance_data_dir, spec.data.instance_prompt, class_dir,
-                                        prior.class_prompt, prior.num_class_images, skip_bad=spec.data.skip_bad_images)
+    """The shared dataset (instance folder or --dataset_name, repeats, class images) both backends train on."""
+    return data.dataset_from_spec(spec)
 
 
 def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: Any, seed: int) -> data.BatchIterator:
@@ -184,7 +159,8 @@ def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: An
                               batch_size=spec.optim.train_batch_size * accelerator.num_processes, seed=seed,
                               center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
                               process_index=accelerator.process_index, process_count=accelerator.num_processes,
-                              num_workers=spec.data.dataloader_num_workers)
+                              num_workers=spec.data.dataloader_num_workers,
+                              interpolation=spec.data.image_interpolation_mode)
 
 
 def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
@@ -297,6 +273,7 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
 
     run = resolve_inputs(spec)
     accelerator = make_accelerator(run)
+    memory.check_xformers(spec.precision.enable_xformers_memory_efficient_attention, accelerator.device)
     set_seed(run.seed)  # global RNGs (dropout, if a model has any); the loss draws its own per step
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)

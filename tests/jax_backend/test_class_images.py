@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxbooth.class_images import image_seed
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import class_images
 from jaxbooth.jax_backend.class_images import ensure_class_images, load_generation_sampler, sampler_from_loaded
@@ -133,14 +134,29 @@ def test_sampler_and_precision_defaults_follow_diffusers() -> None:
         class_images.generation_dtype("int8")
 
 
-def test_images_do_not_depend_on_the_batch_size(tiny_model_dir: Path, sampler, tmp_path: Path) -> None:
-    """Image i comes from its own seed: batches of 1 and of 3 make the same images."""
+def test_images_do_not_depend_on_the_batch_size(tiny_model_dir: Path, sampler, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image i comes from its own seed: batches of 1 and of 3 make the same images, one padded
+    sampler call per batch (4 images in batches of 3: two calls of 3, one compiled loop)."""
+    calls: list[tuple[int, list[int]]] = []
+    generate = sampler.generate
+
+    def counting_generate(prompts, *, seed, **settings):
+        calls.append((len(prompts), list(seed)))
+        return generate(prompts, seed=seed, **settings)
+
+    monkeypatch.setattr(sampler, "generate", counting_generate)
     one, three = tmp_path / "one", tmp_path / "three"
+    sizes = {}
     for folder, batch in ((one, 1), (three, 3)):
-        ensure_class_images(tiny_model_dir, folder, PROMPT, 3, sample_batch_size=batch, num_inference_steps=STEPS,
+        calls.clear()
+        ensure_class_images(tiny_model_dir, folder, PROMPT, 4, sample_batch_size=batch, num_inference_steps=STEPS,
                             seed=5, sampler=sampler)
+        sizes[batch] = [size for size, _ in calls]
+    assert sizes == {1: [1, 1, 1, 1], 3: [3, 3]}  # ceil(4 / batch) calls, the last one padded
+    assert calls[1][1] == [image_seed(5, 3)] * 3  # the padding repeats the last image's seed
     a, b = generated(one), generated(three)
-    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for index in a:
         np.testing.assert_allclose(pixels(a[index]), pixels(b[index]), atol=2)
     assert not np.array_equal(pixels(a[0]), pixels(a[1])), "two class images share their noise"

@@ -21,6 +21,8 @@ from jaxbooth.jax_backend.sample import (
     decode_latents,
     generate_latents,
     make_initial_noise,
+    make_seeded_noise,
+    seed_array,
 )
 from jaxbooth.jax_backend.schedulers import make_sampler
 
@@ -144,6 +146,32 @@ def test_seed_reproduces_and_distinct_seeds_differ() -> None:
     assert not np.array_equal(first[0], first[1])
 
 
+def test_seeded_noise_of_an_example_is_its_batch_of_one_noise() -> None:
+    seeds = [0, 11, 2**31 - 1, 2**31 + 3, 2**40 + 9, -5]  # the large/negative ones wrap as jax.random.key(int)
+    noise = np.asarray(make_seeded_noise(jax.device_put(seed_array(seeds)), (len(seeds), 4, 4, 4), 1.5))
+    for row, seed in enumerate(seeds):
+        alone = np.asarray(make_initial_noise(jax.random.key(seed), (1, 4, 4, 4), 1.5))[0]
+        np.testing.assert_array_equal(noise[row], alone)
+    assert not np.allclose(noise[0], noise[1])
+
+
+def test_one_seed_per_prompt_draws_each_image_as_a_batch_of_one() -> None:
+    pipe = toy_pipeline()
+    kw = {"num_inference_steps": 3, "guidance_scale": 5.0}
+    prompts, seeds = ["a sks dog", "a cat", "a sks dog"], [21, 2**31 + 3, 21]
+    with jax.transfer_guard("disallow"):
+        batch = [np.asarray(im) for im in pipe.generate(prompts, seed=seeds, **kw)]
+        alone = [np.asarray(pipe.generate([p], seed=s, **kw)[0]) for p, s in zip(prompts, seeds, strict=True)]
+        one_seed = [np.asarray(im) for im in pipe.generate(prompts, seed=21, **kw)]
+    for got, want in zip(batch, alone, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(batch[0], batch[2])  # same prompt and seed: same image, wherever it sits
+    assert not np.array_equal(batch[0], batch[1])
+    assert not np.array_equal(one_seed[0], one_seed[2])  # an int seed still gives each position its own noise
+    latents = pipe.generate_latents(prompts[:2], seed=(21, 2**31 + 3), **kw)
+    np.testing.assert_allclose(latents[0], pipe.generate_latents(prompts[:1], seed=21, **kw)[0], rtol=1e-6)
+
+
 def test_params_given_to_generate_replace_the_bound_ones_without_recompiling() -> None:
     traces = []
 
@@ -184,6 +212,9 @@ def test_decode_latents_matches_diffusers_postprocess() -> None:
     [
         ({"negative_prompt": ["x", "y", "z"]}, "negative_prompt has 3 entries for 2 prompts"),
         ({"height": 36}, "must be divisible by the VAE's scale factor 8"),
+        ({"seed": [1, 2, 3]}, "seed has 3 entries for 2 prompts"),
+        ({"seed": [1, "2"]}, "one integer per prompt"),
+        ({"seed": "12"}, "seed must be an integer or one integer per prompt"),
     ],
 )
 def test_bad_generate_arguments_are_rejected(kwargs: dict, match: str) -> None:
@@ -213,7 +244,13 @@ _SHARDED_SCRIPT = textwrap.dedent(
     lat_sharded_array = sharded.generate_latents(prompts, **kw)
     images_single = [np.asarray(im) for im in single.generate(prompts, **kw)]
     images_sharded = [np.asarray(im) for im in sharded.generate(prompts, **kw)]
+    seeded = {**kw, "seed": [11, 2**31 + 3, 7]}  # one seed per prompt; padding repeats the last
+    seeded_sharded = np.asarray(sharded.generate_latents(prompts, **seeded))
+    seeded_alone = np.stack([np.asarray(single.generate_latents([p], **{**kw, "seed": s}))[0]
+                             for p, s in zip(prompts, seeded["seed"])])
     print(json.dumps({
+        "seeded_diff": float(np.abs(seeded_sharded[:3] - seeded_alone).max()),
+        "seeded_distinct": bool(not np.allclose(seeded_sharded[:3], lat_single[:3])),
         "devices": len(lat_sharded_array.sharding.device_set),
         "shape": list(lat_sharded_array.shape),
         "latent_diff": float(np.abs(np.asarray(lat_sharded_array)[:3] - lat_single[:3]).max()),
@@ -237,6 +274,7 @@ def test_sharded_over_8_devices_equals_unsharded_with_padding() -> None:
     assert result["count"] == 3
     assert result["latent_diff"] <= 1e-4  # reduction order differs per shard: float32 noise, not a bug
     assert result["image_diff"] <= 1
+    assert result["seeded_diff"] <= 1e-4 and result["seeded_distinct"]
 
 
 def _random_params(abstract: dict, seed: int = 0) -> dict:

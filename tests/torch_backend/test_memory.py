@@ -58,17 +58,37 @@ def test_16gb_recipe_gradient_checkpointing_and_8bit_adam(tiny_model_dir: Path, 
     assert "bitsandbytes AdamW8bit" in capsys.readouterr().err
 
 
-def test_12gb_recipe_falls_back_to_sdpa_once_and_sets_grads_to_none(tiny_model_dir: Path, tmp_path: Path,
-                                                                    captured: dict,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_12gb_recipe_without_xformers_sets_grads_to_none(tiny_model_dir: Path, tmp_path: Path,
+                                                          captured: dict) -> None:
+    """The 12 GB recipe on CPU, less xFormers (CUDA only; its GPU test is below)."""
     pytest.importorskip("bitsandbytes")
     assert run_train(tiny_model_dir, tmp_path / "out", "--use_8bit_adam", "--gradient_checkpointing",
-                     "--enable_xformers_memory_efficient_attention", "--set_grads_to_none", *RECIPE_ARGS) == 0
+                     "--set_grads_to_none", *RECIPE_ARGS) == 0
     unet = captured["trainer"].accelerator.unwrap_model(captured["trainer"].unet)
     assert all(p.grad is None for p in unet.parameters()), "set_grads_to_none left gradient tensors behind"
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_xformers_where_it_cannot_run_is_refused_before_models_load(tiny_model_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Not installed: preflight names the package; installed but no CUDA: the flag and the device."""
+    from jaxbooth import preflight
+    from jaxbooth.torch_backend import models
+
+    assert run_train(tiny_model_dir, tmp_path / "a", "--enable_xformers_memory_efficient_attention",
+                     *RECIPE_ARGS) == 2
     err = capsys.readouterr().err
-    assert err.count("--enable_xformers_memory_efficient_attention:") == 1 and "SDPA" in err
+    if preflight._installed("xformers"):
+        assert "need a CUDA device" in err
+    else:
+        assert "pip install xformers" in err
+    monkeypatch.setattr(preflight, "_installed", lambda module: True)
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("models loaded before the refusal"))
+    assert run_train(tiny_model_dir, tmp_path / "b", "--enable_xformers_memory_efficient_attention",
+                     *RECIPE_ARGS) == 2
+    err = capsys.readouterr().err
+    assert "--enable_xformers_memory_efficient_attention: xFormers kernels need a CUDA device" in err
 
 
 def test_without_set_grads_to_none_gradients_are_zeroed(tiny_model_dir: Path, tmp_path: Path, captured: dict) -> None:

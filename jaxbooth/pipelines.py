@@ -1,0 +1,55 @@
+"""Which diffusers pipeline classes each backend trains, checked from ``model_index.json`` alone.
+
+Both backends refuse a pipeline they cannot train before any weight is downloaded or loaded,
+with one message that names the class, the file, and the backend that trains it (or that none
+does yet). The table is data, like the capability table; framework-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxbooth.errors import JaxboothError
+
+TRAINED_BY: dict[str, tuple[str, ...]] = {
+    "jax": ("StableDiffusionPipeline",),
+    "torch": ("StableDiffusionPipeline",),
+}
+# What the families diffusers' DreamBooth scripts also train are, for messages (planned here).
+FAMILY_NAMES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+    "IFPipeline": "DeepFloyd IF stage I",
+    "IFSuperResolutionPipeline": "DeepFloyd IF stage II",
+}
+
+
+def pipeline_class(model_dir: str | Path) -> str:
+    """``_class_name`` of ``model_dir/model_index.json``, or an error naming the file and the fix."""
+    index = Path(model_dir) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except FileNotFoundError:
+        raise JaxboothError(f"{index}: not found; --pretrained_model_name_or_path must be a diffusers pipeline "
+                            "folder (one written by DiffusionPipeline.save_pretrained) or its Hub id") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise JaxboothError(f"{index}: cannot be read as a JSON object ({error}); re-download the model") from None
+    return str(name)
+
+
+def backends_training(name: str) -> list[str]:
+    return [backend for backend, names in TRAINED_BY.items() if name in names]
+
+
+def refuse_untrainable_pipeline(model_dir: str | Path, backend: str) -> str:
+    """The pipeline class, if ``backend`` trains it; else an error naming it and who trains it."""
+    name = pipeline_class(model_dir)
+    if name in TRAINED_BY[backend]:
+        return name
+    index = Path(model_dir) / "model_index.json"
+    what = f"a {FAMILY_NAMES[name]} pipeline" if name in FAMILY_NAMES else "not a pipeline class jaxbooth knows"
+    others = backends_training(name)
+    who = (f"use --backend={others[0]}" if others
+           else f"no backend trains {name} yet (planned); use a Stable Diffusion 1.x/2.x pipeline")
+    raise JaxboothError(f"{index}: _class_name={name} is {what}, which the {backend} backend does not train; {who}")

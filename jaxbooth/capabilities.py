@@ -62,7 +62,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("pre_compute_text_embeddings", BOTH),
     Capability("text_encoder_use_attention_mask", BOTH),
     Capability("tokenizer_max_length", BOTH),
-    Capability("dataloader_num_workers", BOTH, note="harmless on both"),
+    Capability("dataloader_num_workers", BOTH,
+               note="torch: loader workers each step; jax: threads decoding images once for the latent cache"),
     # Torch only.
     Capability("use_8bit_adam", TORCH_ONLY, note="bitsandbytes"),
     Capability("enable_xformers_memory_efficient_attention", TORCH_ONLY, note="xFormers is a CUDA library"),
@@ -93,6 +94,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("coordinator_address", JAX_ONLY, note="jax.distributed; torch uses accelerate launch"),
     Capability("num_processes", JAX_ONLY),
     Capability("process_id", JAX_ONLY),
+    Capability("local_rank", TORCH_ONLY, note="set by torch launchers; jax numbers processes with --process_id",
+               fix="--process_id with --coordinator_address and --num_processes"),
 )
 
 

@@ -12,9 +12,12 @@ one centre crop, and a square image has one crop (every crop of it is the same).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,16 +82,34 @@ def example_crops(path: str | Path, resolution: int, *, center_crop: bool, seed:
     return list(crops.values())
 
 
+def decoded_in_order(count: int, decode: Callable[[int], Any], num_workers: int) -> Iterator[Any]:
+    """``decode(0), decode(1), ...`` in order; with ``num_workers`` > 0 decoded by that many threads, at most
+    2 x num_workers ahead (PIL releases the GIL while decoding and resizing; ``--dataloader_num_workers``)."""
+    if num_workers <= 0:
+        yield from map(decode, range(count))
+        return
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="jaxbooth-decode") as pool:
+        pending: collections.deque = collections.deque()
+        for index in range(count):
+            pending.append(pool.submit(decode, index))
+            if len(pending) > 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def encode_latent_cache(models: LoadedModels, dataset: data.Dataset, *, resolution: int, center_crop: bool,
-                        random_flip: bool, seed: int, interpolation: str = data.DEFAULT_INTERPOLATION
-                        ) -> tuple[np.ndarray, np.ndarray, LatentIndex]:
+                        random_flip: bool, seed: int, interpolation: str = data.DEFAULT_INTERPOLATION,
+                        num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, LatentIndex]:
     """(mean, std, index) of the VAE posterior of every cached crop and orientation of every example."""
     counts: list[int] = []
 
+    def decode(index: int) -> list[np.ndarray]:
+        return example_crops(dataset.examples[index].path, resolution, center_crop=center_crop, seed=seed,
+                             index=index, interpolation=interpolation)
+
     def pixels() -> Iterator[np.ndarray]:
-        for index, example in enumerate(dataset.examples):
-            crops = example_crops(example.path, resolution, center_crop=center_crop, seed=seed, index=index,
-                                  interpolation=interpolation)
+        for crops in decoded_in_order(len(dataset.examples), decode, num_workers):
             counts.append(len(crops))
             yield from crops
             if random_flip:  # the mirror of a crop is a crop of the mirrored image
@@ -114,7 +135,8 @@ def build_caches(spec: spec_lib.RunSpec, models: LoadedModels, dataset: data.Dat
     d = spec.data
     mean, std, latent_index = encode_latent_cache(models, dataset, resolution=d.resolution,
                                                   center_crop=d.center_crop, random_flip=d.random_flip, seed=seed,
-                                                  interpolation=d.image_interpolation_mode)
+                                                  interpolation=d.image_interpolation_mode,
+                                                  num_workers=d.dataloader_num_workers)
     prompts = sorted({example.caption for example in dataset.examples})
     tokenize = make_tokenize_fn(models.tokenizer, spec.model.tokenizer_max_length)
     frozen = {"latent_mean": mean, "latent_std": std}

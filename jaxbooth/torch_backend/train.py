@@ -267,6 +267,19 @@ def init_trackers(run: RunInputs, accelerator: Any) -> None:
         accelerator.init_trackers("dreambooth", config=config)
 
 
+def check_local_rank(local_rank: int, launched_as: int) -> None:
+    """``--local_rank`` is what torch launchers pass; the launcher's LOCAL_RANK wins, as in diffusers.
+
+    Given by hand and contradicting the process accelerate started, it is an error rather than a
+    flag that quietly does nothing.
+    """
+    if local_rank == -1 or "LOCAL_RANK" in os.environ:
+        return
+    if local_rank != launched_as:
+        raise JaxboothError(f"--local_rank={local_rank}, but this process is local rank {launched_as}; the launcher "
+                            "sets it (accelerate launch / torchrun), so drop --local_rank")
+
+
 def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
     """Inputs, accelerator and seed; clears interrupted checkpoints; fills class_data_dir."""
     from accelerate.utils import set_seed
@@ -274,6 +287,7 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
     run = resolve_inputs(spec)
     accelerator = make_accelerator(run)
     memory.check_xformers(spec.precision.enable_xformers_memory_efficient_attention, accelerator.device)
+    check_local_rank(spec.parallelism.local_rank, accelerator.local_process_index)
     set_seed(run.seed)  # global RNGs (dropout, if a model has any); the loss draws its own per step
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)

@@ -84,3 +84,28 @@ def test_interpolation_mode_reaches_the_image_loader(tmp_path: Path) -> None:
     bilinear = caches.example_crops(path, RESOLUTION, interpolation="bilinear", **kwargs)[0]
     nearest = caches.example_crops(path, RESOLUTION, interpolation="nearest", **kwargs)[0]
     assert not np.allclose(bilinear, nearest)
+
+
+def test_dataloader_num_workers_decodes_in_threads_in_order() -> None:
+    import threading
+
+    seen: list[str] = []
+
+    def decode(index: int) -> int:
+        seen.append(threading.current_thread().name)
+        return index * index
+
+    assert list(caches.decoded_in_order(9, decode, 0)) == [i * i for i in range(9)]
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    assert list(caches.decoded_in_order(9, decode, 2)) == [i * i for i in range(9)]
+    assert all(name.startswith("jaxbooth-decode") for name in seen)
+
+
+def test_the_cache_is_the_same_with_loader_threads(models, tmp_path: Path) -> None:
+    dataset = data.make_dreambooth_dataset(image_folder(tmp_path / "i", [(80, 64), (64, 96), (64, 64)]), "p")
+    kwargs = {"resolution": RESOLUTION, "center_crop": False, "random_flip": True, "seed": 1}
+    serial = caches.encode_latent_cache(models, dataset, **kwargs)
+    threaded = caches.encode_latent_cache(models, dataset, num_workers=2, **kwargs)
+    np.testing.assert_array_equal(serial[0], threaded[0])
+    assert serial[2].num_rows == threaded[2].num_rows and serial[2].num_rows > 3

@@ -239,7 +239,8 @@ class FakeTorchPipeline:
 
 
 class FakeJaxSampler:
-    """StableDiffusionSampler's call shape: one seed per call, example b from fold_in(key(seed), b)."""
+    """StableDiffusionSampler's call shape for class images: one seed per prompt (the padding of a
+    short last batch repeats the last); dies after ``fail_after`` images."""
 
     mesh = None
 
@@ -247,11 +248,14 @@ class FakeJaxSampler:
         self.fail_after, self.made = fail_after, 0
 
     def generate(self, prompts, *, seed, **settings):
-        assert len(prompts) == 1, "per-image seeds need one call per image with today's sampler"
-        if self.fail_after is not None and self.made >= self.fail_after:
-            raise KeyboardInterrupt("killed")
-        self.made += 1
-        return [seed_image(seed)]
+        assert not isinstance(seed, int) and len(seed) == len(prompts), "class images pass one seed per prompt"
+        images = []
+        for image_seed in seed:
+            if self.fail_after is not None and self.made >= self.fail_after:
+                raise KeyboardInterrupt("killed")
+            images.append(seed_image(image_seed))
+            self.made += 1
+        return images
 
 
 def generate(backend: str, folder: Path, count: int, *, batch: int = 2, seed: int = 0, fail_after: int | None = None,

@@ -58,10 +58,11 @@ def probe_device():
 
 
 def resolve_backend(spec) -> str:
-    from jaxbooth.spec import check_backend, choose_backend
+    """The backend to run: an explicit one as given (``load_spec`` has checked it against the
+    capability table), ``auto`` decided from the options and the device."""
+    from jaxbooth.spec import choose_backend
 
     if spec.backend != "auto":
-        check_backend(spec, spec.backend)
         return spec.backend
     backend, reason = choose_backend(spec, probe_device())
     log.info(reason)

@@ -1,0 +1,423 @@
+"""Every run-spec key is honest on every backend: it changes what the run does, or it is refused.
+
+``ACCOUNT`` says, for each key of ``jaxbooth.spec.FIELDS`` and each backend, how the key is
+accounted for:
+
+* ``Effect``: a probe (tests/_coverage_probes.py for jax, tests/_coverage_torch.py for torch)
+  runs the backend's own phase functions on the base spec and on the spec with the key
+  changed, and the results must differ. ``context`` holds keys set in both specs (the ones
+  the key only matters with, as in diffusers);
+* ``Refused``: ``capabilities.check_backend`` rejects the value before any model loads, with a
+  message naming the key (or the key that gates it, e.g. ``--use_lora`` for ``--rank``);
+* ``SpecRejects``: spec validation rejects the key when its gate is off;
+* ``CoveredBy``: a real training run elsewhere proves it (the test must exist and set the key);
+* ``Meta``: launcher keys and keys whose behaviour is fixed on a backend, with why and a check.
+
+A key a backend accepts and ignores gets ``xfail="SILENT: <where it should be consumed>"``:
+a strict expected failure until the backend consumes it (none today). The base spec is the
+default one as the CLI hands it to the backend (tests/_coverage_env.py); the whole file runs
+in about half a minute on a CPU (no training run, no XLA compile of a model but the tiny CLIP).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jaxbooth import capabilities
+from jaxbooth import spec as spec_lib
+from jaxbooth.errors import JaxboothError
+from tests import _coverage_probes as jp
+from tests import _coverage_torch as tp
+from tests._coverage_env import CLASS_PROMPT, Env, make_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("jax", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    changed: Any
+    probe: Callable[[spec_lib.RunSpec, Env], Any]
+    context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    also: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # set with the key (a source switch)
+    xfail: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    value: Any
+    context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    names: tuple[str, ...] = ()  # keys that gate this one; the message may name them instead
+    xfail: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecRejects:
+    value: Any
+    gate: str  # the key it needs; without it spec validation names both
+    xfail: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CoveredBy:
+    node: str
+    xfail: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    why: str
+    check: Callable[[Env, str], None]
+    xfail: str | None = None
+
+
+def both(*checks: Any) -> dict[str, tuple]:
+    return {"jax": checks, "torch": checks}
+
+
+def on(jax: Any, torch: Any) -> dict[str, tuple]:
+    return {"jax": jax if isinstance(jax, tuple) else (jax,), "torch": torch if isinstance(torch, tuple) else (torch,)}
+
+
+# ------------------------------------------------------------------ contexts (set in base and changed spec)
+
+PRIOR = {"with_prior_preservation": True, "class_data_dir": lambda env: str(env.class_folder("a", 3)),
+         "class_prompt": CLASS_PROMPT, "num_class_images": 3}
+PRIOR_KEYS = {key: value for key, value in PRIOR.items() if key != "with_prior_preservation"}
+TE = {"train_text_encoder": True}
+OPT = {"learning_rate": 1e-3}  # so weight decay and epsilon show in float32 updates
+SCHEDULE = {"max_train_steps": 10, "lr_warmup_steps": 0}
+HUB = {"pretrained_model_name_or_path": jp.HUB_MODEL_ID}
+DATASET = {"dataset_name": lambda env: str(env.hf_dataset), "instance_data_dir": None}
+LOOP = {"max_train_steps": 12}
+VALID = {"validation_prompt": "a photo of sks toy on a beach"}
+LORA = {"use_lora": True}
+MULTIHOST = {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 0}
+PRODIGY = {"optimizer": "prodigy"}
+BAD_IMAGE = {"instance_data_dir": lambda env: str(env.with_bad_image)}
+
+# ------------------------------------------------------------------ meta checks
+
+
+def backend_dispatch(env: Env, backend: str) -> None:
+    """--backend picks the trainer: `jaxbooth train --backend=X` runs X's train() and not the other."""
+    from unittest import mock
+
+    from jaxbooth import cli
+    from jaxbooth.jax_backend import train as jax_train
+    from jaxbooth.torch_backend import train as torch_train
+
+    ran: list[str] = []
+    argv = [f"--backend={backend}", f"--pretrained_model_name_or_path={env.tiny}", f"--output_dir={env.fresh('cli')}",
+            f"--instance_data_dir={env.two_images}", "--instance_prompt=a photo of sks toy", "--seed=0",
+            "--report_to=none"]
+    with mock.patch.object(jax_train, "train", lambda spec: ran.append("jax")), \
+            mock.patch.object(torch_train, "train", lambda spec: ran.append("torch")):
+        assert cli.cmd_train(argv) == 0
+    assert ran == [backend]
+    other = "torch" if backend == "jax" else "jax"
+    only_other = {"jax": "--use_8bit_adam", "torch": "--attention=chunked"}[backend]
+    with pytest.raises(JaxboothError, match=f"--backend={other}"):
+        cli.cmd_train([*argv, only_other])
+
+
+def family_sd_is_what_auto_detects(env: Env, backend: str) -> None:
+    """model_family is jaxbooth's own key: both backends read the family from model_index.json, so
+    'sd' behaves as 'auto' on an SD pipeline and any other pipeline class is refused by name."""
+    sdxl = env.root / "sdxl-index"
+    if not sdxl.exists():
+        shutil.copytree(env.tiny, sdxl)
+        index = json.loads((sdxl / "model_index.json").read_text())
+        (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    probe = jp.jax_paths if backend == "jax" else tp.torch_inputs
+    assert probe(make_spec(env, {"model_family": "sd"}), env) == probe(make_spec(env, {}), env)
+    with pytest.raises(JaxboothError, match="StableDiffusionXLPipeline"):
+        probe(make_spec(env, {"model_family": "sd", "pretrained_model_name_or_path": str(sdxl)}), env)
+
+
+def jax_always_precomputes(env: Env, backend: str) -> None:
+    """The JAX backend encodes every prompt once with a frozen text encoder (caches.build_caches) and
+    trains from those embeddings; the encoder's params are never part of the train state, so
+    pre_compute_text_embeddings is how it always runs."""
+    frozen = jp.jax_caches(make_spec(env, {}), env)[0]
+    assert "text_embeddings" in frozen and "input_ids" not in frozen
+
+
+def data_axis_follows_the_devices(env: Env, backend: str) -> None:
+    """data x fsdp must equal the device count, so data_parallelism is fixed by fsdp_parallelism: the
+    key only states it, and a value that does not fit is refused (derived.mesh_shape, which train() uses)."""
+    assert jp.jax_mesh(make_spec(env, {"data_parallelism": 8}), env) == jp.jax_mesh(make_spec(env, {}), env)
+    with pytest.raises(JaxboothError, match="--data_parallelism=4"):
+        jp.jax_mesh(make_spec(env, {"data_parallelism": 4}), env)
+
+
+# ------------------------------------------------------------------ the account
+
+LORA_OPTIONS = {"rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "use_dora": True,
+                "lora_target_modules": ("to_q",), "lora_text_encoder_target_modules": ("q_proj",),
+                "output_kohya_format": True}
+PRODIGY_OPTIONS = {"prodigy_beta3": 0.5, "prodigy_decouple": False, "prodigy_use_bias_correction": False,
+                   "prodigy_safeguard_warmup": False}
+OPTIMIZER_HYPERS = {"adam_beta1": 0.5, "adam_beta2": 0.9, "adam_weight_decay": 0.5, "adam_epsilon": 1e-2}
+
+ACCOUNT: dict[str, dict[str, tuple]] = {
+    "backend": both(Meta("the CLI's backend choice", backend_dispatch)),
+    # model
+    "pretrained_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
+                                        Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
+    "revision": on(Effect("v1.0", jp.jax_hub, HUB), Effect("v1.0", tp.torch_hub, HUB)),
+    "variant": on(Effect("fp16", jp.jax_hub, HUB), Effect("fp16", tp.torch_hub, HUB)),
+    "tokenizer_name": on(Effect(lambda env: str(env.tokenizer16), jp.jax_loaded),
+                         Effect(lambda env: str(env.tokenizer16), tp.torch_trainer)),
+    "pretrained_vae_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
+                                      Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
+    "model_family": both(Refused("sdxl"), Refused("deepfloyd_if"),
+                         Meta("'sd' is what auto detects", family_sd_is_what_auto_detects)),
+    "train_text_encoder": on(Effect(True, jp.jax_caches), Effect(True, tp.torch_optimizer)),
+    "tokenizer_max_length": on(Effect(16, jp.jax_caches), Effect(16, tp.torch_trainer)),
+    "text_encoder_use_attention_mask": on(Effect(True, jp.jax_caches), Effect(True, tp.torch_conditioner)),
+    # data
+    "instance_data_dir": on(Effect(lambda env: str(env.two_images), jp.jax_inputs),
+                            Effect(lambda env: str(env.two_images), tp.torch_dataset)),
+    "instance_prompt": on(Effect("a photo of zwx toy", jp.jax_inputs), Effect("a photo of zwx toy", tp.torch_dataset)),
+    "resolution": on(Effect(32, jp.jax_caches), Effect(32, tp.torch_batches)),
+    "center_crop": on(Effect(True, jp.jax_caches), Effect(True, tp.torch_batches)),
+    "random_flip": on(Effect(True, jp.jax_caches), Effect(True, tp.torch_batches)),
+    "image_interpolation_mode": on(Effect("lanczos", jp.jax_caches), Effect("lanczos", tp.torch_batches)),
+    "repeats": on(Effect(3, jp.jax_inputs), Effect(3, tp.torch_dataset)),
+    "dataset_name": on(Effect(lambda env: str(env.hf_dataset), jp.jax_inputs, also={"instance_data_dir": None}),
+                       Effect(lambda env: str(env.hf_dataset), tp.torch_dataset, also={"instance_data_dir": None})),
+    "dataset_config_name": on(Effect("other", jp.jax_inputs, DATASET), Effect("other", tp.torch_dataset, DATASET)),
+    "image_column": on(Effect("image_b", jp.jax_inputs, DATASET), Effect("image_b", tp.torch_dataset, DATASET)),
+    "caption_column": on(Effect("text_b", jp.jax_inputs, DATASET), Effect("text_b", tp.torch_dataset, DATASET)),
+    "cache_dir": on(
+        (Effect(lambda env: str(env.root / "hf-cache"), jp.jax_inputs, DATASET),
+         Effect(lambda env: str(env.root / "hub-cache"), jp.jax_hub, HUB)),
+        (Effect(lambda env: str(env.root / "hf-cache"), tp.torch_dataset, DATASET),
+         Effect(lambda env: str(env.root / "hub-cache"), tp.torch_hub, HUB))),
+    "dataloader_num_workers": on(Effect(2, jp.jax_caches), Effect(2, tp.torch_batches)),
+    "skip_bad_images": on(Effect(True, jp.jax_inputs_or_error, BAD_IMAGE),
+                          Effect(True, tp.torch_dataset_or_error, BAD_IMAGE)),
+    # prior preservation
+    "with_prior_preservation": on(
+        (Effect(True, jp.jax_inputs, PRIOR_KEYS), Effect(True, jp.jax_loss, PRIOR_KEYS)),
+        (Effect(True, tp.torch_dataset, PRIOR_KEYS), Effect(True, tp.torch_loss, PRIOR_KEYS))),
+    "prior_loss_weight": on(Effect(0.25, jp.jax_loss, PRIOR), Effect(0.25, tp.torch_loss, PRIOR)),
+    "class_data_dir": on(Effect(lambda env: str(env.class_folder("b", 3)), jp.jax_inputs, PRIOR),
+                         Effect(lambda env: str(env.class_folder("b", 3)), tp.torch_dataset, PRIOR)),
+    "class_prompt": on(Effect("a photo of a plush toy", jp.jax_inputs, PRIOR),
+                       Effect("a photo of a plush toy", tp.torch_dataset, PRIOR)),
+    "num_class_images": on(Effect(2, jp.jax_inputs, PRIOR), Effect(2, tp.torch_dataset, PRIOR)),
+    "sample_batch_size": on(Effect(2, jp.jax_class_images, PRIOR), Effect(2, tp.torch_class_images, PRIOR)),
+    "prior_generation_precision": on(Effect("bf16", jp.jax_class_images, PRIOR),
+                                     Effect("bf16", tp.torch_class_images, PRIOR)),
+    # optimization
+    "seed": on(Effect(7, jp.jax_inputs), Effect(7, tp.torch_inputs)),
+    "train_batch_size": on(Effect(2, jp.jax_inputs), Effect(2, tp.torch_batches)),
+    "num_train_epochs": on(Effect(3, jp.jax_inputs), Effect(3, tp.torch_trainer)),
+    "max_train_steps": on(Effect(7, jp.jax_inputs), Effect(7, tp.torch_trainer)),
+    "gradient_accumulation_steps": on((Effect(2, jp.jax_optimizer), Effect(2, jp.jax_loop)),
+                                      (Effect(2, tp.torch_accelerator), Effect(2, tp.torch_loop))),
+    "learning_rate": on(Effect(1e-3, jp.jax_optimizer), Effect(1e-3, tp.torch_optimizer)),
+    "text_encoder_lr": on(Effect(1e-2, jp.jax_optimizer, {**TE, **OPT}),
+                          Effect(1e-2, tp.torch_optimizer, {**TE, **OPT})),
+    "scale_lr": on(Effect(True, jp.jax_optimizer, OPT), Effect(True, tp.torch_optimizer, OPT)),
+    "lr_scheduler": on(Effect("linear", jp.jax_optimizer, SCHEDULE), Effect("linear", tp.torch_optimizer, SCHEDULE)),
+    "lr_warmup_steps": on(Effect(3, jp.jax_optimizer, {**SCHEDULE, "lr_scheduler": "constant_with_warmup"}),
+                          Effect(3, tp.torch_optimizer, {**SCHEDULE, "lr_scheduler": "constant_with_warmup"})),
+    "lr_num_cycles": on(Effect(3, jp.jax_optimizer, {**SCHEDULE, "lr_scheduler": "cosine_with_restarts"}),
+                        Effect(3, tp.torch_optimizer, {**SCHEDULE, "lr_scheduler": "cosine_with_restarts"})),
+    "lr_power": on(Effect(2.0, jp.jax_optimizer, {**SCHEDULE, "lr_scheduler": "polynomial"}),
+                   Effect(2.0, tp.torch_optimizer, {**SCHEDULE, "lr_scheduler": "polynomial"})),
+    "optimizer": on((Effect("lion", jp.jax_optimizer, OPT), Effect("adafactor", jp.jax_optimizer, OPT),
+                     Refused("prodigy")),
+                    (Effect("prodigy", tp.torch_optimizer), Refused("lion"), Refused("adafactor"))),
+    "use_8bit_adam": on(Refused(True), Effect(True, tp.torch_optimizer)),
+    **{key: on(Effect(value, jp.jax_optimizer, OPT), Effect(value, tp.torch_optimizer, OPT))
+       for key, value in OPTIMIZER_HYPERS.items()},
+    "adam_weight_decay_text_encoder": on(Effect(0.5, jp.jax_optimizer, {**TE, **OPT}),
+                                         Effect(0.5, tp.torch_optimizer, {**TE, **OPT})),
+    "max_grad_norm": on(Effect(100.0, jp.jax_optimizer), Effect(100.0, tp.torch_loop)),
+    **{key: on(Refused(value), Effect(value, tp.torch_optimizer, PRODIGY)) for key, value in PRODIGY_OPTIONS.items()},
+    "snr_gamma": on(Effect(5.0, jp.jax_loss), Effect(5.0, tp.torch_loss)),
+    "offset_noise": on(Effect(True, jp.jax_loss), Effect(True, tp.torch_loss)),
+    # precision and memory
+    "mixed_precision": on((Effect("bf16", jp.jax_loaded), Refused("fp16")), Effect("bf16", tp.torch_accelerator)),
+    "allow_tf32": on(Refused(True), Effect(True, tp.torch_memory)),
+    "gradient_checkpointing": on(Effect(True, jp.jax_loaded), Effect(True, tp.torch_memory)),
+    "enable_xformers_memory_efficient_attention": on(
+        Refused(True), (Effect(True, tp.torch_start), CoveredBy("tests/torch_backend/test_memory.py::"
+                                                                 "test_xformers_kernels_train_on_gpu"))),
+    "set_grads_to_none": on(Refused(True), Effect(True, tp.torch_loop)),
+    "attention": on(Effect("chunked", jp.jax_loaded), Refused("chunked")),
+    "cache_latents": on(Refused(False), Effect(False, tp.torch_trainer)),
+    "pre_compute_text_embeddings": on(Meta("always on for jax", jax_always_precomputes),
+                                      Effect(True, tp.torch_conditioner)),
+    "compilation_cache_dir": on(Effect(lambda env: str(env.root / "xla-cache"), jp.jax_configure),
+                                Refused(lambda env: str(env.root / "xla-cache"))),
+    # checkpointing
+    "output_dir": on(Effect(lambda env: str(env.root / "elsewhere"), jp.jax_inputs),
+                     Effect(lambda env: str(env.root / "elsewhere"), tp.torch_inputs)),
+    "checkpointing_steps": on(Effect(4, jp.jax_loop, LOOP), Effect(4, tp.torch_loop, LOOP)),
+    "checkpoints_total_limit": on(
+        CoveredBy("tests/jax_backend/test_train.py::test_total_limit_holds_across_a_resume"),
+        CoveredBy("tests/torch_backend/test_train.py::test_total_limit_keeps_the_newest_across_a_resume")),
+    "resume_from_checkpoint": on(CoveredBy("tests/jax_backend/test_train.py::test_resume_continues_exactly"),
+                                 CoveredBy("tests/torch_backend/test_train.py::test_half_then_resume_equals_straight_run")),
+    "save_steps": on(Effect(3, jp.jax_loop, LOOP), Effect(3, tp.torch_loop, LOOP)),
+    "skip_save_text_encoder": on(Effect(True, jp.jax_saved_components, TE),
+                                 Effect(True, tp.torch_saved_components, TE)),
+    # validation
+    "validation_prompt": on(Effect("a photo of sks toy on a beach", jp.jax_validator),
+                            Effect("a photo of sks toy on a beach", tp.torch_validator)),
+    "num_validation_images": on(Effect(2, jp.jax_validator, VALID), Effect(2, tp.torch_validator, VALID)),
+    "validation_steps": on(Effect(5, jp.jax_loop, {**VALID, **LOOP}), Effect(5, tp.torch_loop, {**VALID, **LOOP})),
+    "validation_epochs": on(Effect(2, jp.jax_loop, {**VALID, **LOOP}), Effect(2, tp.torch_loop, {**VALID, **LOOP})),
+    "validation_images": both(Refused(("low_res.png",), VALID)),
+    "validation_scheduler": on(Effect("DDPMScheduler", jp.jax_validator, VALID),
+                               Effect("DDPMScheduler", tp.torch_validator, VALID)),
+    # hub
+    "push_to_hub": on(Effect(True, jp.jax_finish), Effect(True, tp.torch_finish)),
+    "hub_token": on((Effect("hf_not_a_real_token", jp.jax_hub, HUB),
+                     CoveredBy("tests/test_no_secrets.py::test_no_token_in_any_written_file_or_output")),
+                    (Effect("hf_not_a_real_token", tp.torch_hub, HUB),
+                     CoveredBy("tests/test_no_secrets.py::test_no_token_in_any_written_file_or_output"))),
+    "hub_model_id": on(Effect("me/my-dreambooth", jp.jax_finish, {"push_to_hub": True}),
+                       Effect("me/my-dreambooth", tp.torch_finish, {"push_to_hub": True})),
+    # logging
+    "logging_dir": on(Effect("tb", jp.jax_progress), Effect("tb", tp.torch_accelerator)),
+    "report_to": on((Effect("none", jp.jax_progress), Refused("mlflow")), Effect("none", tp.torch_accelerator)),
+    "log_every_steps": on(Effect(4, jp.jax_loop, LOOP), Effect(4, tp.torch_loop, LOOP)),
+    # LoRA: the switch is refused by both; its options need it (spec validation) and so are refused with it
+    "use_lora": both(Refused(True)),
+    **{key: both(Refused(value, LORA, ("use_lora",)), SpecRejects(value, "use_lora"))
+       for key, value in LORA_OPTIONS.items()},
+    # SDXL, DeepFloyd IF
+    "pretrained_vae_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
+                                            Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
+    "do_edm_style_training": both(Refused(True)),
+    "class_labels_conditioning": both(Refused("timesteps")),
+    # parallelism
+    "data_parallelism": on(Meta("fixed by the device count", data_axis_follows_the_devices), Refused(2)),
+    "fsdp_parallelism": on(Effect(2, jp.jax_mesh), Refused(2)),
+    "coordinator_address": on(Effect("10.0.0.2:4321", jp.jax_configure, MULTIHOST),
+                              Refused("10.0.0.2:4321", MULTIHOST)),
+    "num_processes": on(Effect(4, jp.jax_configure, MULTIHOST), Refused(4, MULTIHOST)),
+    "process_id": on(Effect(1, jp.jax_configure, MULTIHOST), Refused(1, MULTIHOST)),
+    "local_rank": on(Refused(3), Effect(3, tp.torch_start)),
+}
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    import datasets
+    from huggingface_hub import constants
+
+    root = tmp_path_factory.mktemp("coverage")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf-datasets-cache")
+        yield Env(root=root, tiny=tiny_model_dir)
+
+
+def _cases() -> list:
+    cases = []
+    for key, per_backend in ACCOUNT.items():
+        for backend, checks in per_backend.items():
+            for index, check in enumerate(checks):
+                name = f"{key}-{backend}" + (f"-{index}" if len(checks) > 1 else "")
+                marks = [pytest.mark.xfail(strict=True, reason=check.xfail)] if check.xfail else []
+                cases.append(pytest.param(key, backend, check, id=name, marks=marks))
+    return cases
+
+
+def test_account_covers_exactly_the_spec_keys() -> None:
+    assert set(ACCOUNT) - set(spec_lib.FIELDS) == set(), "accounts for keys the spec no longer has"
+    assert set(spec_lib.FIELDS) - set(ACCOUNT) == set(), "spec keys without an account: add them to ACCOUNT"
+    for key, per_backend in ACCOUNT.items():
+        assert sorted(per_backend) == sorted(BACKENDS) and all(per_backend.values()), key
+
+
+def test_every_capability_row_a_backend_lacks_is_accounted_as_refused() -> None:
+    """The table and the account agree: each (key, value) a backend lacks has a Refused case."""
+    for cap in capabilities.CAPABILITIES:
+        for backend in set(BACKENDS) - cap.backends:
+            refused = [check for check in ACCOUNT[cap.key][backend] if isinstance(check, Refused)]
+            assert refused, f"{cap.key} on {backend}: the table refuses it; add a Refused account"
+            if cap.values:
+                assert any(check.value in cap.values for check in refused), (cap.key, backend, cap.values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_base_spec_is_accepted(env: Env, backend: str) -> None:
+    capabilities.check_backend(make_spec(env, {}), backend)
+
+
+_BASE_RESULTS: dict = {}
+
+
+def _probe_base(probe: Callable, spec: spec_lib.RunSpec, env: Env) -> Any:
+    """Probe results of base specs are shared by the keys with the same context."""
+    key = (probe, spec)
+    if key not in _BASE_RESULTS:
+        _BASE_RESULTS[key] = probe(spec, env)
+    return _BASE_RESULTS[key]
+
+
+@pytest.mark.parametrize("key, backend, check", _cases())
+def test_key_is_honest_on_backend(env: Env, key: str, backend: str, check: Any) -> None:
+    if isinstance(check, Effect):
+        base = make_spec(env, check.context)
+        changed = make_spec(env, {**check.context, **check.also, key: check.changed})
+        assert spec_lib.get_flat(base, key) != spec_lib.get_flat(changed, key), "the changed value is the base value"
+        before, after = _probe_base(check.probe, base, env), check.probe(changed, env)
+        assert before != after, f"--{key} changed nothing {check.probe.__name__} sees on {backend}: {before!r}"
+    elif isinstance(check, Refused):
+        spec = make_spec(env, {**check.context, key: check.value})
+        with pytest.raises(JaxboothError) as info:
+            capabilities.check_backend(spec, backend)
+        assert any(f"--{name}" in str(info.value) for name in (key, *check.names)), str(info.value)
+    elif isinstance(check, SpecRejects):
+        with pytest.raises(JaxboothError, match=rf"\b{key}=") as info:
+            make_spec(env, {key: check.value})
+        assert f"--{check.gate}" in str(info.value)
+    elif isinstance(check, CoveredBy):
+        path, _, name = check.node.partition("::")
+        source = (ROOT / path).read_text()
+        found = [node for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.FunctionDef) and node.name == name.split("::")[-1]]
+        assert found, f"{check.node} does not exist"
+        assert key in ast.get_source_segment(source, found[0]), f"{check.node} does not set --{key}"
+    else:
+        check.check(env, backend)
+
+
+def _probe_contexts() -> dict:
+    """Each probe once, with the context of the first key that uses it."""
+    seen: dict = {}
+    for per_backend in ACCOUNT.values():
+        for checks in per_backend.values():
+            for check in checks:
+                if isinstance(check, Effect) and not check.xfail:
+                    seen.setdefault(check.probe, check.context)
+    return seen
+
+
+@pytest.mark.parametrize("probe, context", [pytest.param(p, c, id=p.__name__ if hasattr(p, "__name__") else str(i))
+                                            for i, (p, c) in enumerate(_probe_contexts().items())])
+def test_probes_are_deterministic(env: Env, probe: Callable, context: Mapping) -> None:
+    """A probe that differed between two runs of one spec would prove nothing about a key."""
+    spec = make_spec(env, context)
+    assert probe(spec, env) == _probe_base(probe, spec, env)

@@ -127,8 +127,9 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     """
     import jax
 
-    from jaxbooth import cli, data, diffusion
+    from jaxbooth import cli, data
     from jaxbooth import spec as spec_lib
+    from jaxbooth.jax_backend import caches as caches_lib
     from jaxbooth.jax_backend import mesh as mesh_lib
     from jaxbooth.jax_backend import train as T
     from jaxbooth.jax_backend.train_step import make_train_step
@@ -142,34 +143,34 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     except (ImportError, AttributeError):
         pass
     T.configure_jax(spec)
-    run = T.resolve_inputs(spec)
-    models = T.load_models(run)
-    schedule = diffusion.load_schedule(run.model_dir)
-    caches, prompts = T.build_caches(run, models)
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
-    params_host = {"unet": models["unet_params"]}
+    models = T.load_for_training(spec)
+    run = T.prepare_inputs(spec, models)
+    caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
+    params_host = {"unet": models.unet_params}
     if spec.model.train_text_encoder:
-        params_host["text_encoder"] = models["text_params"]
+        params_host["text_encoder"] = models.text_params
     tx, lr_schedule = T.make_optimizer(run)
     state, shardings = T.init_state(params_host, tx, mesh, run.seed)
     step_fn = make_train_step(
-        unet_apply=models["unet"].apply,
-        text_apply=T.text_apply_fn(models["text_encoder"]) if spec.model.train_text_encoder else None,
-        tx=tx, lr_schedule=lr_schedule, tables=schedule.as_tables(),
-        options=T.loss_options(spec, schedule, models["vae_config"]),
-        gradient_accumulation_steps=spec.optim.gradient_accumulation_steps)
+        unet_apply=models.unet.apply,
+        text_apply=T.text_apply_fn(models.text_encoder) if spec.model.train_text_encoder else None,
+        tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
+        options=T.loss_options(spec, models), gradient_accumulation_steps=spec.optim.gradient_accumulation_steps)
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution,
-                                  batch_size=T.global_batch_size(spec), seed=run.seed, center_crop=True)
-    batch = T.global_rows(iterator, 0, 0, {prompt: i for i, prompt in enumerate(prompts)})
-    compiled, seconds, batch_shardings, frozen_shardings = T.compile_step(step_fn, state, shardings, caches, batch,
-                                                                          mesh)
+                                  batch_size=T.global_batch_size(spec), seed=run.seed,
+                                  center_crop=spec.data.center_crop, random_flip=spec.data.random_flip)
+    batch = caches_lib.global_rows(iterator, 0, 0, {prompt: i for i, prompt in enumerate(caches.prompts)},
+                                   caches.latent_index)
+    compiled, seconds, batch_shardings, frozen_shardings = T.compile_step(step_fn, state, shardings, caches.frozen,
+                                                                          batch, mesh)
     from bench_unet import xla_cost, xla_memory
 
     result = {"flops_source": "train_step", "in_process_compile_s": seconds, **xla_cost(compiled),
               **xla_memory(compiled)}
     if args.inproc_steps:
-        step_args = (state, jax.device_put(caches, frozen_shardings), T.put_batch(batch, batch_shardings))
-        result["step_vs_unet"] = step_vs_unet(args, compiled, step_args, models["unet_params"])
+        step_args = (state, jax.device_put(caches.frozen, frozen_shardings), T.put_batch(batch, batch_shardings))
+        result["step_vs_unet"] = step_vs_unet(args, compiled, step_args, params_host["unet"])
     return result
 
 
@@ -215,8 +216,8 @@ def unet_fwd_bwd_cost(args) -> dict:
         unet.compiled[1]).items() if k != "flops"}}
 
 
-PHASES = ("configure_jax", "resolve_inputs", "load_models", "build_caches", "init_state", "compile_step",
-          "run_loop", "trained_params_host", "save_pipeline")
+PHASES = ("configure_jax", "load_for_training", "prepare_inputs", "init_state", "compile_step", "run_loop",
+          "trained_params_host", "save_pipeline")
 
 
 def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict:
@@ -269,12 +270,15 @@ def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict
         pass
     for name, fn in originals.items():
         setattr(T, name, timed(name, fn))
+    build_caches = T.caches_lib.build_caches
+    T.caches_lib.build_caches = timed("build_caches", build_caches)
     start = time.perf_counter()
     try:
         T.train(spec)
     finally:
         for name, fn in originals.items():
             setattr(T, name, fn)
+        T.caches_lib.build_caches = build_caches
     total = time.perf_counter() - start
     return {"steps": args.n1, "total_s": total, "phases_s": seconds,
             "unaccounted_s": total - sum(v for k, v in seconds.items() if k != "run_loop") - seconds.get("run_loop", 0),

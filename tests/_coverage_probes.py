@@ -48,6 +48,36 @@ def _jax_resolve_phase(spec: spec_lib.RunSpec) -> None:
 jax_hub = hub_calls(_jax_resolve_phase, "jax_hub")
 
 
+def tokenizer_calls(load_phase, name: str) -> Any:
+    """Run ``load_phase(spec, env)`` with ``CLIPTokenizer.from_pretrained`` recorded (answering the
+    tiny tokenizer): what a ``--tokenizer_name`` Hub id is fetched with."""
+    def probe(spec: spec_lib.RunSpec, env: Env) -> tuple:
+        from transformers import CLIPTokenizer
+
+        real = CLIPTokenizer.from_pretrained
+        calls: list = []
+
+        def from_pretrained(target: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append((str(target), tuple(sorted((k, str(v)) for k, v in kwargs.items()))))
+            return real(str(env.tiny / "tokenizer"))
+
+        with mock.patch.object(CLIPTokenizer, "from_pretrained", from_pretrained):
+            load_phase(spec, env)
+        return tuple(calls)
+
+    probe.__name__ = probe.__qualname__ = name
+    return probe
+
+
+def _jax_load_phase(spec: spec_lib.RunSpec, env: Env) -> None:
+    from jaxbooth.jax_backend import loading
+
+    loading.load_models(spec, loading.resolve_model_paths(spec))
+
+
+jax_tokenizer_hub = tokenizer_calls(_jax_load_phase, "jax_tokenizer_hub")
+
+
 def jax_paths(spec: spec_lib.RunSpec, env: Env) -> tuple:
     """The model and VAE folders the load phase reads."""
     from jaxbooth.jax_backend import loading

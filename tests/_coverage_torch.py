@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxbooth import spec as spec_lib
 from tests._coverage_env import Env, dataset_summary, fingerprint, recorder, stop_at
-from tests._coverage_probes import captured_stderr, decoding_threads, fake_hub, hub_calls
+from tests._coverage_probes import captured_stderr, decoding_threads, fake_hub, hub_calls, tokenizer_calls
 
 
 def _train() -> Any:
@@ -34,6 +34,18 @@ def _run_and_accelerator(spec: spec_lib.RunSpec) -> tuple[Any, Any]:
 
 
 torch_hub = hub_calls(lambda spec: _train().resolve_inputs(spec), "torch_hub")
+
+
+def _torch_load_phase(spec: spec_lib.RunSpec, env: Env) -> None:
+    """build_trainer up to the model load (the tokenizer is loaded just before it)."""
+    from jaxbooth.torch_backend import models
+
+    run, accelerator = _run_and_accelerator(spec)
+    with stop_at(models, "load_models", call_through=False):
+        _train().build_trainer(run, accelerator, [])
+
+
+torch_tokenizer_hub = tokenizer_calls(_torch_load_phase, "torch_tokenizer_hub")
 
 
 def torch_inputs(spec: spec_lib.RunSpec, env: Env) -> tuple:
@@ -159,8 +171,13 @@ def torch_optimizer(spec: spec_lib.RunSpec, env: Env) -> tuple:
     unet, text_encoder = _tiny_modules()
     models = SimpleNamespace(unet=unet, text_encoder=text_encoder)
     max_steps = spec_lib.total_train_steps(spec, len(train.make_dataset(spec)), accelerator.num_processes)
-    with mock.patch.dict(sys.modules, {"prodigyopt": _FakeProdigy.module()}):
+    installed = sys.modules.get("prodigyopt")  # not mock.patch.dict: that would unload what the call imports
+    sys.modules["prodigyopt"] = installed or _FakeProdigy.module()
+    try:
         unet, text_encoder, optimizer, scheduler = train.setup_optimization(run, accelerator, models, max_steps)
+    finally:
+        if installed is None:
+            del sys.modules["prodigyopt"]
     inner = getattr(optimizer, "optimizer", optimizer)
     groups = tuple(tuple(sorted((k, str(v)) for k, v in group.items() if k not in ("params", "lr", "initial_lr")))
                    for group in inner.param_groups)

@@ -46,6 +46,8 @@ def load_tokenizer(
     subfolder: str = "tokenizer",
     tokenizer_name: str | Path | None = None,
     revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
 ) -> Any:
     """Load a `transformers.CLIPTokenizer` the way diffusers' DreamBooth scripts do.
 
@@ -59,6 +61,10 @@ def load_tokenizer(
     sub = None if tokenizer_name is not None else subfolder
     local = source / sub if sub else source
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if cache_dir is not None:  # --cache_dir and --hub_token reach a Hub tokenizer as they reach the model
+        kwargs["cache_dir"] = str(cache_dir)
+    if token is not None:
+        kwargs["token"] = token
     if source.exists():
         _check_tokenizer_folder(local)
         target, sub = str(local), None

@@ -88,8 +88,10 @@ class Env:
     def hf_dataset(self) -> Path:
         """A local Hugging Face dataset: parquet files with images stored as bytes, two image and two
         caption columns, and two configs ("default" and "other", with different rows)."""
-        import datasets
+        import pytest
         from PIL import Image
+
+        datasets = pytest.importorskip("datasets")
 
         def png(seed: int) -> bytes:
             pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)

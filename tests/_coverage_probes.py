@@ -193,13 +193,13 @@ def jax_caches(spec: spec_lib.RunSpec, env: Env) -> tuple:
 
 
 def _fixed_grads(params: dict) -> list[dict]:
-    """Four gradients of very different norms (some clipped at max_grad_norm=1, some not)."""
+    """Eight seeded gradients of very different norms (some clipped at max_grad_norm=1, some not) and
+    mixed signs, so sign-based rules (lion) see their betas too."""
     import jax
 
-    scales = (5.0, 0.02, 3.0, 0.3)
-    signs = (1.0, -1.0, 1.0, 1.0)
-    return [jax.tree.map(lambda p, s=s, g=g: s * g * (1.0 + np.arange(p.size, dtype=np.float32).reshape(p.shape)),
-                         params) for s, g in zip(scales, signs, strict=True)]
+    rng = np.random.default_rng(0)
+    scales = (5.0, 0.02, 3.0, 0.3, 0.01, 2.0, 0.05, 1.0)
+    return [jax.tree.map(lambda p, s=s: (s * rng.normal(size=p.shape)).astype(np.float32), params) for s in scales]
 
 
 def jax_optimizer(spec: spec_lib.RunSpec, env: Env) -> tuple:

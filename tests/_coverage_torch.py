@@ -22,6 +22,9 @@ from tests._coverage_probes import captured_stderr, decoding_threads, fake_hub, 
 
 
 def _train() -> Any:
+    import pytest
+
+    pytest.importorskip("diffusers")  # the torch extra
     from jaxbooth.torch_backend import train
 
     return train
@@ -166,6 +169,10 @@ def torch_optimizer(spec: spec_lib.RunSpec, env: Env) -> tuple:
 
     import torch
 
+    if spec.optim.use_8bit_adam:
+        import pytest
+
+        pytest.importorskip("bitsandbytes")
     train = _train()
     run, accelerator = _run_and_accelerator(spec)
     unet, text_encoder = _tiny_modules()

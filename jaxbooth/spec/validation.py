@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxbooth.errors import JaxboothError
@@ -182,13 +182,43 @@ def _check_lora_mode(r: _Report) -> None:
                         "mode is off; use `jaxbooth train train_dreambooth_lora.py ...` or --use_lora")
 
 
+# Keys that only act together with another one (as in diffusers, which ignores them quietly):
+# key -> (is the gate open?, what opens it). Set while the gate is closed, they draw a warning.
+_GATES: Mapping[str, tuple[Callable[[Mapping[str, Any]], bool], str]] = types.MappingProxyType({
+    **dict.fromkeys(["prior_loss_weight", "num_class_images", "sample_batch_size", "prior_generation_precision"],
+                    (lambda v: v["with_prior_preservation"], "without --with_prior_preservation")),
+    **dict.fromkeys(["text_encoder_lr", "adam_weight_decay_text_encoder"],
+                    (lambda v: v["train_text_encoder"], "without --train_text_encoder")),
+    "lr_warmup_steps": (lambda v: v["lr_scheduler"] != "constant" or v["lr_warmup_steps"] == 0,
+                        "with --lr_scheduler=constant (use constant_with_warmup)"),
+    "lr_num_cycles": (lambda v: v["lr_scheduler"] == "cosine_with_restarts",
+                      "unless --lr_scheduler=cosine_with_restarts"),
+    "lr_power": (lambda v: v["lr_scheduler"] == "polynomial", "unless --lr_scheduler=polynomial"),
+    **dict.fromkeys(["num_validation_images", "validation_steps", "validation_epochs", "validation_scheduler",
+                     "validation_images"],
+                    (lambda v: v["validation_prompt"] is not None, "without --validation_prompt")),
+    "hub_model_id": (lambda v: v["push_to_hub"], "without --push_to_hub"),
+    **dict.fromkeys(["dataset_config_name", "image_column", "caption_column"],
+                    (lambda v: v["dataset_name"] is not None, "without --dataset_name")),
+    "logging_dir": (lambda v: v["report_to"] != "none", "with --report_to=none"),
+    **dict.fromkeys(["prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"],
+                    (lambda v: v["optimizer"] == "prodigy", "unless --optimizer=prodigy")),
+    **dict.fromkeys(["adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay"],
+                    (lambda v: v["optimizer"] != "adafactor", "with --optimizer=adafactor (optax's adafactor "
+                                                               "has its own decay rates)")),
+})
+_LION_IGNORES = "adam_epsilon"
+
+
 def _check_inert(r: _Report) -> None:
-    """Options that only matter together with another one: say so instead of ignoring silently."""
+    """Options that only matter together with another one: say so instead of ignoring silently.
+
+    Only keys the user set (a flag or a config file): a script preset's defaults never warn.
+    """
     v = r.values
-    if v["optimizer"] != "prodigy":
-        for name in ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
-                     "prodigy_safeguard_warmup"):
-            if r.is_set(name):
-                r.warnings.append(f"{r.at(name)} has no effect unless --optimizer=prodigy")
-    if v["validation_images"] is not None and v["validation_prompt"] is None:
-        r.warnings.append("--validation_images has no effect without --validation_prompt")
+    for name, (gate_open, why) in _GATES.items():
+        if r.is_set(name) and not gate_open(v) and not r.sources.get(name, "").startswith("preset "):
+            r.warnings.append(f"{r.at(name)} has no effect {why}")
+    if v["optimizer"] == "lion" and r.is_set(_LION_IGNORES) and not r.sources.get(_LION_IGNORES, "").startswith(
+            "preset "):
+        r.warnings.append(f"{r.at(_LION_IGNORES)} has no effect with --optimizer=lion (lion has no epsilon)")

@@ -301,7 +301,8 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     spec, device = run.spec, accelerator.device
     dataset = make_dataset(spec)
     max_train_steps = spec_lib.total_train_steps(spec, len(dataset), accelerator.num_processes)
-    tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision)
+    tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision,
+                               cache_dir=spec.data.cache_dir, token=spec.hub.hub_token)
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer)
     in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device)
     unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)

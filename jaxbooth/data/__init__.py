@@ -16,6 +16,7 @@ from jaxbooth.data.dataset import (
     Dataset,
     Example,
     Subset,
+    check_instance_images,
     dataset_from_spec,
     folder_examples,
     make_dataset,
@@ -45,7 +46,8 @@ from jaxbooth.data.images import (
 
 __all__ = [
     "BatchIterator", "Tokenize",
-    "Dataset", "Example", "Subset", "dataset_from_spec", "folder_examples", "make_dataset", "make_dreambooth_dataset",
+    "Dataset", "Example", "Subset", "check_instance_images", "dataset_from_spec", "folder_examples", "make_dataset",
+    "make_dreambooth_dataset",
     "CAPTION_EXTENSION", "EXAMPLE_CLASS_PROMPT", "EXAMPLE_INSTANCE_PROMPT", "SKIP_BAD_HINT", "example_class_dir",
     "example_instance_dir", "inspect_image", "read_caption_file", "scan_image_folder",
     "images_cache_dir", "load_hf_examples",

@@ -255,3 +255,17 @@ def dataset_from_spec(spec: Any) -> Dataset:
         subsets.append(class_subset)
         examples += folder_examples(class_subset, 1, skip_bad=skip_bad)
     return Dataset(tuple(subsets), tuple(examples))
+
+
+def check_instance_images(spec: Any) -> int:
+    """Read the instance images now (folder scan, or the dataset load of ``--dataset_name``), so a
+    missing, empty or unreadable source fails before any model loads; returns their count.
+
+    Class images are left out: they may not exist yet (the backend generates the shortfall).
+    Both steps are cached (content hashes; the datasets library's cache), so the later
+    ``dataset_from_spec`` does not redo the work.
+    """
+    import dataclasses
+
+    no_prior = dataclasses.replace(spec, prior=dataclasses.replace(spec.prior, with_prior_preservation=False))
+    return len(dataset_from_spec(no_prior).examples)

@@ -231,8 +231,7 @@ def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
 
 
 def load_for_training(spec: spec_lib.RunSpec) -> LoadedModels:
-    """Refuse what this backend cannot train (no file read, then model_index.json only), then load once."""
-    loading.refuse_unsupported_options(spec)
+    """Refuse what this backend cannot train (model_index.json only), then load every model once."""
     return loading.load_models(spec, loading.resolve_model_paths(spec))
 
 
@@ -240,6 +239,8 @@ def train(spec: spec_lib.RunSpec) -> Path:
     """Run DreamBooth end to end on the JAX backend; returns the output folder."""
     configure_jax(spec)
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
+    loading.refuse_unsupported_options(spec)
+    data.check_instance_images(spec)  # a missing or broken image source fails before any model loads
     models = load_for_training(spec)
     run = prepare_inputs(spec, models)
     caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)

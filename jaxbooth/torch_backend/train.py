@@ -285,6 +285,7 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
     from accelerate.utils import set_seed
 
     run = resolve_inputs(spec)
+    data.check_instance_images(spec)  # a missing or broken image source fails before any model loads
     accelerator = make_accelerator(run)
     memory.check_xformers(spec.precision.enable_xformers_memory_efficient_attention, accelerator.device)
     check_local_rank(spec.parallelism.local_rank, accelerator.local_process_index)

@@ -8,7 +8,9 @@ import re
 from collections.abc import Iterator
 
 
-class _Collect(logging.Handler):
+class WarningCollector(logging.Handler):
+    """Keeps the messages of the warnings logged to the logger it is added to."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
@@ -21,7 +23,7 @@ class _Collect(logging.Handler):
 def logged_warning(match: str | None = None) -> Iterator[list[str]]:
     """Collect the warnings logged under ``jaxbooth``; at least one must match ``match`` (a regex)."""
     logger = logging.getLogger("jaxbooth")
-    handler = _Collect()
+    handler = WarningCollector()
     logger.addHandler(handler)
     try:
         yield handler.messages

@@ -23,6 +23,8 @@ import yaml
 from jaxbooth import spec as S
 from jaxbooth.capabilities import CAPABILITIES, JAX_MIN_GPU_MEMORY_BYTES, unsupported_options
 from jaxbooth.errors import JaxboothError
+from tests._diffusers_scripts import SCRIPT_DEFAULTS
+from tests._logs import WarningCollector
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = Path("/work/shared/seed/000_04c4b3fb169f5d91.txt")
@@ -33,20 +35,11 @@ def load(*args: str, **kw) -> S.RunSpec:
     return S.load_spec(list(args), **kw)
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def spec_warnings() -> Iterator[list[str]]:
     """Warnings logged on the jaxbooth logger, by a handler of its own: the CLI's logging setup
     stops propagation, which would hide them from caplog."""
-    handler, logger = _Collect(), logging.getLogger("jaxbooth")
+    handler, logger = WarningCollector(), logging.getLogger("jaxbooth")
     logger.addHandler(handler)
     yield handler.messages
     logger.removeHandler(handler)
@@ -60,54 +53,17 @@ def error_of(*args: str) -> str:
 
 # --------------------------------------------------------------------------- schema vs diffusers
 
-DIFFUSERS_DEFAULTS = {  # train_dreambooth.py parse_args defaults
-    "pretrained_model_name_or_path": None, "revision": None, "variant": None, "tokenizer_name": None,
-    "instance_data_dir": None, "class_data_dir": None, "instance_prompt": None, "class_prompt": None,
-    "with_prior_preservation": False, "prior_loss_weight": 1.0, "num_class_images": 100,
-    "output_dir": "dreambooth-model", "seed": None, "resolution": 512, "center_crop": False,
-    "train_text_encoder": False, "train_batch_size": 4, "sample_batch_size": 4, "num_train_epochs": 1,
-    "max_train_steps": None, "checkpointing_steps": 500, "checkpoints_total_limit": None,
-    "gradient_accumulation_steps": 1, "learning_rate": 5e-6, "scale_lr": False, "lr_scheduler": "constant",
-    "lr_warmup_steps": 500, "lr_num_cycles": 1, "lr_power": 1.0, "use_8bit_adam": False,
-    "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "logging_dir": "logs", "report_to": "tensorboard",
-    "num_validation_images": 4, "validation_steps": 100, "mixed_precision": None,
-    "prior_generation_precision": None, "local_rank": -1, "snr_gamma": None, "offset_noise": False,
-    "validation_scheduler": "DPMSolverMultistepScheduler", "validation_images": None,
-    "class_labels_conditioning": None, "tokenizer_max_length": None,
-}
-
-# Every flag of the four diffusers DreamBooth scripts this project mirrors.
-DIFFUSERS_FLAGS = """
-pretrained_model_name_or_path revision variant tokenizer_name instance_data_dir class_data_dir
-instance_prompt class_prompt with_prior_preservation prior_loss_weight num_class_images output_dir
-seed resolution center_crop train_text_encoder train_batch_size sample_batch_size num_train_epochs
-max_train_steps checkpointing_steps checkpoints_total_limit resume_from_checkpoint
-gradient_accumulation_steps gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps
-lr_num_cycles lr_power use_8bit_adam dataloader_num_workers adam_beta1 adam_beta2 adam_weight_decay
-adam_epsilon max_grad_norm push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to
-validation_prompt num_validation_images validation_steps mixed_precision prior_generation_precision
-local_rank enable_xformers_memory_efficient_attention set_grads_to_none offset_noise snr_gamma
-pre_compute_text_embeddings tokenizer_max_length text_encoder_use_attention_mask skip_save_text_encoder
-validation_images class_labels_conditioning validation_scheduler
-pretrained_vae_name_or_path save_steps
-validation_epochs rank lora_dropout image_interpolation_mode
-pretrained_vae_model_name_or_path dataset_name dataset_config_name cache_dir image_column caption_column
-repeats do_edm_style_training output_kohya_format random_flip text_encoder_lr optimizer prodigy_beta3
-prodigy_decouple adam_weight_decay_text_encoder prodigy_use_bias_correction prodigy_safeguard_warmup
-use_dora
-""".split()
 
 
 def test_defaults_equal_train_dreambooth_defaults():
     defaults = S.default_flat()
-    wrong = {k: (defaults[k], v) for k, v in DIFFUSERS_DEFAULTS.items() if defaults[k] != v}
+    wrong = {k: (defaults[k], v) for k, v in SCRIPT_DEFAULTS["train_dreambooth.py"].items() if defaults[k] != v}
     assert not wrong, f"ours vs diffusers: {wrong}"
     assert S.RunSpec().flat() == defaults
 
 
 def test_every_diffusers_flag_is_a_field():
-    missing = [name for name in DIFFUSERS_FLAGS if name not in S.FIELDS]
+    missing = [name for defaults in SCRIPT_DEFAULTS.values() for name in defaults if name not in S.FIELDS]
     assert not missing
 
 

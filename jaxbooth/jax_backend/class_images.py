@@ -60,8 +60,8 @@ def generation_dtype(precision: str | None, platform: str | None = None) -> Any:
 
 
 def default_sampler_name(scheduler_config: dict) -> str:
-    """The pipeline's own scheduler when we have it as a JAX sampler (SD 1.5: PNDM), as diffusers
-    samples class images with `pipeline.scheduler`; else DPM-Solver++ (e.g. a DDPM config)."""
+    """The pipeline's own scheduler when we have it as a JAX sampler (SD 1.5: PNDM; DDPM), as diffusers
+    samples class images with `pipeline.scheduler`; else DPM-Solver++ (e.g. an LCM config)."""
     name = scheduler_config.get("_class_name", "")
     try:
         canonical_sampler_name(name)

@@ -46,13 +46,20 @@ def _noise_from_keys(keys: jax.Array, example_shape: tuple[int, ...], init_noise
     return noise * init_noise_sigma
 
 
+def _example_keys(rng: jax.Array | None, seeds: jax.Array | None, batch: int) -> jax.Array:
+    """The key of each example [B]: `fold_in(rng, b)`, or `fold_in(key(seeds[b]), 0)` with seeds.
+    Its initial noise is drawn from it, and an ancestral sampler's per-step noise (DDPM) too."""
+    if seeds is not None:
+        return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+
+
 def make_initial_noise(rng: jax.Array, latent_shape: Sequence[int],
                        init_noise_sigma: float = 1.0) -> jax.Array:
     """float32 standard normal noise of `latent_shape` [B, ...] times `init_noise_sigma`;
     example b uses key `fold_in(rng, b)` (see module docstring)."""
     batch, *rest = latent_shape
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
-    return _noise_from_keys(keys, tuple(rest), init_noise_sigma)
+    return _noise_from_keys(_example_keys(rng, None, batch), tuple(rest), init_noise_sigma)
 
 
 def make_seeded_noise(seeds: jax.Array, latent_shape: Sequence[int], init_noise_sigma: float = 1.0) -> jax.Array:
@@ -62,8 +69,7 @@ def make_seeded_noise(seeds: jax.Array, latent_shape: Sequence[int], init_noise_
     batch, *rest = latent_shape
     if seeds.shape != (batch,):
         raise ValueError(f"seeds have shape {seeds.shape} but latent_shape is {tuple(latent_shape)}")
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
-    return _noise_from_keys(keys, tuple(rest), init_noise_sigma)
+    return _noise_from_keys(_example_keys(None, seeds, batch), tuple(rest), init_noise_sigma)
 
 
 def seed_array(seeds: Sequence[int]) -> np.ndarray:
@@ -83,10 +89,8 @@ def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng
              latent_shape: tuple[int, ...], latents_sharding: NamedSharding | None) -> jax.Array:
     """The traced denoising loop behind `generate_latents` (guidance when uncond is given)."""
     guided = uncond_embeddings is not None
-    if seeds is not None:
-        x = make_seeded_noise(seeds, latent_shape, sampler.init_noise_sigma)
-    else:
-        x = make_initial_noise(rng, latent_shape, sampler.init_noise_sigma)
+    keys = _example_keys(rng, seeds, latent_shape[0])
+    x = _noise_from_keys(keys, latent_shape[1:], sampler.init_noise_sigma)
     if latents_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, latents_sharding)
     cond = text_embeddings
@@ -106,7 +110,7 @@ def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng
             out = apply_guidance(uncond_out, cond_out, guidance_scale)
         return sampler.step(state, out, i, x)
 
-    x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
+    x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x, keys)))
     return x
 
 

@@ -240,8 +240,9 @@ def train(spec: spec_lib.RunSpec) -> Path:
     configure_jax(spec)
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
     loading.refuse_unsupported_options(spec)
+    paths = loading.resolve_model_paths(spec)  # refuses an untrainable pipeline from model_index.json alone
     data.check_instance_images(spec)  # a missing or broken image source fails before any model loads
-    models = load_for_training(spec)
+    models = loading.load_models(spec, paths)
     run = prepare_inputs(spec, models)
     caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
     crops = "centre crops" if spec.data.center_crop else f"up to {caches_lib.CROPS_PER_IMAGE} random crops each"

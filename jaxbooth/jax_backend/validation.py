@@ -16,8 +16,9 @@ UNet (and a trained text encoder) params are the trainer's live device arrays, p
 A host copy costs host RAM only (SD VAE: ~335 MB in fp32) and avoids re-reading and converting
 the checkpoint at each validation.
 
-Samplers: DDPMScheduler (ancestral, needs fresh noise every step) has no JAX sampler; it maps
-to DDIM, the deterministic sampler on the same noise schedule, with a one-time note.
+Samplers: every `validation_scheduler` runs as itself. DDPMScheduler is ancestral: each image
+draws fresh noise at every step from its own key (see `schedulers.DDPMSampler`), so validations
+stay comparable across steps as with the other samplers.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ __all__ = ["Validator", "image_grid", "make_validator", "validation_sampler_name
 
 VALIDATION_STEPS = validation_files.NUM_INFERENCE_STEPS  # log_validation's num_inference_steps
 VALIDATION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default, which log_validation keeps
-_SUBSTITUTES = {"ddpmscheduler": "DDIMScheduler", "ddpm": "DDIMScheduler"}
-_noted: set[str] = set()
 
 
 def _log(message: str) -> None:
@@ -52,16 +51,10 @@ def _log(message: str) -> None:
 
 
 def validation_sampler_name(validation_scheduler: str) -> str:
-    """The JAX sampler for a diffusers scheduler class name (DDPM -> DDIM, noted once per process)."""
-    substitute = _SUBSTITUTES.get(validation_scheduler.lower())
-    if substitute is None:
-        canonical_sampler_name(validation_scheduler)  # unknown names fail here, with a suggestion
-        return validation_scheduler
-    if validation_scheduler not in _noted:
-        _noted.add(validation_scheduler)
-        _log(f"validation_scheduler={validation_scheduler}: ancestral DDPM sampling is not implemented on the JAX "
-             f"backend; validating with {substitute} (deterministic, same noise schedule) instead")
-    return substitute
+    """The JAX sampler for a diffusers scheduler class name: the name itself, checked (unknown
+    names fail here, with a suggestion, before any model loads)."""
+    canonical_sampler_name(validation_scheduler)
+    return validation_scheduler
 
 
 def validation_scheduler_config(config: dict) -> dict:

@@ -65,7 +65,8 @@ class DataSection:
         None, "Prompt with the rare identifier, e.g. 'a photo of sks dog'. None: 'a photo of sks toy' "
               "for the bundled images (the trainer fills this in).")
     resolution: int = _f(512, "Square training size in pixels; images are resized (and cropped) to it.")
-    center_crop: bool = _f(False, "Center-crop after resizing instead of a random crop.")
+    center_crop: bool = _f(False, "Center-crop after resizing instead of a random crop (jax: up to 4 random crops "
+                                  "per image are cached, one picked per step).")
     random_flip: bool = _f(False, "Flip images horizontally with probability 0.5.")
     image_interpolation_mode: Interpolation = _f(
         "bilinear", "Resize filter. bilinear matches train_dreambooth.py; the LoRA scripts default to "
@@ -78,7 +79,8 @@ class DataSection:
     image_column: str = _f("image", "Image column of dataset_name.")
     caption_column: str | None = _f(
         None, "Per-image caption column of dataset_name; None: use instance_prompt for all.")
-    dataloader_num_workers: int = _f(0, "Loader worker processes; 0 loads in the main process.")
+    dataloader_num_workers: int = _f(0, "Loader workers; 0 loads in the main process (jax: threads decoding the "
+                                        "images once for the latent cache).")
     skip_bad_images: bool = _f(
         False, "Skip unreadable images with a warning instead of failing the run before training.")
 
@@ -103,7 +105,8 @@ class PriorSection:
 class OptimSection:
     """Batching, run length, optimizer, LR schedule and the loss variants."""
 
-    seed: int | None = _f(None, "Seed for reproducible training; None: a fresh random seed.")
+    seed: int | None = _f(None, "Seed for reproducible training; None: the resumed checkpoint's seed, else a fresh "
+                                "random one (recorded, so a relaunch resumes exactly).")
     train_batch_size: int = _f(4, "Examples per device per micro-step (prior examples come on top).")
     num_train_epochs: int = _f(1, "Epochs to run; ignored when max_train_steps is set (as diffusers).")
     max_train_steps: int | None = _f(None, "Optimizer steps to run; overrides num_train_epochs.")
@@ -149,7 +152,8 @@ class PrecisionSection:
                 "'chunked' (query chunks, recomputed softmax; fastest on CPU); auto picks per platform.")
     cache_latents: bool = _f(True, "Encode every image with the VAE once, then train on cached latents.")
     pre_compute_text_embeddings: bool = _f(
-        False, "Encode prompts once and free the text encoder (incompatible with train_text_encoder).")
+        False, "Encode prompts once and free the text encoder (incompatible with train_text_encoder; jax always "
+               "caches the embeddings of a frozen encoder).")
     compilation_cache_dir: str | None = _f(None, "Persistent XLA compilation cache folder (jax).")
 
 

@@ -125,7 +125,8 @@ def test_two_hosts_write_disjoint_files_that_cover_the_shortfall(
 
 def test_sampler_and_precision_defaults_follow_diffusers() -> None:
     assert class_images.default_sampler_name({"_class_name": "PNDMScheduler"}) == "PNDMScheduler"
-    assert class_images.default_sampler_name({"_class_name": "DDPMScheduler"}) == "DPMSolverMultistepScheduler"
+    assert class_images.default_sampler_name({"_class_name": "DDPMScheduler"}) == "DDPMScheduler"
+    assert class_images.default_sampler_name({"_class_name": "LCMScheduler"}) == "DPMSolverMultistepScheduler"
     assert class_images.generation_dtype(None, "gpu") == jnp.float16
     assert class_images.generation_dtype(None, "tpu") == jnp.float32
     assert class_images.generation_dtype("bf16") == jnp.bfloat16

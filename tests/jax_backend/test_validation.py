@@ -13,6 +13,7 @@ from PIL import Image
 from jaxbooth import spec as spec_lib
 from jaxbooth.jax_backend import validation
 from jaxbooth.jax_backend.loaded import LoadedModels
+from jaxbooth.jax_backend.schedulers import DDPMSampler
 from jaxbooth.jax_backend.validation import Validator, image_grid, make_validator
 from tests._loaded import loaded_models
 
@@ -86,13 +87,31 @@ def test_should_run_follows_validation_steps_and_epochs(validator: Validator) ->
     assert not by_epoch.should_run(100)  # mid-epoch
 
 
-def test_ddpm_validation_scheduler_maps_to_ddim_and_unknown_names_fail() -> None:
-    assert validation.validation_sampler_name("DDPMScheduler") == "DDIMScheduler"
+def test_validation_scheduler_is_kept_and_unknown_names_fail() -> None:
+    assert validation.validation_sampler_name("DDPMScheduler") == "DDPMScheduler"  # no substitute
     assert validation.validation_sampler_name("DPMSolverMultistepScheduler") == "DPMSolverMultistepScheduler"
     with pytest.raises(Exception, match="did you mean"):
         validation.validation_sampler_name("DPMSolverMultistepSchedulr")
     config = validation.validation_scheduler_config({"variance_type": "learned_range", "beta_start": 0.1})
     assert config == {"variance_type": "fixed_small", "beta_start": 0.1}
+
+
+def test_ddpm_validation_samples_ancestrally(models: LoadedModels, tiny_model_dir: Path, unet_params,
+                                             tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """validation_scheduler=DDPMScheduler runs diffusers' ancestral DDPM, not a stand-in: the
+    sampler is DDPM (its learned variance read as fixed_small, as log_validation does), nothing
+    is noted on stderr, and the images are reproducible from the seed."""
+    ddpm = Validator(model_dir=tiny_model_dir, output_dir=tmp_path, tokenizer=models.tokenizer,
+                     text_encoder=models.text_encoder, text_params=models.text_params, unet=models.unet,
+                     vae_config=models.vae_config, vae_params=models.vae_params, validation_prompt=PROMPT,
+                     num_validation_images=2, validation_scheduler="DDPMScheduler", seed=0, num_inference_steps=2,
+                     scheduler_config={**models.scheduler_config, "variance_type": "learned_range"})
+    assert isinstance(ddpm.sampler.sampler(2), DDPMSampler)
+    first, again = ddpm.generate(unet_params), ddpm.generate(unet_params)
+    arrays = [np.asarray(image) for image in first]
+    assert [a.shape for a in arrays] == [(64, 64, 3)] * 2 and not np.array_equal(arrays[0], arrays[1])
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again, strict=True))
+    assert "DDPM" not in capfd.readouterr().err
 
 
 def test_image_grid_shape() -> None:
@@ -118,7 +137,7 @@ def test_make_validator_from_the_loaded_models(models: LoadedModels, tiny_model_
     made = make_validator(spec, dataclasses.replace(models, scheduler_config=marked), output_dir=tmp_path, seed=7,
                           mesh=None)
     assert made is not None and made.schedule == ("epochs", 3) and made.num_images == 2 and made.seed == 7
-    assert made.sampler.sampler_name == "DDIMScheduler" and made.steps == 25
+    assert made.sampler.sampler_name == "DDPMScheduler" and made.steps == 25
     assert made.sampler.scheduler_config["steps_offset"] == 7
     with pytest.raises(ValueError, match="vae_params"):
         make_validator(spec, dataclasses.replace(models, vae_params=None), output_dir=tmp_path, seed=0)

@@ -37,8 +37,9 @@ def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype
 def load_generation_pipeline(model_dir: Path, dtype: torch.dtype, device: torch.device, variant: str | None) -> Any:
     from diffusers import DiffusionPipeline
 
-    from jaxbooth.torch_backend.models import dtype_kwargs
+    from jaxbooth.torch_backend.models import dtype_kwargs, quiet_library_output
 
+    quiet_library_output()
     kwargs = {"variant": variant} if variant else {}
     pipeline = DiffusionPipeline.from_pretrained(model_dir, **dtype_kwargs(dtype), safety_checker=None,
                                                  requires_safety_checker=False, **kwargs)

@@ -58,11 +58,27 @@ def text_encoder_class(model_dir: Path) -> type:
     return getattr(importlib.import_module("transformers"), name)
 
 
+def quiet_library_output() -> None:
+    """No loading bars and no advisory warnings from diffusers and transformers in a run's log.
+
+    Loading local weights takes well under a second, so their "Loading weights" bars are noise;
+    transformers' advisory warnings (e.g. that torchvision is absent, which jaxbooth never needs)
+    would read like problems. Errors still surface.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
 def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | None = None,
                 tokenizer: Any) -> Models:
     """UNet, VAE and text encoder in float32 on the CPU, plus the training noise schedule."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    quiet_library_output()
     vae_dir = vae_dir or model_dir
     kwargs = {"variant": variant} if variant else {}
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxbooth.errors import JaxboothError
 
@@ -76,6 +77,21 @@ def resolve_model_dir(
         subfolders=tuple(DEFAULT_SUBFOLDERS if subfolders is None else subfolders),
         token=token, cache_dir=cache_dir,
     )
+
+
+def resolve_vae_dir(name_or_path: str | Path, **hub: Any) -> Path:
+    """The folder of a VAE override (``--pretrained_vae_name_or_path`` /
+    ``--pretrained_vae_model_name_or_path``): a pipeline with ``vae/``, or a standalone VAE with
+    ``config.json`` at its root, as diffusers' scripts load it (e.g. madebyollin/sdxl-vae-fp16-fix).
+
+    ``hub`` takes ``resolve_model_dir``'s keywords; a Hub repo is fetched for both layouts.
+    """
+    folder = resolve_model_dir(name_or_path, subfolders=["vae", ""], **hub)
+    if (folder / "vae" / "config.json").is_file() or (folder / "config.json").is_file():
+        return folder
+    raise JaxboothError(f"{name_or_path}: the VAE override has neither vae/config.json nor config.json; pass an "
+                        "AutoencoderKL folder or repo (or a diffusers pipeline with vae/) as "
+                        "--pretrained_vae_name_or_path / --pretrained_vae_model_name_or_path")
 
 
 def allow_patterns(subfolders: Sequence[str], *, weights: str, variant: str | None = None) -> list[str]:

@@ -54,7 +54,7 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
     A Hub id is first fetched with ``model_index.json`` only, so an SDXL or IF repo is refused
     without downloading its weights.
     """
-    from jaxbooth.hub import resolve_model_dir
+    from jaxbooth.hub import resolve_model_dir, resolve_vae_dir
 
     m = spec.model
     if m.pretrained_model_name_or_path is None:
@@ -64,9 +64,7 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
     refuse_untrainable_pipeline(resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub))
     model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
     vae_name = spec_lib.vae_name_or_path(spec)
-    vae_dir = None
-    if vae_name:  # a pipeline-style folder with vae/, as the torch backend reads it
-        vae_dir = Path(resolve_model_dir(vae_name, variant=m.variant, subfolders=["vae"], **hub))
+    vae_dir = resolve_vae_dir(vae_name, variant=m.variant, **hub) if vae_name else None
     return ModelPaths(Path(model_dir), vae_dir)
 
 

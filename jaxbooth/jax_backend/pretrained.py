@@ -92,9 +92,15 @@ def uses_projection(component: str, config_dict: Mapping[str, Any]) -> bool:
 
 
 def component_dir(model_dir: str | Path, component: str) -> Path:
-    """``<model_dir>/<component>``, or an error naming the path and the folders that do exist."""
+    """``<model_dir>/<component>``, or ``model_dir`` itself when it is a standalone component (a
+    ``config.json`` at its root and no ``model_index.json``: a VAE repo such as
+    stabilityai/sd-vae-ft-mse, which diffusers' VAE flags load without a subfolder); else an error
+    naming the path and the folders that do exist."""
     component_kind(component)
     folder = Path(model_dir) / component
+    root = Path(model_dir)
+    if not folder.is_dir() and (root / "config.json").is_file() and not (root / "model_index.json").is_file():
+        return root
     if not folder.is_dir():
         parent = Path(model_dir)
         present = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []

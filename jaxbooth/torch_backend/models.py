@@ -84,7 +84,9 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     try:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
                                                     **kwargs)
-        vae = AutoencoderKL.from_pretrained(vae_dir, subfolder="vae", **dtype_kwargs(torch.float32), **kwargs)
+        # a pipeline's vae/, or a standalone VAE folder (config.json at its root), as diffusers' VAE flags
+        vae_sub = "vae" if (Path(vae_dir) / "vae").is_dir() else None
+        vae = AutoencoderKL.from_pretrained(vae_dir, subfolder=vae_sub, **dtype_kwargs(torch.float32), **kwargs)
         text_encoder = text_encoder_class(model_dir).from_pretrained(
             model_dir, subfolder="text_encoder", dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as error:

@@ -69,7 +69,7 @@ def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
 
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     """Local model folders (Hub ids resolved through the cache), output folder and seed."""
-    from jaxbooth.hub import resolve_model_dir
+    from jaxbooth.hub import resolve_model_dir, resolve_vae_dir
 
     m = spec.model
     if m.pretrained_model_name_or_path is None:
@@ -80,7 +80,7 @@ def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
     check_supported(spec, Path(resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub)))
     model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
     vae_name = spec_lib.vae_name_or_path(spec)
-    vae_dir = resolve_model_dir(vae_name, variant=m.variant, subfolders=["vae"], **hub) if vae_name else None
+    vae_dir = resolve_vae_dir(vae_name, variant=m.variant, **hub) if vae_name else None
     seed = spec.optim.seed if spec.optim.seed is not None else 0
     return RunInputs(spec, Path(model_dir), vae_dir, Path(spec.checkpointing.output_dir).absolute(), seed)
 

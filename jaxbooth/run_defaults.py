@@ -15,7 +15,7 @@ from collections.abc import Set
 from pathlib import Path
 
 from jaxbooth import log
-from jaxbooth.checkpoints import MARKER, list_checkpoints
+from jaxbooth.checkpoints import MARKER, list_checkpoints, resolve_resume_path
 from jaxbooth.errors import JaxboothError
 
 
@@ -58,12 +58,24 @@ def choose_seed(given: int | None, output_dir: str | Path, resume_from: str | No
     return given
 
 
+def check_output_dir(output_dir: str | Path, resume_from: str | None) -> None:
+    """An output folder that cannot be one, or a named checkpoint that is not there, fails now:
+    before class images, model loading and encoding, not after them."""
+    out = Path(output_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise JaxboothError(f"--output_dir={output_dir}: {out} is a file, not a folder; pass a folder path "
+                            "(it is created if missing)")
+    if resume_from and resume_from != "latest":
+        resolve_resume_path(out, resume_from)  # raises naming the complete checkpoints there
+
+
 def fill_defaults(spec, given: Set[str] = frozenset()):
     """The spec with its open keys decided (see the module docstring); ``given`` are the keys the
     command line set itself (``spec.given_keys``), so a default is never mistaken for a choice."""
     from jaxbooth import data
     from jaxbooth.spec import replace_flat
 
+    check_output_dir(spec.checkpointing.output_dir, spec.checkpointing.resume_from_checkpoint)
     overrides: dict = {}
     if spec.data.instance_data_dir is None and spec.data.dataset_name is None:
         overrides["instance_data_dir"] = str(data.example_instance_dir())

@@ -78,3 +78,16 @@ def test_resume_without_seed_equals_an_uninterrupted_run(backend: str, tiny_mode
     a, b = unet(interrupted), unet(straight)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_a_file_as_output_dir_or_a_missing_checkpoint_fails_before_anything_loads(tmp_path: Path) -> None:
+    from jaxbooth.errors import JaxboothError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(JaxboothError, match="is a file, not a folder"):
+        run_defaults.check_output_dir(tmp_path / "afile", None)
+    write_marker(tmp_path / "out" / "checkpoint-2", {"step": 2, "seed": 1})
+    with pytest.raises(JaxboothError, match="checkpoint-99.*complete ones in .*checkpoint-2"):
+        run_defaults.check_output_dir(tmp_path / "out", "checkpoint-99")
+    run_defaults.check_output_dir(tmp_path / "out", "checkpoint-2")
+    run_defaults.check_output_dir(tmp_path / "new", "latest")  # nothing yet: a new run, as in diffusers

@@ -3,7 +3,7 @@
 1. ``denoising_loss`` of each backend, on the same tiny model, latents, noise, timesteps and
    text embeddings, agrees to 1e-4 relative: with and without prior preservation and Min-SNR,
    for epsilon and v_prediction schedules.
-2. (slow) A few real training steps of each backend on the same data give losses of the same
+2. A few real training steps of each backend on the same data give losses of the same
    size that fall together.
 """
 
@@ -142,7 +142,6 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_a_few_training_steps_track_each_other(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Same spec, same images, six steps on each backend: same loss scale, both falling.
 

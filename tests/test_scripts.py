@@ -35,7 +35,6 @@ def test_bench_train_rejects_bad_step_counts() -> None:
     assert "--n2 must be larger than --n1" in proc.stderr
 
 
-@pytest.mark.slow  # compiles the tiny UNet's fwd+bwd: ~40 s of CPU on a 2-core machine
 @pytest.mark.requires_torch
 def test_bench_unet_tiny_prints_one_json_line() -> None:
     pytest.importorskip("diffusers")

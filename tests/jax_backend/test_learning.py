@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from jaxbooth import data
@@ -59,7 +58,6 @@ def distance_to_instances(latents: jax.Array, targets: np.ndarray) -> float:
     return float(diffs.mean(axis=(2, 3, 4)).min(axis=1).mean())
 
 
-@pytest.mark.slow
 def test_training_moves_samples_towards_the_instance_latents(tiny_model_dir: Path, tmp_path: Path) -> None:
     instances = make_instance_images(tmp_path / "instance")
     out = tmp_path / "out"

@@ -65,7 +65,6 @@ def test_eight_devices_data_parallel_match_one_device(tiny_model_dir, tmp_path, 
     np.testing.assert_allclose(losses(out), single_device_losses, rtol=2e-4)
 
 
-@pytest.mark.slow  # ~90 s on 2 cores: its own 8-device compile
 def test_fsdp_sharded_params_match_one_device(tiny_model_dir, tmp_path, single_device_losses) -> None:
     out = tmp_path / "fsdp"
     proc = launch(train_args(tiny_model_dir, out, GLOBAL_BATCH // 8, "--fsdp_parallelism=4"), devices=8,
@@ -80,7 +79,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow  # ~170 s on 2 cores: two processes compile side by side
 def test_two_hosts_match_one_device(tiny_model_dir, tmp_path, single_device_losses) -> None:
     out = tmp_path / "hosts"
     port = _free_port()

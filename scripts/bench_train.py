@@ -216,8 +216,9 @@ def unet_fwd_bwd_cost(args) -> dict:
         unet.compiled[1]).items() if k != "flops"}}
 
 
-PHASES = ("configure_jax", "load_for_training", "prepare_inputs", "init_state", "compile_step", "run_loop",
-          "trained_params_host", "save_pipeline")
+PHASES = ("configure_jax", "prepare_inputs", "init_state", "compile_step", "run_loop", "trained_params_host",
+          "save_pipeline")
+MODULE_PHASES = (("loading", "load_models"), ("caches_lib", "build_caches"))  # phases train() calls via a module
 
 
 def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict:
@@ -270,15 +271,17 @@ def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict
         pass
     for name, fn in originals.items():
         setattr(T, name, timed(name, fn))
-    build_caches = T.caches_lib.build_caches
-    T.caches_lib.build_caches = timed("build_caches", build_caches)
+    module_originals = {(module, name): getattr(getattr(T, module), name) for module, name in MODULE_PHASES}
+    for (module, name), fn in module_originals.items():
+        setattr(getattr(T, module), name, timed(name, fn))
     start = time.perf_counter()
     try:
         T.train(spec)
     finally:
         for name, fn in originals.items():
             setattr(T, name, fn)
-        T.caches_lib.build_caches = build_caches
+        for (module, name), fn in module_originals.items():
+            setattr(getattr(T, module), name, fn)
     total = time.perf_counter() - start
     return {"steps": args.n1, "total_s": total, "phases_s": seconds,
             "unaccounted_s": total - sum(v for k, v in seconds.items() if k != "run_loop") - seconds.get("run_loop", 0),

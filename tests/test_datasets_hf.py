@@ -20,7 +20,7 @@ from PIL import Image
 
 from jaxbooth import data
 from jaxbooth.errors import JaxboothError
-from jaxbooth.spec import RunSpec
+from jaxbooth.spec import RunSpec, replace_flat
 from tests._logs import logged_warning
 
 datasets = pytest.importorskip("datasets")
@@ -68,11 +68,7 @@ def _parquet(path: Path, images: list[dict], captions: list[str]) -> Path:
 
 
 def _spec(prior: dict | None = None, **data_fields) -> RunSpec:
-    spec = RunSpec()
-    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, **data_fields))
-    if prior:
-        spec = dataclasses.replace(spec, prior=dataclasses.replace(spec.prior, **prior))
-    return spec
+    return replace_flat(RunSpec(), **data_fields, **(prior or {}))
 
 
 def test_imagefolder_images_and_captions(tmp_path):

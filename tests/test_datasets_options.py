@@ -12,7 +12,7 @@ from PIL import Image
 
 from jaxbooth import data
 from jaxbooth.errors import JaxboothError
-from jaxbooth.spec import RunSpec
+from jaxbooth.spec import RunSpec, replace_flat
 
 
 def _noise(path: Path, seed: int, size=(40, 28)) -> Path:
@@ -29,11 +29,7 @@ def _folder(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def _spec(prior: dict | None = None, **data_fields) -> RunSpec:
-    spec = RunSpec()
-    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, **data_fields))
-    if prior:
-        spec = dataclasses.replace(spec, prior=dataclasses.replace(spec.prior, **prior))
-    return spec
+    return replace_flat(RunSpec(), **data_fields, **(prior or {}))
 
 
 def _reference(path: Path, resolution: int, resample: Image.Resampling) -> np.ndarray:
@@ -141,7 +137,9 @@ def test_prior_preservation_without_class_folder_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
 def test_bad_repeats_are_an_error_naming_the_flag(tmp_path, repeats):
-    spec = _spec(instance_data_dir=str(_folder(tmp_path / "inst", 1)), instance_prompt="p", repeats=repeats)
+    """The data layer's own guard, for specs built without the loader's type checks."""
+    spec = _spec(instance_data_dir=str(_folder(tmp_path / "inst", 1)), instance_prompt="p")
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, repeats=repeats))
     with pytest.raises(JaxboothError, match="--repeats"):
         data.dataset_from_spec(spec)
 

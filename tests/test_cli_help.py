@@ -256,7 +256,8 @@ def test_unknown_script_lists_the_known_ones(capsys):
     assert message.startswith("unknown script 'train_dreambooth_lora2.py'")
     assert all(script in message for script in SCRIPT_DEFAULTS)
     status, _, err = run_main(["spec", "my_script.py"], capsys)
-    assert status == 2 and "unknown script 'my_script.py'" in err
+    assert status == 2 and "unknown script 'my_script.py';" in err  # nothing close: no suggestion
+    assert "did you mean train_dreambooth_lora_sdxl.py?" in error_of("train_dreambooth_sdxl.py")
 
 
 def test_spec_command_prints_the_scripts_resolved_spec(capsys):

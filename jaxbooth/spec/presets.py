@@ -8,6 +8,7 @@ every default of the four scripts and checks the presets reproduce them.
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Mapping
 from pathlib import PurePath
@@ -46,7 +47,9 @@ def script_name(text: str, *, what: str = "script") -> str:
     if not name.endswith(".py"):
         name += ".py"
     if name not in SCRIPT_PRESETS:
-        raise JaxboothError(f"unknown {what} {text!r}; expected one of the diffusers DreamBooth scripts "
+        close = difflib.get_close_matches(name, list(SCRIPT_PRESETS), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise JaxboothError(f"unknown {what} {text!r}{hint}; expected one of the diffusers DreamBooth scripts "
                             f"{', '.join(SCRIPT_PRESETS)} (a path to one is fine)")
     return name
 

@@ -701,3 +701,9 @@ def test_spec_module_imports_no_framework():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seeds_outside_numpys_range_are_refused(seed):
+    assert "--seed" in error_of(f"--seed={seed}")
+    assert S.load_spec_from_dict({"seed": 2**32 - 1}).optim.seed == 2**32 - 1

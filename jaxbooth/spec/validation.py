@@ -29,7 +29,7 @@ _LOWER_BOUNDS: Mapping[str, tuple[float, bool]] = types.MappingProxyType({
                      "save_steps", "validation_steps", "validation_epochs", "num_validation_images",
                      "num_class_images", "lr_num_cycles", "log_every_steps", "repeats", "rank",
                      "tokenizer_max_length", "fsdp_parallelism", "num_processes"], (1, True)),
-    **dict.fromkeys(["lr_warmup_steps", "dataloader_num_workers", "process_id", "prior_loss_weight",
+    **dict.fromkeys(["seed", "lr_warmup_steps", "dataloader_num_workers", "process_id", "prior_loss_weight",
                      "adam_weight_decay", "adam_weight_decay_text_encoder", "adam_beta1", "adam_beta2",
                      "lora_dropout", "prodigy_beta3"], (0, True)),
     **dict.fromkeys(["learning_rate", "text_encoder_lr", "lr_power", "adam_epsilon", "max_grad_norm",
@@ -90,6 +90,8 @@ def _check_ranges(r: _Report) -> None:
         default = FIELDS[name].default
         fix = f"the default is {default}" if default is not None else "or leave it unset"
         r.errors.append(f"{r.at(name)}: must be {rule}; {fix}")
+    if r.values["seed"] is not None and r.values["seed"] >= 2**32:  # numpy's seed range, which diffusers uses too
+        r.errors.append(f"{r.at('seed')}: must be < 2**32; pick a smaller seed")
     resolution = r.values["resolution"]
     if resolution % 8:
         r.errors.append(f"{r.at('resolution')}: not divisible by 8 (the VAE downsamples by 8); "

@@ -30,13 +30,6 @@ MARKER = "jaxbooth_checkpoint.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
-def _without_hub_token(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
-    spec_dict = dict(spec_dict)
-    if isinstance(spec_dict.get("hub"), Mapping):
-        spec_dict["hub"] = {**spec_dict["hub"], "hub_token": None}
-    return spec_dict
-
-
 def checkpoint_record(step: int, data_state: Mapping[str, Any], spec: Any, seed: int) -> dict[str, Any]:
     """The marker's content: ``{"step", "seed", "data", "spec"}``.
 
@@ -48,7 +41,7 @@ def checkpoint_record(step: int, data_state: Mapping[str, Any], spec: Any, seed:
     from jaxbooth import spec as spec_lib
 
     return {"step": int(step), "seed": int(seed), "data": dict(data_state),
-            "spec": _without_hub_token(spec_lib.spec_to_dict(spec))}
+            "spec": spec_lib.shareable_spec_dict(spec)}
 
 
 def write_marker(checkpoint_dir: Path, record: Mapping[str, Any]) -> Path:
@@ -56,11 +49,12 @@ def write_marker(checkpoint_dir: Path, record: Mapping[str, Any]) -> Path:
 
     A ``hub_token`` in the record's spec is dropped here too, whoever built the record.
     """
+    from jaxbooth import spec as spec_lib
     from jaxbooth.output import atomic_write_text
 
     record = dict(record)
     if isinstance(record.get("spec"), Mapping):
-        record["spec"] = _without_hub_token(record["spec"])
+        record["spec"] = spec_lib.without_hub_token(record["spec"])
     path = Path(checkpoint_dir) / MARKER
     atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
@@ -95,16 +89,21 @@ def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tu
 def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | None:
     """``latest`` -> newest complete checkpoint; a name or path -> that one (it must be complete).
 
-    As in diffusers, ``latest`` with no checkpoint yet starts a fresh run.
+    As in diffusers, ``latest`` with no checkpoint yet starts a fresh run (and says so).
     """
+    path = find_resume_checkpoint(output_dir, resume_from)
+    if path is None and resume_from == "latest":
+        _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
+    return path
+
+
+def find_resume_checkpoint(output_dir: Path, resume_from: str | None) -> Path | None:
+    """``resolve_resume_path`` without the log line, for looking ahead before the run starts."""
     if not resume_from:
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
-        if not found:
-            _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
-            return None
-        return found[-1][1]
+        return found[-1][1] if found else None
     path = Path(resume_from)
     if not path.is_absolute() and not path.exists():
         path = output_dir / resume_from

@@ -105,13 +105,12 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_spec(argv: Sequence[str]) -> int:
     import yaml
 
-    from jaxbooth.spec import spec_to_dict
+    from jaxbooth.spec import shareable_spec_dict
 
     loaded = load_or_help(argv, "jaxbooth spec")
     if loaded is not None:
-        resolved = spec_to_dict(loaded[0])
-        resolved["hub"]["hub_token"] = None  # printed specs get pasted into issues and logs
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        # printed specs get pasted into issues and logs: never the token
+        print(yaml.safe_dump(shareable_spec_dict(loaded[0]), sort_keys=False), end="")
     return 0
 
 

@@ -87,9 +87,18 @@ def resolve_vae_dir(name_or_path: str | Path, **hub: Any) -> Path:
     ``hub`` takes ``resolve_model_dir``'s keywords; a Hub repo is fetched for both layouts.
     """
     folder = resolve_model_dir(name_or_path, subfolders=["vae", ""], **hub)
-    if (folder / "vae" / "config.json").is_file() or (folder / "config.json").is_file():
-        return folder
-    raise JaxboothError(f"{name_or_path}: the VAE override has neither vae/config.json nor config.json; pass an "
+    vae_component_folder(folder)  # either layout, or the error now
+    return folder
+
+
+def vae_component_folder(vae_dir: str | Path) -> Path:
+    """The folder holding a VAE override's ``config.json``: ``vae_dir/vae`` (a pipeline) or ``vae_dir``
+    itself (a standalone AutoencoderKL); else an error naming both flags. The one place the layout is read."""
+    vae_dir = Path(vae_dir)
+    for folder in (vae_dir / "vae", vae_dir):
+        if (folder / "config.json").is_file():
+            return folder
+    raise JaxboothError(f"{vae_dir}: the VAE override has neither vae/config.json nor config.json; pass an "
                         "AutoencoderKL folder or repo (or a diffusers pipeline with vae/) as "
                         "--pretrained_vae_name_or_path / --pretrained_vae_model_name_or_path")
 

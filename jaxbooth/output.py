@@ -83,10 +83,9 @@ def components_to_save(spec: Any) -> tuple[str, ...]:
 def _copy_vae_override(vae_dir: Path, out_dir: Path) -> None:
     """``out_dir/vae`` from the override: a pipeline folder holding ``vae/``, or a standalone VAE
     (``config.json`` at its root, e.g. stabilityai/sd-vae-ft-mse)."""
-    source = vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir
-    if not (source / "config.json").is_file():
-        raise JaxboothError(f"{vae_dir}: the VAE override has neither vae/config.json nor config.json; pass a "
-                            "diffusers pipeline or AutoencoderKL folder as --pretrained_vae_name_or_path")
+    from jaxbooth.hub import vae_component_folder
+
+    source = vae_component_folder(vae_dir)
     target = out_dir / "vae"
     if target.exists():
         shutil.rmtree(target)

@@ -15,28 +15,13 @@ from collections.abc import Set
 from pathlib import Path
 
 from jaxbooth import log
-from jaxbooth.checkpoints import MARKER, list_checkpoints, resolve_resume_path
+from jaxbooth.checkpoints import MARKER, find_resume_checkpoint
 from jaxbooth.errors import JaxboothError
-
-
-def checkpoint_to_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """The complete checkpoint ``resume_from`` names, or None; never raises (the backend reports
-    a bad name with the full message when it resumes)."""
-    if not resume_from:
-        return None
-    output_dir = Path(output_dir).absolute()
-    if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume_from)
-    if not path.is_absolute() and not path.exists():
-        path = output_dir / resume_from
-    return path if (path / MARKER).is_file() else None
 
 
 def recorded_seed(checkpoint: Path) -> int | None:
     """The seed a checkpoint's run used: its marker's ``seed``, else the seed in its resolved spec."""
-    try:
+    try:  # lenient: a damaged marker is the backend's error to report when it resumes
         record = json.loads((checkpoint / MARKER).read_text())
     except (OSError, ValueError):
         return None
@@ -48,7 +33,7 @@ def recorded_seed(checkpoint: Path) -> int | None:
 
 def choose_seed(given: int | None, output_dir: str | Path, resume_from: str | None) -> int:
     """The run's seed: the given one, else the resumed checkpoint's, else a fresh random one."""
-    checkpoint = checkpoint_to_resume(output_dir, resume_from)
+    checkpoint = find_resume_checkpoint(Path(output_dir).absolute(), resume_from)
     recorded = recorded_seed(checkpoint) if checkpoint is not None else None
     if given is None:
         return recorded if recorded is not None else secrets.randbits(31)
@@ -65,8 +50,7 @@ def check_output_dir(output_dir: str | Path, resume_from: str | None) -> None:
     if out.exists() and not out.is_dir():
         raise JaxboothError(f"--output_dir={output_dir}: {out} is a file, not a folder; pass a folder path "
                             "(it is created if missing)")
-    if resume_from and resume_from != "latest":
-        resolve_resume_path(out, resume_from)  # raises naming the complete checkpoints there
+    find_resume_checkpoint(out, resume_from)  # a name that is not there raises, naming the complete ones
 
 
 def fill_defaults(spec, given: Set[str] = frozenset()):

@@ -56,6 +56,4 @@ def wandb_run(spec: spec_lib.RunSpec, output_dir: Path):
         return None
     import wandb  # preflight.check_packages has made sure it is installed
 
-    config = spec_lib.spec_to_dict(spec)
-    config["hub"]["hub_token"] = None
-    return wandb.init(project="jaxbooth", dir=str(output_dir), config=config)
+    return wandb.init(project="jaxbooth", dir=str(output_dir), config=spec_lib.shareable_spec_dict(spec))

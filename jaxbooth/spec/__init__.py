@@ -47,7 +47,9 @@ from jaxbooth.spec.loading import (
     load_spec,
     load_spec_from_dict,
     load_spec_with_keys,
+    shareable_spec_dict,
     spec_to_dict,
+    without_hub_token,
     write_resolved_spec,
 )
 from jaxbooth.spec.presets import SCRIPT_PRESETS, script_name
@@ -63,7 +65,7 @@ __all__ = [
     "vae_name_or_path", "checkpoint_every_steps", "validation_schedule", "lora_scale_alpha",
     # added with the package split
     "given_keys", "load_spec_with_keys", "parse_command_line", "CommandLine", "HelpRequested", "format_help",
-    "script_name", "LORA_ONLY_KEYS",
+    "script_name", "LORA_ONLY_KEYS", "shareable_spec_dict", "without_hub_token",
 ]
 
 _FROM_CAPABILITIES = frozenset({"DeviceInfo", "check_backend", "choose_backend"})

@@ -188,14 +188,26 @@ def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
     return out
 
 
+def without_hub_token(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``spec_to_dict`` mapping with the Hub token written as null (a copy; the input is untouched)."""
+    out = dict(spec_dict)
+    if isinstance(out.get("hub"), Mapping):
+        out["hub"] = {**out["hub"], "hub_token": None}
+    return out
+
+
+def shareable_spec_dict(spec: RunSpec) -> dict[str, Any]:
+    """``spec_to_dict`` for anything that leaves the process (files, printouts, trackers): no Hub token."""
+    return without_hub_token(spec_to_dict(spec))
+
+
 def write_resolved_spec(spec: RunSpec, path: str | Path) -> Path:
     """Write the full spec as YAML that ``load_spec(["--config", path])`` reads back equal.
 
     The hub token is left out (written as null): resolved specs land in output dirs and
     checkpoints that get shared. Creates the parent folder; returns the path written.
     """
-    data = spec_to_dict(spec)
-    data["hub"]["hub_token"] = None
+    data = shareable_spec_dict(spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# jaxbooth resolved run spec: every key, defaults included. Reuse with --config.\n"

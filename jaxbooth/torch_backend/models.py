@@ -19,6 +19,7 @@ import torch
 
 from jaxbooth import diffusion
 from jaxbooth.errors import JaxboothError
+from jaxbooth.hub import vae_component_folder
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,8 +86,7 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
                                                     **kwargs)
         # a pipeline's vae/, or a standalone VAE folder (config.json at its root), as diffusers' VAE flags
-        vae_sub = "vae" if (Path(vae_dir) / "vae").is_dir() else None
-        vae = AutoencoderKL.from_pretrained(vae_dir, subfolder=vae_sub, **dtype_kwargs(torch.float32), **kwargs)
+        vae = AutoencoderKL.from_pretrained(vae_component_folder(vae_dir), **dtype_kwargs(torch.float32), **kwargs)
         text_encoder = text_encoder_class(model_dir).from_pretrained(
             model_dir, subfolder="text_encoder", dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as error:

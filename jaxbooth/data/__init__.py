@@ -38,9 +38,11 @@ from jaxbooth.data.images import (
     DEFAULT_INTERPOLATION,
     INTERPOLATION_FILTERS,
     content_hash,
+    crop_pixels,
     decode_rgb,
     load_image,
     load_image_with_info,
+    load_resized,
     resize_filter,
 )
 
@@ -52,5 +54,5 @@ __all__ = [
     "example_instance_dir", "inspect_image", "read_caption_file", "scan_image_folder",
     "images_cache_dir", "load_hf_examples",
     "DEFAULT_INTERPOLATION", "INTERPOLATION_FILTERS", "content_hash", "decode_rgb", "load_image",
-    "load_image_with_info", "resize_filter",
+    "load_image_with_info", "resize_filter", "crop_pixels", "load_resized",
 ]

@@ -137,6 +137,17 @@ def load_image_with_info(
     Order follows diffusers' SDXL DreamBooth script: resize, flip, crop; the crop offset is
     in the resized (and flipped) image, as SDXL's `crops_coords_top_left` expects.
     """
+    img, original = load_resized(path, resolution, interpolation=interpolation)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels, offset = crop_pixels(img, resolution, center_crop=center_crop, crop_rng=crop_rng)
+    return pixels, original, offset
+
+
+def load_resized(path: str | Path, resolution: int, *,
+                 interpolation: str = DEFAULT_INTERPOLATION) -> tuple[Image.Image, tuple[int, int]]:
+    """Decoded RGB image with its short side resized to ``resolution``, and its original (h, w);
+    decode once with this, then ``crop_pixels`` as often as needed."""
     if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
         raise JaxboothError(f"resolution must be a positive integer, got {resolution!r}")
     resample = resize_filter(interpolation)
@@ -144,10 +155,13 @@ def load_image_with_info(
         img = decode_rgb(path)
     except (OSError, ValueError, SyntaxError) as exc:
         raise JaxboothError(f"cannot load image {path}: {exc}; remove or re-save the file.") from exc
-    original = (img.height, img.width)
-    img = _resize_short_side(img, int(resolution), resample)
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _resize_short_side(img, int(resolution), resample), (img.height, img.width)
+
+
+def crop_pixels(img: Image.Image, resolution: int, *, center_crop: bool,
+                crop_rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """A ``resolution`` square of a resized image as float32 HWC in [-1, 1], and its top-left (y, x):
+    torchvision's CenterCrop or RandomCrop (offsets from ``crop_rng``), ToTensor, Normalize(0.5, 0.5)."""
     excess_h, excess_w = img.height - resolution, img.width - resolution
     if center_crop:  # torchvision CenterCrop rounding
         top, left = int(round(excess_h / 2.0)), int(round(excess_w / 2.0))
@@ -158,7 +172,7 @@ def load_image_with_info(
     # ToTensor then Normalize([0.5], [0.5]), in float32 like torch.
     pixels = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     pixels = (pixels - np.float32(0.5)) / np.float32(0.5)
-    return pixels, original, (top, left)
+    return pixels, (top, left)
 
 
 def load_image(

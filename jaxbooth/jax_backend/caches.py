@@ -72,10 +72,10 @@ def example_crops(path: str | Path, resolution: int, *, center_crop: bool, seed:
     if center_crop:
         return [data.load_image(path, resolution, center_crop=True, interpolation=interpolation)]
     rng = np.random.default_rng([seed, _CROP_SEED_TAG, index])
+    resized, original = data.load_resized(path, resolution, interpolation=interpolation)  # decoded once
     crops: dict[tuple[int, int], np.ndarray] = {}
     for _ in range(2 * CROPS_PER_IMAGE):
-        pixels, original, offset = data.load_image_with_info(path, resolution, center_crop=False, crop_rng=rng,
-                                                             interpolation=interpolation)
+        pixels, offset = data.crop_pixels(resized, resolution, center_crop=False, crop_rng=rng)
         crops.setdefault(offset, pixels)
         if len(crops) == CROPS_PER_IMAGE or original[0] == original[1]:  # square: one crop, the whole image
             break

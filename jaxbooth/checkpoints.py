@@ -20,11 +20,6 @@ from typing import Any
 from jaxbooth import log as jaxbooth_log
 from jaxbooth.errors import JaxboothError
 
-
-def _log(message: str) -> None:
-    jaxbooth_log.info(message)
-
-
 PREFIX = "checkpoint-"
 MARKER = "jaxbooth_checkpoint.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -93,7 +88,8 @@ def resolve_resume_path(output_dir: Path, resume_from: str | None) -> Path | Non
     """
     path = find_resume_checkpoint(output_dir, resume_from)
     if path is None and resume_from == "latest":
-        _log(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; starting a new run")
+        jaxbooth_log.info(f"--resume_from_checkpoint=latest: no complete checkpoint in {output_dir}; "
+                          "starting a new run")
     return path
 
 
@@ -131,7 +127,7 @@ def clear_incomplete(output_dir: Path) -> list[Path]:
     removed = []
     for _, path in list_checkpoints(output_dir, complete_only=False):
         if not (path / MARKER).is_file():
-            _log(f"removing {path}: an interrupted checkpoint (no {MARKER})")
+            jaxbooth_log.info(f"removing {path}: an interrupted checkpoint (no {MARKER})")
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -147,7 +143,7 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
         self.requested = True
-        _log(f"received signal {signum}: saving a checkpoint after this step")
+        jaxbooth_log.info(f"received signal {signum}: saving a checkpoint after this step")
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():

@@ -20,7 +20,6 @@ its share; the folder must be on a filesystem every process sees. Never imports 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbooth import class_images as shared
+from jaxbooth import log as jaxbooth_log
 from jaxbooth.class_images import existing_class_images, missing_indices, write_class_image
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import mesh as mesh_lib
@@ -42,10 +42,6 @@ DEFAULT_NUM_INFERENCE_STEPS = 50  # StableDiffusionPipeline.__call__'s default, 
 DEFAULT_GUIDANCE_SCALE = 7.5  # likewise
 FALLBACK_SAMPLER = "DPMSolverMultistepScheduler"
 _PRECISIONS = {"no": jnp.float32, "fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
-
-
-def _message(text: str) -> None:
-    print(f"[jaxbooth] {text}", file=sys.stderr, flush=True)
 
 
 def generation_dtype(precision: str | None, platform: str | None = None) -> Any:
@@ -201,7 +197,7 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
     if not plan.missing:
         return 0
     if rank == 0:
-        _message(shared.describe(plan, num_class_images, class_prompt))
+        jaxbooth_log.info(shared.describe(plan, num_class_images, class_prompt))
     written = []
     if plan.mine:
         if sampler is None:

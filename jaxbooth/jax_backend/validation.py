@@ -23,7 +23,6 @@ stay comparable across steps as with the other samplers.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from jaxbooth import log as jaxbooth_log
 from jaxbooth import validation_files
 from jaxbooth.jax_backend.generate import read_scheduler_config, sampler_from_models
 from jaxbooth.jax_backend.loaded import LoadedModels
@@ -47,7 +47,7 @@ VALIDATION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default, which l
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
-        print(f"[jaxbooth] {message}", file=sys.stderr, flush=True)
+        jaxbooth_log.info(message)
 
 
 def validation_sampler_name(validation_scheduler: str) -> str:

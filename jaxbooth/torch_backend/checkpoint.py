@@ -39,10 +39,6 @@ __all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "checkpoint_record", "clear_in
            "register_state_hooks", "save_checkpoint"]
 
 
-def _log(message: str) -> None:
-    jaxbooth_log.info(message)
-
-
 def component_name(model: Any) -> str:
     """``unet`` or ``text_encoder``: the subfolder a trained model is saved in."""
     from diffusers import UNet2DConditionModel
@@ -87,7 +83,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, data_state: d
     if accelerator.is_main_process:
         write_marker(path, checkpoint_record(step, data_state, spec, seed))
         prune_checkpoints(output_dir, keep)
-        _log(f"saved {path}")
+        jaxbooth_log.info(f"saved {path}")
     accelerator.wait_for_everyone()
     return path
 

@@ -11,12 +11,7 @@ from typing import Any
 
 import torch
 
-from jaxbooth import log as jaxbooth_log
 from jaxbooth.errors import JaxboothError
-
-
-def log(message: str) -> None:
-    jaxbooth_log.info(message)
 
 
 def check_xformers(enabled: bool, device: torch.device) -> None:

@@ -185,7 +185,7 @@ def jax_caches(spec: spec_lib.RunSpec, env: Env) -> tuple:
 
     run = _inputs(spec, env)
     with mock.patch.object(encode, "encode_pixel_stream", _pixels_as_latents), \
-            decoding_threads(data, ("load_image", "load_image_with_info")) as threads:
+            decoding_threads(data, ("load_image", "load_image_with_info", "load_resized")) as threads:
         built = caches.build_caches(spec, env.jax_models, run.dataset, run.seed)
     frozen = {key: fingerprint(value) for key, value in sorted(built.frozen.items())}
     index = built.latent_index

@@ -16,9 +16,9 @@ from jaxbooth.data.dataset import (
     Dataset,
     Example,
     Subset,
-    check_instance_images,
     dataset_from_spec,
     folder_examples,
+    instance_dataset,
     make_dataset,
     make_dreambooth_dataset,
 )
@@ -48,7 +48,7 @@ from jaxbooth.data.images import (
 
 __all__ = [
     "BatchIterator", "Tokenize",
-    "Dataset", "Example", "Subset", "check_instance_images", "dataset_from_spec", "folder_examples", "make_dataset",
+    "Dataset", "Example", "Subset", "dataset_from_spec", "instance_dataset", "folder_examples", "make_dataset",
     "make_dreambooth_dataset",
     "CAPTION_EXTENSION", "EXAMPLE_CLASS_PROMPT", "EXAMPLE_INSTANCE_PROMPT", "SKIP_BAD_HINT", "example_class_dir",
     "example_instance_dir", "inspect_image", "read_caption_file", "scan_image_folder",

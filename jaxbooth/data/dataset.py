@@ -188,7 +188,7 @@ def make_dreambooth_dataset(
     return make_dataset(subsets, skip_bad=skip_bad)
 
 
-def dataset_from_spec(spec: Any) -> Dataset:
+def dataset_from_spec(spec: Any, *, instances: Dataset | None = None) -> Dataset:
     """The run's dataset from `spec.data` and `spec.prior`: the one entry point of both backends.
 
     Instance images come from ``instance_data_dir`` (a folder, every image captioned with
@@ -196,11 +196,10 @@ def dataset_from_spec(spec: Any) -> Dataset:
     ``image_column``, and per-image captions from ``caption_column`` when given), listed
     ``repeats`` times. Class images (``class_data_dir``, ``class_prompt``, at most
     ``num_class_images``) are read only when ``with_prior_preservation`` is on; generating
-    the missing ones is the backend's job and must happen before this call.
+    the missing ones is the backend's job and must happen before this call. ``instances``:
+    what ``instance_dataset(spec)`` already read for this spec, reused instead of read again.
     """
-    d, prior = spec.data, spec.prior
-    skip_bad = bool(d.skip_bad_images)
-    dataset_name = getattr(d, "dataset_name", None)
+    prior = spec.prior
     class_subset = None
     if prior.with_prior_preservation:
         if prior.class_data_dir is None:
@@ -209,6 +208,23 @@ def dataset_from_spec(spec: Any) -> Dataset:
                 "the folder of class images."
             )
         class_subset = _class_subset(prior.class_data_dir, prior.class_prompt, prior.num_class_images)
+    if instances is None:
+        instances = instance_dataset(spec)
+    if class_subset is None:
+        return instances
+    class_examples = folder_examples(class_subset, len(instances.subsets), skip_bad=bool(spec.data.skip_bad_images))
+    return Dataset((*instances.subsets, class_subset), (*instances.examples, *class_examples))
+
+
+def instance_dataset(spec: Any) -> Dataset:
+    """The instance images alone, read now (folder scan, or the dataset load of ``--dataset_name``),
+    so a missing, empty or unreadable source fails before any model loads. Class images are left
+    out: they may not exist yet (the backend generates the shortfall); pass the result to
+    ``dataset_from_spec(spec, instances=...)`` so the images are not read twice.
+    """
+    d = spec.data
+    skip_bad = bool(d.skip_bad_images)
+    dataset_name = getattr(d, "dataset_name", None)
     if dataset_name is None:
         if d.instance_data_dir is None:
             raise JaxboothError(
@@ -220,10 +236,8 @@ def dataset_from_spec(spec: Any) -> Dataset:
                 f"instance_prompt (--instance_prompt) is empty; give the prompt for the images in "
                 f"{d.instance_data_dir}, e.g. 'a photo of sks dog'."
             )
-        subsets = [Subset(Path(d.instance_data_dir), d.instance_prompt, repeats=d.repeats)]
-        if class_subset is not None:
-            subsets.append(class_subset)
-        return make_dataset(subsets, skip_bad=skip_bad)
+        return make_dataset([Subset(Path(d.instance_data_dir), d.instance_prompt, repeats=d.repeats)],
+                            skip_bad=skip_bad)
     if d.instance_data_dir is not None:
         raise JaxboothError(
             f"both instance_data_dir (--instance_data_dir {d.instance_data_dir}) and dataset_name "
@@ -250,22 +264,4 @@ def dataset_from_spec(spec: Any) -> Dataset:
         skip_bad=skip_bad,
         subset_index=0,
     )
-    subsets = [instance_subset]
-    if class_subset is not None:
-        subsets.append(class_subset)
-        examples += folder_examples(class_subset, 1, skip_bad=skip_bad)
-    return Dataset(tuple(subsets), tuple(examples))
-
-
-def check_instance_images(spec: Any) -> int:
-    """Read the instance images now (folder scan, or the dataset load of ``--dataset_name``), so a
-    missing, empty or unreadable source fails before any model loads; returns their count.
-
-    Class images are left out: they may not exist yet (the backend generates the shortfall).
-    Both steps are cached (content hashes; the datasets library's cache), so the later
-    ``dataset_from_spec`` does not redo the work.
-    """
-    import dataclasses
-
-    no_prior = dataclasses.replace(spec, prior=dataclasses.replace(spec.prior, with_prior_preservation=False))
-    return len(dataset_from_spec(no_prior).examples)
+    return Dataset((instance_subset,), tuple(examples))

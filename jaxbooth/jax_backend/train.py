@@ -66,7 +66,7 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels) -> RunInputs:
+def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels, instances: data.Dataset | None = None) -> RunInputs:
     """Class images (the shortfall, generated with the loaded models), then the dataset and step count.
 
     The CLI has already filled in the built-in defaults (``cli.fill_defaults``).
@@ -77,7 +77,7 @@ def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels) -> RunInputs:
         ensure_class_images(models.model_dir, prior.class_data_dir, prior.class_prompt, prior.num_class_images,
                             sample_batch_size=prior.sample_batch_size, precision=prior.prior_generation_precision,
                             seed=seed, variant=spec.model.variant, skip_bad=spec.data.skip_bad_images, models=models)
-    dataset = data.dataset_from_spec(spec)
+    dataset = data.dataset_from_spec(spec, instances=instances)
     steps = spec_lib.total_train_steps(spec, len(dataset), jax.device_count())
     return RunInputs(spec, models.model_dir, Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
 
@@ -241,9 +241,9 @@ def train(spec: spec_lib.RunSpec) -> Path:
     mesh = mesh_lib.make_mesh(spec_lib.mesh_shape(spec, jax.device_count()))
     loading.refuse_unsupported_options(spec)
     paths = loading.resolve_model_paths(spec)  # refuses an untrainable pipeline from model_index.json alone
-    data.check_instance_images(spec)  # a missing or broken image source fails before any model loads
+    instances = data.instance_dataset(spec)  # a missing or broken image source fails before any model loads
     models = loading.load_models(spec, paths)
-    run = prepare_inputs(spec, models)
+    run = prepare_inputs(spec, models, instances)
     caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
     crops = "centre crops" if spec.data.center_crop else f"up to {caches_lib.CROPS_PER_IMAGE} random crops each"
     log(f"cached {caches.latent_index.num_rows} latent posteriors of {len(run.dataset.examples)} images ({crops}"

@@ -58,6 +58,7 @@ class RunInputs:
     vae_dir: Path | None
     output_dir: Path
     seed: int
+    instances: data.Dataset | None = None  # the instance images, read once before anything loads
 
 
 def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
@@ -148,9 +149,10 @@ def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
     accelerator.wait_for_everyone()
 
 
-def make_dataset(spec: spec_lib.RunSpec) -> data.Dataset:
-    """The shared dataset (instance folder or --dataset_name, repeats, class images) both backends train on."""
-    return data.dataset_from_spec(spec)
+def make_dataset(spec: spec_lib.RunSpec, instances: data.Dataset | None = None) -> data.Dataset:
+    """The shared dataset (instance folder or --dataset_name, repeats, class images) both backends train on;
+    ``instances``: the instance images ``start_run`` already read."""
+    return data.dataset_from_spec(spec, instances=instances)
 
 
 def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: Any, seed: int) -> data.BatchIterator:
@@ -285,7 +287,7 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
     from accelerate.utils import set_seed
 
     run = resolve_inputs(spec)
-    data.check_instance_images(spec)  # a missing or broken image source fails before any model loads
+    run.instances = data.instance_dataset(spec)  # a missing or broken image source fails before any model loads
     accelerator = make_accelerator(run)
     memory.check_xformers(spec.precision.enable_xformers_memory_efficient_attention, accelerator.device)
     check_local_rank(spec.parallelism.local_rank, accelerator.local_process_index)
@@ -300,7 +302,7 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
 def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple[Trainer, int]:
     """Data, models, memory options, optimizer, resume: the Trainer and the step to start from."""
     spec, device = run.spec, accelerator.device
-    dataset = make_dataset(spec)
+    dataset = make_dataset(spec, run.instances)
     max_train_steps = spec_lib.total_train_steps(spec, len(dataset), accelerator.num_processes)
     tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision,
                                cache_dir=spec.data.cache_dir, token=spec.hub.hub_token)

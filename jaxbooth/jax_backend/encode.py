@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbooth.data import Dataset, load_image
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 
 ENCODE_BATCH = 8  # fixed batch so the encoder compiles once; the last batch is padded
@@ -53,17 +52,6 @@ def encode_pixel_stream(vae: FlaxAutoencoderKL, vae_params, pixels: Iterable[np.
     if not means:
         raise ValueError("encode_pixel_stream got no images")
     return np.concatenate(means).astype(np.float32), np.concatenate(stds).astype(np.float32)
-
-
-def encode_latent_posteriors(vae: FlaxAutoencoderKL, vae_params, dataset: Dataset, *, resolution: int,
-                             center_crop: bool = True, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) of one fixed crop (centre, or a seed-0 random one) of every example, in order.
-
-    ``flip`` encodes the horizontally flipped images.
-    """
-    images = (load_image(example.path, resolution, center_crop=center_crop, flip=flip,
-                         crop_rng=np.random.default_rng(0)) for example in dataset.examples)
-    return encode_pixel_stream(vae, vae_params, images)
 
 
 def encode_prompts(text_apply: Callable, text_params, tokenize: Callable, prompts: Sequence[str], *,

@@ -48,7 +48,8 @@ def instance_latents(model_dir: Path, folder: Path) -> np.ndarray:
     """[N, h, w, c] scaled posterior means of the instance images, via the trainer's own encoder."""
     vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae")
     dataset = data.make_dreambooth_dataset(folder, PROMPT, None, None, 0)
-    mean, _ = encode.encode_latent_posteriors(FlaxAutoencoderKL(vae_config), vae_params, dataset, resolution=64)
+    pixels = (data.load_image(example.path, 64, center_crop=True) for example in dataset.examples)
+    mean, _ = encode.encode_pixel_stream(FlaxAutoencoderKL(vae_config), vae_params, pixels)
     return mean * float(vae_config.scaling_factor)
 
 

@@ -241,6 +241,12 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 def load_schedule(model_dir: str | Path) -> NoiseSchedule:
     """Read `<model_dir>/scheduler/scheduler_config.json` of a diffusers model folder."""
+    return schedule_from_config(read_scheduler_config(model_dir), source=str(Path(model_dir) / SCHEDULER_CONFIG))
+
+
+def read_scheduler_config(model_dir: str | Path) -> dict:
+    """`<model_dir>/scheduler/scheduler_config.json` as a dict, or one error naming the file and the fix;
+    the one reader of it, for both backends' training, sampling and validation."""
     path = Path(model_dir) / SCHEDULER_CONFIG
     try:
         text = path.read_text(encoding="utf-8")
@@ -253,7 +259,7 @@ def load_schedule(model_dir: str | Path) -> NoiseSchedule:
         cfg = json.loads(text)
     except json.JSONDecodeError as err:
         raise JaxboothError(f"{path}: invalid JSON ({err}); re-save it from diffusers") from err
-    return schedule_from_config(cfg, source=str(path))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------

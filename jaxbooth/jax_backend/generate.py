@@ -6,28 +6,18 @@ Works on any SD 1.x/2.x pipeline folder in the PyTorch (safetensors) or old Flax
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbooth.errors import JaxboothError
+from jaxbooth.diffusion import read_scheduler_config
 from jaxbooth.jax_backend import pretrained
 from jaxbooth.jax_backend.models import clip as clip_lib
 from jaxbooth.jax_backend.models.unet import FlaxUNet2DConditionModel
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 from jaxbooth.jax_backend.sample import StableDiffusionSampler, make_pipeline_sampler
 from jaxbooth.text import load_tokenizer
-
-
-def read_scheduler_config(model_dir: Path) -> dict:
-    path = model_dir / "scheduler" / "scheduler_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise JaxboothError(f"{path}: cannot read the scheduler config ({error}); is {model_dir} a diffusers "
-                            "pipeline folder?") from None
 
 
 def vae_scale_factor(vae_config: Any) -> int:

@@ -9,7 +9,6 @@ that every later phase (caches, class images, validation, training, export) read
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
     vae_config, _, vae_params = pretrained.load_pretrained(paths.vae_dir or model_dir, "vae", variant=variant)
     text_config, text_dict, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant,
                                                                      dtype=jnp.float32)
-    scheduler_config = _read_scheduler_config(model_dir)
+    scheduler_config = diffusion.read_scheduler_config(model_dir)
     return LoadedModels(
         model_dir=model_dir,
         unet=unet_lib.FlaxUNet2DConditionModel(unet_config, dtype=dtype, attention_kernel=kernel,
@@ -99,15 +98,6 @@ def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
                                                       source=str(model_dir / diffusion.SCHEDULER_CONFIG)),
         vae_dir=paths.vae_dir,
     )
-
-
-def _read_scheduler_config(model_dir: Path) -> dict:
-    path = model_dir / diffusion.SCHEDULER_CONFIG
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise JaxboothError(f"{path}: cannot read the scheduler config ({error}); model_dir should be a "
-                            "diffusers pipeline folder with scheduler/scheduler_config.json") from None
 
 
 def text_apply_fn(text_encoder: Any) -> Any:

@@ -62,6 +62,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("pre_compute_text_embeddings", BOTH),
     Capability("text_encoder_use_attention_mask", BOTH),
     Capability("tokenizer_max_length", BOTH),
+    Capability("use_lora", BOTH, note="peft adapters on torch; an adapter pytree beside the frozen params on jax"),
+    Capability("use_dora", BOTH),
     Capability("dataloader_num_workers", BOTH,
                note="torch: loader workers each step; jax: threads decoding images once for the latent cache"),
     # Torch only.
@@ -69,9 +71,9 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("enable_xformers_memory_efficient_attention", TORCH_ONLY, note="xFormers is a CUDA library"),
     Capability("set_grads_to_none", TORCH_ONLY, note="a torch optimizer.zero_grad option"),
     Capability("allow_tf32", TORCH_ONLY, note="a torch.backends.cuda switch"),
+    Capability("lora_dropout", TORCH_ONLY, note="jax merges the adapters into the weights inside the step, "
+               "where dropout on the adapter's input has no place", fix="--lora_dropout=0 (the LoRA scripts' default)"),
     # Planned: no backend trains these yet; refused by name on both (never a silent full fine-tune).
-    Capability("use_lora", PLANNED, note="LoRA training (train_dreambooth_lora*.py)",
-               fix="train with train_dreambooth.py (a full fine-tune) until LoRA lands"),
     Capability("class_labels_conditioning", PLANNED, note="DeepFloyd IF stage II"),
     Capability("validation_images", PLANNED, note="DeepFloyd IF stage II validation"),
     Capability("model_family", PLANNED, values=("deepfloyd_if",), note="DeepFloyd IF training"),

@@ -27,7 +27,7 @@ commands:
   train        DreamBooth fine-tuning: jaxbooth train [SCRIPT.py] [--config RUN.yaml] [--KEY VALUE ...]
                takes the flags of diffusers' train_dreambooth*.py; SCRIPT.py (e.g. train_dreambooth_lora.py)
                selects that script's defaults and mode
-  generate     images from a trained pipeline: jaxbooth generate MODEL_DIR "prompt" -n 4
+  generate     images from a trained pipeline or LoRA: jaxbooth generate MODEL_DIR "prompt" -n 4
   tiny-model   write a random-weight SD-shaped pipeline: jaxbooth tiny-model OUT [--size tiny|small]
   spec         print the resolved run spec as YAML (same arguments as train)
 
@@ -127,8 +127,14 @@ def cmd_tiny_model(argv: Sequence[str]) -> int:
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxbooth generate", description="sample images from a pipeline")
-    parser.add_argument("model_dir", help="a diffusers SD pipeline folder (or Hub id in the local cache)")
+    parser = argparse.ArgumentParser(
+        prog="jaxbooth generate", description="sample images from a pipeline, or from a LoRA on its base model",
+        epilog="A LoRA output folder (pytorch_lora_weights.safetensors, no model_index.json) or a LoRA .safetensors "
+               "file (diffusers, peft or kohya keys) is merged into its base model first; the base is "
+               "--pretrained_model_name_or_path, else the folder's jaxbooth_run.yaml, checkpoint marker or "
+               "README.md base_model.")
+    parser.add_argument("model_dir", help="a diffusers SD pipeline folder (or Hub id in the local cache), "
+                                          "a LoRA output folder, or a LoRA .safetensors file")
     parser.add_argument("prompt")
     parser.add_argument("-n", "--num_images", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
@@ -138,6 +144,13 @@ def cmd_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="default: from the model")
     parser.add_argument("--out", default="samples")
+    parser.add_argument("--pretrained_model_name_or_path", default=None, metavar="BASE",
+                        help="LoRA only: the base pipeline (folder or Hub id) to merge it into; default: the "
+                             "one the LoRA's folder records")
+    parser.add_argument("--lora_scale", type=float, default=None, metavar="SCALE",
+                        help="LoRA only: multiplies the adapters, as diffusers' cross_attention_kwargs "
+                             "{'scale': SCALE} or fuse_lora(lora_scale=SCALE); 0 samples the base model "
+                             "(default: 1.0)")
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         raise JaxboothError("generate: -n and --steps must be at least 1")
@@ -146,7 +159,8 @@ def cmd_generate(argv: Sequence[str]) -> int:
     for path in generate_to_dir(args.model_dir, args.prompt, num_images=args.num_images, steps=args.steps,
                                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                                 scheduler=args.scheduler, seed=args.seed, resolution=args.resolution,
-                                out_dir=args.out):
+                                out_dir=args.out, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                                lora_scale=args.lora_scale):
         print(path)
     return 0
 

@@ -51,6 +51,8 @@ def required_packages(spec: RunSpec, backend: str) -> list[Requirement]:
                                  "--report_to=none"))
     if report_to in ACCELERATE_TRACKERS:
         needs.append(Requirement(f"--report_to={report_to}", (report_to,), report_to, "--report_to=tensorboard"))
+    if spec.lora.use_lora:
+        needs.append(Requirement("--use_lora", ("peft",), "peft", "--backend=jax (its LoRA needs no peft)"))
     if spec.optim.use_8bit_adam:
         needs.append(Requirement("--use_8bit_adam", ("bitsandbytes",), "bitsandbytes", "drop --use_8bit_adam"))
     if spec.optim.optimizer == "prodigy":

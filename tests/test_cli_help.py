@@ -121,7 +121,8 @@ def test_help_entry_has_description_default_and_backends(train_help, flag, fragm
 
 def test_backend_support_text_comes_from_the_capability_table():
     assert backend_support("seed") == "jax, torch"
-    assert backend_support("use_lora") == "no backend yet (planned)"
+    assert backend_support("use_lora") == "jax, torch"
+    assert backend_support("lora_dropout") == "torch only"
     assert backend_support("model_family") == "jax, torch; deepfloyd_if, sdxl: no backend yet (planned)"
     assert backend_support("mixed_precision") == "jax, torch; fp16: torch only"
     assert backend_support("cache_latents") == "jax, torch; false: torch only"

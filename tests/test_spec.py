@@ -598,11 +598,12 @@ def test_explicit_backends_validate():
         load("--backend=torch", "--fsdp_parallelism=2")
     with pytest.raises(JaxboothError, match="does not run on TPU"):
         S.choose_backend(load("--backend=torch"), TPU)
-    for backend in ("jax", "torch"):  # planned: refused by name on both, never a silent full fine-tune
-        with pytest.raises(JaxboothError, match="--use_lora: LoRA training .* not supported by any backend yet"):
-            S.check_backend(load("--use_lora"), backend)
-    with pytest.raises(JaxboothError, match="--use_lora: LoRA"):
-        S.choose_backend(load("--use_lora"), GPU80)
+    for backend in ("jax", "torch"):  # LoRA trains on both
+        S.check_backend(load("--use_lora"), backend)
+    assert S.choose_backend(load("--use_lora"), GPU80)[0] == "jax"
+    assert S.choose_backend(load("--use_lora", "--lora_dropout=0.1"), GPU80)[0] == "torch"  # dropout: torch only
+    with pytest.raises(JaxboothError, match="--lora_dropout=0.1 is only supported by the torch backend"):
+        S.check_backend(load("--use_lora", "--lora_dropout=0.1"), "jax")
 
 
 def test_routing_conflicts_and_detected_family():

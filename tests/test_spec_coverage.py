@@ -127,7 +127,9 @@ BAD_IMAGE = {"instance_data_dir": lambda env: str(env.with_bad_image)}
 
 LORA_OPTIONS = {"rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "use_dora": True,
                 "lora_target_modules": ("to_q",), "lora_text_encoder_target_modules": ("q_proj",),
-                "output_kohya_format": True}
+                "output_kohya_format": True, "merge_lora_into_pipeline": True}
+LORA_RUN = "tests/test_lora_cli.py::with_options"  # the fixture's run sets every LoRA option
+LORA_DROPOUT_TORCH = "tests/torch_backend/test_lora.py::test_lora_dropout_reaches_peft"
 PRODIGY_OPTIONS = {"prodigy_beta3": 0.5, "prodigy_decouple": False, "prodigy_use_bias_correction": False,
                    "prodigy_safeguard_warmup": False}
 # lion reads adam_beta2 as its b2: at adam's 0.999 its momentum barely moves in eight steps, so b1 shows only at 0.9
@@ -280,10 +282,14 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "logging_dir": on(Effect("tb", jp.jax_progress), Effect("tb", tp.torch_accelerator)),
     "report_to": on((Effect("none", jp.jax_progress), Refused("mlflow")), Effect("none", tp.torch_accelerator)),
     "log_every_steps": on(Effect(4, jp.jax_loop, LOOP), Effect(4, tp.torch_loop, LOOP)),
-    # LoRA: the switch is refused by both; its options need it (spec validation) and so are refused with it
-    "use_lora": both(Refused(True)),
-    **{key: both(Refused(value, LORA, ("use_lora",)), SpecRejects(value, "use_lora"))
-       for key, value in LORA_OPTIONS.items()},
+    # LoRA: real runs on both backends prove each option (tests/test_lora_cli.py); without LoRA mode
+    # every option is a spec error naming --use_lora
+    **{key: both(CoveredBy(LORA_RUN)) for key in ("use_lora", "rank", "lora_alpha", "lora_target_modules",
+                                                   "lora_text_encoder_target_modules", "output_kohya_format",
+                                                   "merge_lora_into_pipeline")},
+    "use_dora": both(CoveredBy("tests/test_lora_cli.py::test_dora_trains_and_writes_magnitudes")),
+    "lora_dropout": on(Refused(0.1, LORA), CoveredBy(LORA_DROPOUT_TORCH)),
+    **{key: both(SpecRejects(value, "use_lora")) for key, value in LORA_OPTIONS.items()},
     # SDXL, DeepFloyd IF
     "pretrained_vae_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                             Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),

@@ -3,8 +3,10 @@
 ``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (orbax: params, optimizer state, step, RNG),
 ``unet/`` (and ``text_encoder/`` when trained) in diffusers' PyTorch layout, so
 ``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works
-while training goes on, and ``jaxbooth_checkpoint.json`` (step, seed, data position, resolved
-spec without the Hub token).
+while training goes on (with LoRA: ``pytorch_lora_weights.safetensors`` instead, for
+``pipe.load_lora_weights(".../checkpoint-N")``; the state then holds the adapters only, the
+base comes from the base model again on resume), and ``jaxbooth_checkpoint.json`` (step, seed,
+data position, resolved spec without the Hub token).
 That json is written last: a checkpoint without it (killed mid-write) is never resumed
 from, and is cleared away by the next run.
 """

@@ -1,11 +1,13 @@
-"""`jaxbooth generate`: a diffusers SD pipeline folder -> PNG files, on the Flax models.
+"""`jaxbooth generate`: a diffusers SD pipeline folder, or a LoRA on its base -> PNG files, on the Flax models.
 
 Works on any SD 1.x/2.x pipeline folder in the PyTorch (safetensors) or old Flax
-(msgpack) layout, including what `jaxbooth train` writes.
+(msgpack) layout, including what `jaxbooth train` writes; a LoRA output folder or LoRA
+file is merged into its base first (:mod:`jaxbooth.jax_backend.lora_loading`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,14 @@ def sampler_from_models(*, model_dir: Path, tokenizer: Any, unet: FlaxUNet2DCond
 
 
 def load_pipeline_sampler(model_dir: Path, *, sampler_name: str, variant: str | None = None,
-                          mesh=None) -> StableDiffusionSampler:
-    """Load tokenizer, text encoder, UNet and VAE of a pipeline folder into a sampler (fp32)."""
-    unet_config, _, unet_params = pretrained.load_pretrained(model_dir, "unet", variant=variant, dtype=jnp.float32)
-    text_config, _, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant,
-                                                             dtype=jnp.float32)
-    vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae", variant=variant, dtype=jnp.float32)
+                          mesh=None, load: Callable[..., tuple[Any, dict, dict]] | None = None
+                          ) -> StableDiffusionSampler:
+    """Load tokenizer, text encoder, UNet and VAE of a pipeline folder into a sampler (fp32).
+    ``load``: how one component loads (``pretrained.load_pretrained``'s signature; default it)."""
+    load = pretrained.load_pretrained if load is None else load
+    unet_config, _, unet_params = load(model_dir, "unet", variant=variant, dtype=jnp.float32)
+    text_config, _, text_params = load(model_dir, "text_encoder", variant=variant, dtype=jnp.float32)
+    vae_config, _, vae_params = load(model_dir, "vae", variant=variant, dtype=jnp.float32)
     return sampler_from_models(
         model_dir=model_dir, tokenizer=load_tokenizer(model_dir), unet=FlaxUNet2DConditionModel(unet_config),
         unet_params=unet_params, text_encoder=clip_lib.make_text_encoder(text_config), text_params=text_params,
@@ -58,12 +62,18 @@ def load_pipeline_sampler(model_dir: Path, *, sampler_name: str, variant: str | 
 
 def generate_to_dir(model_dir: str, prompt: str, *, num_images: int, steps: int, guidance_scale: float,
                     negative_prompt: str | None, scheduler: str, seed: int, resolution: int | None,
-                    out_dir: str) -> list[Path]:
-    """Sample ``num_images`` images of ``prompt`` and write them as PNG files; returns their paths."""
-    from jaxbooth.hub import resolve_model_dir
+                    out_dir: str, pretrained_model_name_or_path: str | None = None,
+                    lora_scale: float | None = None) -> list[Path]:
+    """Sample ``num_images`` images of ``prompt`` and write them as PNG files; returns their paths.
 
-    folder = Path(resolve_model_dir(model_dir))
-    sampler = load_pipeline_sampler(folder, sampler_name=scheduler)
+    ``model_dir``: a pipeline folder or Hub id, or a LoRA output folder / LoRA file, merged into
+    its base (``pretrained_model_name_or_path``, else the one its folder records) at ``lora_scale``
+    (None: 1.0, diffusers' default scale)."""
+    from jaxbooth.jax_backend.lora_loading import generate_source
+
+    source = generate_source(model_dir, base=pretrained_model_name_or_path, lora_scale=lora_scale)
+    sampler = load_pipeline_sampler(source.model_dir, sampler_name=scheduler, variant=source.variant,
+                                    load=source.load)
     images = sampler.generate([prompt] * num_images, negative_prompt=negative_prompt, num_inference_steps=steps,
                               guidance_scale=guidance_scale, seed=seed, height=resolution, width=resolution)
     out = Path(out_dir)

@@ -18,7 +18,8 @@ class LoadedModels:
     """Modules (flax, stateless), host params, diffusers configs and the tokenizer of one pipeline.
 
     ``vae_params`` become None once latents are cached and validation keeps its own host copy;
-    ``unet_params`` / ``text_params`` are the base weights (training moves them into the state).
+    ``unet_params`` / ``text_params`` are the base weights (training moves them into the state, or
+    with LoRA into the step's ``frozen["base"]``).
     """
 
     model_dir: Path

@@ -5,6 +5,11 @@ class, before any weight loads; ``loading.py``) -> load every model once (``Load
 -> class images -> dataset -> caches (``caches.py``) -> state -> compile the step -> loop
 (log, checkpoint, validate; ``metrics.py``) -> export the pipeline. Each phase is a function;
 the step itself is in ``train_step.py``.
+
+LoRA (``use_lora``) changes what the state trains, not the phases: the state holds the
+adapters (``lora.py``), the base params ride beside the caches as ``frozen["base"]`` with the
+fsdp shardings trained params would get, the step merges the two, and checkpoints and the
+output hold the LoRA file instead of ``unet/`` (``jaxbooth.lora.outputs``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.jax_backend import caches as caches_lib
 from jaxbooth.jax_backend import checkpoint, loading, optim, pretrained
+from jaxbooth.jax_backend import lora as lora_lib
 from jaxbooth.jax_backend import mesh as mesh_lib
 from jaxbooth.jax_backend.class_images import ensure_class_images
 from jaxbooth.jax_backend.loaded import LoadedModels
@@ -32,9 +38,11 @@ from jaxbooth.jax_backend.loading import COMPUTE_DTYPES, text_apply_fn
 from jaxbooth.jax_backend.metrics import Progress
 from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_step, step_halves
 from jaxbooth.jax_backend.validation import make_validator
+from jaxbooth.lora import AdapterSettings
 
-__all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "compile_step", "init_state", "make_optimizer",
-           "prepare_inputs", "run_loop", "save_pipeline", "text_apply_fn", "train"]
+__all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "compile_step", "frozen_shardings", "init_state",
+           "initial_params", "make_optimizer", "prepare_inputs", "run_loop", "save_pipeline", "text_apply_fn",
+           "train"]
 
 
 @dataclasses.dataclass
@@ -106,6 +114,33 @@ def make_optimizer(run: RunInputs):
     return tx, schedule
 
 
+def initial_params(spec: spec_lib.RunSpec, models: LoadedModels, seed: int) -> tuple[dict, dict | None]:
+    """(what the state trains, the frozen base or None): the UNet (and a trained text encoder) as
+    they are, or with ``use_lora`` their adapters (``lora.init_adapters``) over those weights."""
+    weights = {"unet": models.unet_params}
+    if spec.model.train_text_encoder:
+        weights["text_encoder"] = models.text_params
+    if not spec.lora.use_lora:
+        return weights, None
+    settings = AdapterSettings.from_spec(spec)
+    adapters = lora_lib.init_adapters(weights, settings, seed)
+    layers = sum(len(lora_lib.to_lora_state({c: a}, settings)[c]) for c, a in adapters.items())
+    log(f"{'DoRA' if settings.use_dora else 'LoRA'} rank {settings.rank}, alpha {settings.alpha:g}: {layers} adapted "
+        f"layers in {', '.join(adapters)}, {lora_lib.count_adapter_params(adapters):,} trained params")
+    return adapters, weights
+
+
+def frozen_shardings(frozen: dict, mesh) -> dict:
+    """Caches replicated; the frozen base params (LoRA, ``frozen["base"]``) by the fsdp rules, as
+    trained params would be, so a model that needs fsdp to fit still fits."""
+    replicated = mesh_lib.replicated(mesh)
+    shardings = {key: jax.tree_util.tree_map(lambda _: replicated, value) for key, value in frozen.items()}
+    if "base" in frozen:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["base"])
+        shardings["base"] = mesh_lib.param_shardings(abstract, mesh)
+    return shardings
+
+
 def init_state(params_host: dict, tx, mesh, seed: int) -> tuple[TrainState, Any]:
     """Place params straight into their shardings, then build the optimizer state sharded alike."""
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_host)
@@ -167,17 +202,17 @@ def compile_step(step_fn, state, shardings, frozen, batch_example, mesh):
 
     One executable, except on CPU (``TwoPartStep``); both are called ``step(state, frozen, batch)``.
     """
-    frozen_shardings = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(mesh), frozen)
+    frozen_placement = frozen_shardings(frozen, mesh)
     batch_shardings = jax.tree_util.tree_map(lambda _: mesh_lib.batch_sharding(mesh), batch_example)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, frozen, batch_example))
     start = time.perf_counter()
     if jax.default_backend() == "cpu":
-        compiled = TwoPartStep(step_fn, shardings, frozen_shardings, batch_shardings, mesh, abstract)
+        compiled = TwoPartStep(step_fn, shardings, frozen_placement, batch_shardings, mesh, abstract)
     else:
-        jitted = jax.jit(step_fn, in_shardings=(shardings, frozen_shardings, batch_shardings),
+        jitted = jax.jit(step_fn, in_shardings=(shardings, frozen_placement, batch_shardings),
                          out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
         compiled = jitted.lower(*abstract).compile()
-    return compiled, time.perf_counter() - start, batch_shardings, frozen_shardings
+    return compiled, time.perf_counter() - start, batch_shardings, frozen_placement
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings) -> dict:
@@ -209,11 +244,20 @@ def trained_components(spec: spec_lib.RunSpec) -> tuple[str, ...]:
 
 def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps_done: int,
                   validation_images: tuple[str, ...] = ()) -> Path:
-    """The final output folder: the shared ``output.write_pipeline`` around the trained components."""
+    """The final output folder: the shared ``output.write_pipeline`` around the trained components,
+    or with LoRA the shared ``lora.outputs.write_lora_output`` around the adapters."""
     spec, out = run.spec, run.output_dir
+    prompt = run.dataset.examples[run.dataset.instance_items[0]].caption
+    if spec.lora.use_lora:
+        from jaxbooth.lora import outputs as lora_outputs
+
+        settings = AdapterSettings.from_spec(spec)
+        return lora_outputs.write_lora_output(
+            out, lora_lib.to_lora_state(params_host, settings), settings=settings, spec=spec,
+            base_dir=models.model_dir, vae_dir=models.vae_dir, steps=steps_done, backend="jax",
+            instance_prompt=prompt, validation_images=validation_images)
     saved = output.components_to_save(spec)
     export_trained(params_host, models, out, saved)
-    prompt = run.dataset.examples[run.dataset.instance_items[0]].caption
     return output.write_pipeline(out, base_dir=models.model_dir, trained_components=saved, vae_dir=models.vae_dir,
                                  spec=spec, steps=steps_done, backend="jax", instance_prompt=prompt,
                                  validation_images=validation_images)
@@ -250,12 +294,10 @@ def train(spec: spec_lib.RunSpec) -> Path:
         f"{', both orientations' if spec.data.random_flip else ''})")
     validator = make_validator(spec, models, output_dir=run.output_dir, seed=run.seed, mesh=mesh)
     models.vae_params = None  # latents are cached: the VAE leaves memory (validation keeps a host copy)
-    params_host = {"unet": models.unet_params}
-    if spec.model.train_text_encoder:
-        params_host["text_encoder"] = models.text_params
+    params_host, base_host = initial_params(spec, models, run.seed)
     tx, lr_schedule = make_optimizer(run)
     state, shardings = init_state(params_host, tx, mesh, run.seed)
-    models.unet_params = models.text_params = params_host = None  # the state holds what is trained
+    models.unet_params = models.text_params = params_host = None  # the state (and frozen["base"]) hold them
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution, batch_size=global_batch_size(spec),
                                   seed=run.seed, center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
                                   interpolation=spec.data.image_interpolation_mode)
@@ -268,15 +310,17 @@ def train(spec: spec_lib.RunSpec) -> Path:
         unet_apply=models.unet.apply,
         text_apply=text_apply_fn(models.text_encoder) if spec.model.train_text_encoder else None,
         tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
-        options=loss_options(spec, models), gradient_accumulation_steps=accumulation)
+        options=loss_options(spec, models), gradient_accumulation_steps=accumulation,
+        merge=None if base_host is None else lora_lib.step_merge(AdapterSettings.from_spec(spec).scale))
     rows = functools.partial(caches_lib.global_rows, prompt_index={p: i for i, p in enumerate(caches.prompts)},
                              latent_index=caches.latent_index)
-    compiled, compile_seconds, batch_shardings, frozen_shardings = compile_step(
-        step_fn, state, shardings, caches.frozen, rows(iterator, 0, 0), mesh)
+    frozen_host = caches.frozen if base_host is None else {**caches.frozen, "base": base_host}
+    compiled, compile_seconds, batch_shardings, frozen_placement = compile_step(
+        step_fn, state, shardings, frozen_host, rows(iterator, 0, 0), mesh)
     log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
-    frozen = jax.device_put(caches.frozen, frozen_shardings)
-    del caches  # the host copy of the caches; the device holds them now
+    frozen = jax.device_put(frozen_host, frozen_placement)
+    del caches, frozen_host, base_host  # the host copies; the device holds them now
     state = run_loop(run, compiled, state, frozen, iterator, rows, batch_shardings, writer, models, validator)
     writer.wait()
     return _finish(run, models, state, tuple(validator.written) if validator is not None else ())
@@ -292,7 +336,7 @@ def _finish(run: RunInputs, models: LoadedModels, state: TrainState, validation_
         if spec.hub.push_to_hub:
             repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
             log(f"pushed to the Hub: {repo}")
-        log(f"done: {steps_done} optimizer steps; pipeline written to {out}")
+        log(f"done: {steps_done} optimizer steps; {'LoRA' if spec.lora.use_lora else 'pipeline'} written to {out}")
     return run.output_dir
 
 
@@ -310,7 +354,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     progress = Progress(spec, run.output_dir, run.max_train_steps, start_step=micro // accumulation)
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
-    export = functools.partial(_export_checkpoint, models=models, components=trained_components(spec))
+    export, model_params = _exporter(spec, models), _model_params(spec, frozen)
     with checkpoint.StopOnSignal() as stop:
         while micro < total_micro:
             if micro % accumulation == 0:
@@ -327,8 +371,8 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 progress.report(step, metrics)
             epochs_done = iterator.epoch if iterator.epoch > epoch_before else None
             if validator is not None and validator.should_run(step, epochs_done):
-                validator.run(step, state.params["unet"], state.params.get("text_encoder"),
-                              writer=progress.tensorboard)
+                params = model_params(state.params)
+                validator.run(step, params["unet"], params.get("text_encoder"), writer=progress.tensorboard)
             if (save_every and step % save_every == 0) or stop.requested:
                 writer.save(step, state, iterator.state_dict(), spec, seed=run.seed, export=export,
                             gather=trained_params_host)
@@ -341,8 +385,30 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     return state
 
 
+def _model_params(spec: spec_lib.RunSpec, frozen: dict) -> Callable[[dict], dict]:
+    """The trained params -> the params the models apply (LoRA: merged into the base, one jitted call)."""
+    if not spec.lora.use_lora:
+        return lambda params: params
+    merger = lora_lib.make_merger(AdapterSettings.from_spec(spec).scale)
+    return lambda adapters: merger(frozen["base"], adapters)
+
+
+def _exporter(spec: spec_lib.RunSpec, models: LoadedModels) -> Callable[[Path, dict], None]:
+    """What a checkpoint holds beside the orbax state: the trained components in diffusers' layout,
+    or with LoRA the LoRA file (loadable with ``pipe.load_lora_weights(".../checkpoint-N")``)."""
+    if spec.lora.use_lora:
+        return functools.partial(_export_lora_checkpoint, settings=AdapterSettings.from_spec(spec))
+    return functools.partial(_export_checkpoint, models=models, components=trained_components(spec))
+
+
 def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, components: tuple[str, ...]) -> None:
     export_trained(params, models, path, components)
+
+
+def _export_lora_checkpoint(path: Path, adapters: dict, *, settings: AdapterSettings) -> None:
+    from jaxbooth.lora import outputs as lora_outputs
+
+    lora_outputs.write_checkpoint_lora(path, lora_lib.to_lora_state(adapters, settings), settings)
 
 
 def _next_position(iterator: data.BatchIterator) -> tuple[int, int]:

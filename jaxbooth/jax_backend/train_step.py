@@ -30,6 +30,8 @@ class TrainState:
 
     ``params`` holds only what is trained: ``{"unet": ...}`` plus ``"text_encoder"`` when
     ``train_text_encoder`` is set, so a frozen encoder has no gradient and no optimizer state.
+    With LoRA these are the adapters (``jax_backend.lora``) and the base params travel in
+    ``frozen["base"]``; the step's ``merge`` turns the two into the params the models apply.
     ``step`` counts micro-batches (optimizer updates happen every accumulation window).
     """
 
@@ -70,8 +72,15 @@ def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, times
 
 
 def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,
-                 text_apply: Callable | None, tables: diffusion.NoiseTables, options: LossOptions):
-    """Draw latents, noise (plus offset noise) and timesteps from ``key``, then :func:`denoising_loss`."""
+                 text_apply: Callable | None, tables: diffusion.NoiseTables, options: LossOptions,
+                 merge: Callable | None = None):
+    """Draw latents, noise (plus offset noise) and timesteps from ``key``, then :func:`denoising_loss`.
+
+    ``merge(params, frozen) -> model params`` (LoRA: the adapters merged into ``frozen["base"]``)
+    runs inside the differentiated function, so the gradient reaches ``params`` through it.
+    """
+    if merge is not None:
+        params = merge(params, frozen)
     latent_key, noise_key, offset_key, time_key = jax.random.split(key, 4)
     latents = sample_latents(frozen, batch["example_idx"], latent_key, options)
     noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
@@ -87,11 +96,11 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
 
 def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
                   text_apply: Callable | None, tables: diffusion.NoiseTables,
-                  options: LossOptions) -> tuple[Any, dict]:
+                  options: LossOptions, merge: Callable | None = None) -> tuple[Any, dict]:
     """The gradients of one micro-step's loss, and the losses (the first half of :func:`train_step`)."""
     key = jax.random.fold_in(state.rng, state.step)
     loss_fn = functools.partial(compute_loss, frozen=frozen, batch=batch, key=key, unet_apply=unet_apply,
-                                text_apply=text_apply, tables=tables, options=options)
+                                text_apply=text_apply, tables=tables, options=options, merge=merge)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, {"loss": loss, **aux}
 
@@ -115,10 +124,10 @@ def update_step(state: TrainState, grads: Any, losses: dict, *, tx: optax.Gradie
 def train_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,
                text_apply: Callable | None, tx: optax.GradientTransformation,
                lr_schedule: Callable, tables: diffusion.NoiseTables, options: LossOptions,
-               gradient_accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+               gradient_accumulation_steps: int = 1, merge: Callable | None = None) -> tuple[TrainState, dict]:
     """One micro-step: gradients, optax update, metrics."""
     grads, losses = gradient_step(state, frozen, batch, unet_apply=unet_apply, text_apply=text_apply,
-                                  tables=tables, options=options)
+                                  tables=tables, options=options, merge=merge)
     return update_step(state, grads, losses, tx=tx, lr_schedule=lr_schedule,
                        gradient_accumulation_steps=gradient_accumulation_steps)
 
@@ -133,7 +142,7 @@ def step_halves(step_fn: functools.partial) -> tuple[Callable, Callable]:
     ``grads(state, frozen, batch) -> (grads, losses)`` and ``update(state, grads, losses)``."""
     static = step_fn.keywords
     grads = functools.partial(gradient_step, **{k: static[k] for k in ("unet_apply", "text_apply", "tables",
-                                                                      "options")})
+                                                                      "options")}, merge=static.get("merge"))
     update = functools.partial(update_step, tx=static["tx"], lr_schedule=static["lr_schedule"],
                                gradient_accumulation_steps=static.get("gradient_accumulation_steps", 1))
     return grads, update

@@ -12,7 +12,8 @@ shared with the torch backend.
 Memory: the trainer drops the VAE params from the device once latents are cached. The
 `Validator` keeps a host (numpy) copy of the VAE params, and of the text-encoder params when the
 text encoder is frozen, and places them on the device(s) only for the duration of `run`; the
-UNet (and a trained text encoder) params are the trainer's live device arrays, passed per call.
+UNet (and a trained text encoder) params are the trainer's live device arrays, passed per call
+(with LoRA: the adapters merged into the frozen base, one jitted call per validation).
 A host copy costs host RAM only (SD VAE: ~335 MB in fp32) and avoids re-reading and converting
 the checkpoint at each validation.
 

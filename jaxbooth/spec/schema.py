@@ -219,6 +219,8 @@ class LoraSection:
     lora_text_encoder_target_modules: tuple[str, ...] | None = _f(
         None, "Text-encoder module names to adapt; None: q/k/v/out projections.")
     output_kohya_format: bool = _f(False, "Also write the LoRA in kohya format (A1111, ComfyUI).")
+    merge_lora_into_pipeline: bool = _f(
+        False, "Also write the base pipeline with the LoRA merged in (a plain diffusers pipeline) into output_dir.")
 
 
 @dataclass(frozen=True)

@@ -176,12 +176,24 @@ def _check_multihost(r: _Report) -> None:
 def _check_lora_mode(r: _Report) -> None:
     """LoRA options outside LoRA mode would be accepted and ignored: refuse them, naming the mode."""
     if r.values["use_lora"]:
+        _check_lora_outputs(r)
         return
     given = [name for name in LORA_ONLY_KEYS if r.is_set(name)]
     if given:
         options = ", ".join(r.at(name) for name in given)
         r.errors.append(f"{options} {'is a LoRA option' if len(given) == 1 else 'are LoRA options'}, but LoRA "
                         "mode is off; use `jaxbooth train train_dreambooth_lora.py ...` or --use_lora")
+
+
+def _check_lora_outputs(r: _Report) -> None:
+    """LoRA-mode combinations whose output could not be what was asked for."""
+    v = r.values
+    if v["use_dora"] and v["output_kohya_format"]:
+        r.errors.append(f"{r.at('output_kohya_format')} with {r.at('use_dora')}: kohya's LoRA format has no DoRA "
+                        "magnitudes; drop one (the diffusers file pytorch_lora_weights.safetensors holds DoRA)")
+    if v["skip_save_text_encoder"] and not v["merge_lora_into_pipeline"]:
+        r.errors.append(f"{r.at('skip_save_text_encoder')}: a LoRA output holds no text encoder (only adapters); "
+                        "it applies with --merge_lora_into_pipeline, which also writes a full pipeline")
 
 
 # Keys that only act together with another one (as in diffusers, which ignores them quietly):

@@ -9,6 +9,9 @@ data position, spec without the Hub token), written last: a checkpoint without i
 (killed mid-write) is never resumed from and is cleared by the next run. The model weights
 live only in ``unet/`` / ``text_encoder/``: accelerate's state hooks write and read them
 there instead of a second copy in ``state/`` (diffusers does the same inside ``state/``).
+A LoRA run keeps only its adapters: ``checkpoint-N/pytorch_lora_weights.safetensors`` (the
+shared ``jaxbooth.lora`` file, so ``pipe.load_lora_weights(".../checkpoint-N")`` works) instead
+of ``unet/`` and ``text_encoder/``.
 Naming, completeness and retention are the shared ``jaxbooth.checkpoints``. Never imports jax.
 """
 
@@ -32,6 +35,7 @@ from jaxbooth.checkpoints import (
     write_marker,
 )
 from jaxbooth.errors import JaxboothError
+from jaxbooth.lora import AdapterSettings
 
 STATE_DIR = "state"
 
@@ -46,9 +50,13 @@ def component_name(model: Any) -> str:
     return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
 
 
-def register_state_hooks(accelerator: Any) -> None:
+def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = None) -> None:
     """Make ``save_state(ckpt/state)`` write each trained model to ``ckpt/<component>/`` in
-    diffusers/transformers format (main process), and ``load_state`` read it back from there."""
+    diffusers/transformers format (main process), and ``load_state`` read it back from there;
+    with ``adapters`` (a LoRA run), the adapters to ``ckpt/pytorch_lora_weights.safetensors``."""
+    if adapters is not None:
+        register_lora_hooks(accelerator, adapters)
+        return
 
     def save_hook(models: list, weights: list, state_dir: str) -> None:
         for model in models:
@@ -62,9 +70,41 @@ def register_state_hooks(accelerator: Any) -> None:
         while models:
             model = accelerator.unwrap_model(models.pop())
             folder = Path(state_dir).parent / component_name(model)
+            if not folder.is_dir():
+                raise JaxboothError(f"{folder.parent}: no {folder.name}/ folder (a LoRA run's checkpoint?); resume it "
+                                    "with --use_lora (train_dreambooth_lora.py), or start a new output_dir")
             loaded = type(model).from_pretrained(folder)
             model.load_state_dict(loaded.state_dict())
             del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def register_lora_hooks(accelerator: Any, adapters: AdapterSettings) -> None:
+    """``save_state`` writes the adapters of every trained model into one LoRA file beside ``state/``;
+    ``load_state`` copies them back into the peft layers (the frozen base is the run's base model)."""
+    from jaxbooth.lora import files, outputs
+    from jaxbooth.torch_backend import lora
+
+    def by_component(models: list) -> dict[str, Any]:
+        return {component_name(model): model for model in map(accelerator.unwrap_model, models)}
+
+    def save_hook(models: list, weights: list, state_dir: str) -> None:
+        trained = by_component(models)
+        if accelerator.is_main_process:
+            state = lora.export_lora_state(trained["unet"], trained.get("text_encoder"), adapters)
+            outputs.write_checkpoint_lora(Path(state_dir).parent, state, adapters)
+        del weights[:]  # the base weights are the run's base model: never a copy in state/
+
+    def load_hook(models: list, state_dir: str) -> None:
+        trained = by_component(models)
+        path = Path(state_dir).parent / files.LORA_WEIGHTS_NAME
+        if not path.is_file():
+            raise JaxboothError(f"{path.parent}: no {files.LORA_WEIGHTS_NAME} (a full fine-tune's checkpoint?); resume "
+                                "it without --use_lora, or start a new output_dir")
+        lora.load_lora_state(files.read_lora_file(path), trained, source=str(path))
+        del models[:]
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -103,6 +143,8 @@ def maybe_resume(accelerator: Any, spec: spec_lib.RunSpec, output_dir: Path) -> 
                             "folder loads in diffusers as a model to start from")
     try:
         accelerator.load_state(str(path / STATE_DIR))
+    except JaxboothError:
+        raise
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
         raise JaxboothError(f"{path}: the saved train state does not fit this run ({error}); resume with the "
                             "same model and options, or start a new output_dir") from None

@@ -7,7 +7,8 @@ data pipeline (``jaxbooth.data``), the loss math (``jaxbooth.diffusion``), the o
 jax, flax, optax, orbax or ``jaxbooth.jax_backend`` (tests/torch_backend checks this).
 
 Phases: accelerator -> class images -> dataset, tokenizer, models -> memory options ->
-optimizer, LR schedule, ``accelerator.prepare`` -> resume -> loop (``loop.py``) -> pipeline.
+LoRA adapters (``--use_lora``, ``lora.py``) -> optimizer, LR schedule, ``accelerator.prepare`` ->
+resume -> loop (``loop.py``) -> pipeline (or, for LoRA, ``pytorch_lora_weights.safetensors``).
 
 Launching:
 
@@ -42,8 +43,9 @@ from jaxbooth import data, output, pipelines
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
+from jaxbooth.lora import AdapterSettings
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
-from jaxbooth.torch_backend import checkpoint, class_images, memory, models, optim, validation
+from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim, validation
 from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
 from jaxbooth.torch_backend.loop import Trainer, log, run_loop
 from jaxbooth.torch_backend.loss import LossOptions
@@ -262,6 +264,21 @@ def save_pipeline(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any
                                  instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
 
 
+def save_lora(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | None, steps_done: int,
+              validation_images: list[str]) -> Path:
+    """The final LoRA output folder: ``pytorch_lora_weights.safetensors`` (``load_lora_weights`` reads it),
+    a model card and the resolved spec; kohya file and merged pipeline when the spec asks."""
+    from jaxbooth.lora import outputs
+
+    spec, settings = run.spec, AdapterSettings.from_spec(run.spec)
+    state = lora.export_lora_state(accelerator.unwrap_model(unet),
+                                   accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+                                   settings)
+    return outputs.write_lora_output(run.output_dir, state, settings=settings, spec=spec, base_dir=run.model_dir,
+                                     vae_dir=run.vae_dir, steps=steps_done, backend="torch",
+                                     instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
+
+
 def init_trackers(run: RunInputs, accelerator: Any) -> None:
     if accelerator.is_main_process and run.spec.logging.report_to != "none":
         config = {k: v for k, v in run.spec.flat().items()
@@ -308,15 +325,18 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
                                cache_dir=spec.data.cache_dir, token=spec.hub.hub_token)
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer)
     in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device)
-    unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     dtype = models.weight_dtype(accelerator.mixed_precision)
+    adapters = AdapterSettings.from_spec(spec) if spec.lora.use_lora else None
+    if adapters is not None:  # only the adapters train; the frozen base is kept in the weight dtype
+        lora.attach(m.unet, m.text_encoder, adapters, seed=run.seed, dtype=dtype)
+    unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=device, dtype=dtype)
     conditioner = make_text_conditioner(run, m, make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length),
                                         dataset, device)
     if text_encoder is not None:
         conditioner.text_encoder = text_encoder
     iterator = make_iterator(spec, dataset, accelerator, run.seed)
-    checkpoint.register_state_hooks(accelerator)
+    checkpoint.register_state_hooks(accelerator, adapters)
     record, resumed_from = checkpoint.maybe_resume(accelerator, spec, run.output_dir)
     start_step = 0
     if record is not None:
@@ -330,6 +350,10 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
         validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))
+    if adapters is not None:
+        log(accelerator, f"LoRA: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g}"
+                         f"{', DoRA' if adapters.use_dora else ''}; trained parameters: "
+                         f"{sum(p.numel() for p in trainer.trained_parameters()):,}")
     log(accelerator, f"training {max_train_steps} optimizer steps on {accelerator.num_processes} process(es), "
                      f"device {device}, mixed precision {accelerator.mixed_precision}, attention "
                      f"{in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")
@@ -348,10 +372,12 @@ def train(spec: spec_lib.RunSpec) -> Path:
         trainer.iterator.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out = save_pipeline(run, accelerator, trainer.unet, trainer.text_encoder, steps_done, written)
+        save = save_lora if spec.lora.use_lora else save_pipeline
+        out = save(run, accelerator, trainer.unet, trainer.text_encoder, steps_done, written)
         if spec.hub.push_to_hub:
             repo = output.push_to_hub(out, repo_id=spec.hub.hub_model_id, token=spec.hub.hub_token)
             log(accelerator, f"pushed to the Hub: {repo}")
-        log(accelerator, f"done: {steps_done} optimizer steps; pipeline written to {out}")
+        log(accelerator, f"done: {steps_done} optimizer steps; {'LoRA' if spec.lora.use_lora else 'pipeline'} "
+                         f"written to {out}")
     accelerator.end_training()
     return run.output_dir

@@ -82,12 +82,11 @@ def test_unknown_pipeline_class_and_missing_index_are_refused(tmp_path: Path) ->
         loading.refuse_untrainable_pipeline(tmp_path / "bare")
 
 
-def test_use_lora_is_refused_by_name_without_pointing_at_a_backend_that_refuses_it_too() -> None:
-    spec = load_spec_from_dict({"use_lora": True})
-    with pytest.raises(JaxboothError, match="--use_lora") as raised:
-        loading.refuse_unsupported_options(spec)
-    assert "not supported by any backend yet" in str(raised.value)
-    assert "--backend=torch" not in str(raised.value)
+def test_lora_dropout_is_refused_by_the_jax_backend_naming_the_fix() -> None:
+    loading.refuse_unsupported_options(load_spec_from_dict({"use_lora": True}))  # LoRA itself trains on jax
+    with pytest.raises(JaxboothError, match="--lora_dropout=0.1") as raised:
+        loading.refuse_unsupported_options(load_spec_from_dict({"use_lora": True, "lora_dropout": 0.1}))
+    assert "--lora_dropout=0" in str(raised.value) and "--backend=torch" in str(raised.value)
 
 
 def test_torch_only_options_are_refused_by_the_jax_backend_itself() -> None:

@@ -117,7 +117,8 @@ def test_bad_options_are_one_clear_error(tiny_model_dir: Path, tmp_path: Path,
 
 def test_options_the_torch_backend_lacks_are_refused_by_name(tiny_model_dir: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
-    assert run_train(tiny_model_dir, tmp_path / "a", "--max_train_steps=1", "--use_lora") == 2
-    assert "--use_lora: LoRA training" in capsys.readouterr().err
+    assert run_train(tiny_model_dir, tmp_path / "a", "--max_train_steps=1", "--class_labels_conditioning=timesteps"
+                     ) == 2
+    assert "--class_labels_conditioning=timesteps: " in capsys.readouterr().err
     assert run_train(tiny_model_dir, tmp_path / "b", "--max_train_steps=1", "--fsdp_parallelism=2") == 2
     assert "--fsdp_parallelism=2 is only supported by the jax backend" in capsys.readouterr().err

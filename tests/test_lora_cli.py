@@ -95,7 +95,8 @@ def with_options(request: pytest.FixtureRequest, tiny_model_dir: Path,
     assert lora_train(request.param, tiny_model_dir, out, "--resolution=64", "--train_batch_size=1",
                       "--max_train_steps=2", "--report_to=none", "--use_lora", "--rank=8", "--lora_alpha=16",
                       "--lora_target_modules", "to_q", "to_v", "--train_text_encoder",
-                      "--lora_text_encoder_target_modules", "q_proj", "--output_kohya_format",
+                      # out_proj too: diffusers' kohya loader cannot type a text-encoder LoRA without it
+                      "--lora_text_encoder_target_modules", "q_proj", "out_proj", "--output_kohya_format",
                       "--merge_lora_into_pipeline") == 0
     return request.param, out
 
@@ -107,7 +108,8 @@ def test_rank_alpha_and_targets_shape_the_adapters(with_options: tuple[str, Path
     text = [key for key in tensors if key.startswith("text_encoder.")]
     assert unet and text
     assert all(".to_q." in key or ".to_v." in key for key in unet), unet
-    assert all(".q_proj." in key for key in text), text
+    assert all(".q_proj." in key or ".out_proj." in key for key in text), text
+    assert any(".q_proj." in key for key in text) and not any(".k_proj." in key for key in text), text
     downs = [key for key in tensors if ".down." in key or "lora_A" in key]
     assert downs and all(tensors[key].shape[0] == 8 for key in downs)
     with safetensors.safe_open(str(out / LORA_FILE), "np") as handle:

@@ -121,7 +121,9 @@ def save_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], metada
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+        # ascontiguousarray would turn kohya's 0-d alphas into shape (1,), which diffusers' loader rejects
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)
+                                     for k, v in tensors.items()}, str(tmp),
                                     metadata=dict(metadata))
         os.replace(tmp, path)
     finally:

@@ -284,12 +284,14 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "log_every_steps": on(Effect(4, jp.jax_loop, LOOP), Effect(4, tp.torch_loop, LOOP)),
     # LoRA: real runs on both backends prove each option (tests/test_lora_cli.py); without LoRA mode
     # every option is a spec error naming --use_lora
-    **{key: both(CoveredBy(LORA_RUN)) for key in ("use_lora", "rank", "lora_alpha", "lora_target_modules",
-                                                   "lora_text_encoder_target_modules", "output_kohya_format",
-                                                   "merge_lora_into_pipeline")},
-    "use_dora": both(CoveredBy("tests/test_lora_cli.py::test_dora_trains_and_writes_magnitudes")),
-    "lora_dropout": on(Refused(0.1, LORA), CoveredBy(LORA_DROPOUT_TORCH)),
-    **{key: both(SpecRejects(value, "use_lora")) for key, value in LORA_OPTIONS.items()},
+    "use_lora": both(CoveredBy(LORA_RUN)),
+    **{key: both(CoveredBy(LORA_RUN), SpecRejects(LORA_OPTIONS[key], "use_lora"))
+       for key in ("rank", "lora_alpha", "lora_target_modules", "lora_text_encoder_target_modules",
+                   "output_kohya_format", "merge_lora_into_pipeline")},
+    "use_dora": both(CoveredBy("tests/test_lora_cli.py::test_dora_trains_and_writes_magnitudes"),
+                     SpecRejects(True, "use_lora")),
+    "lora_dropout": on((Refused(0.1, LORA), SpecRejects(0.1, "use_lora")),
+                       (CoveredBy(LORA_DROPOUT_TORCH), SpecRejects(0.1, "use_lora"))),
     # SDXL, DeepFloyd IF
     "pretrained_vae_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                             Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),

@@ -196,6 +196,9 @@ def select_rows(args, bench: Path, is_harness: bool) -> tuple[dict[str, Row], Ca
 
 
 def versions(bench: Path) -> dict:
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_unet import cpu_name
+
     info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "torch", "diffusers", "peft"):
         try:
@@ -207,16 +210,6 @@ def versions(bench: Path) -> dict:
     info["peer_versions"] = {name: version for name, version in sorted(peers)
                              if name in ("diffusers", "peft", "torch", "accelerate", "transformers")}
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- measurement and summary

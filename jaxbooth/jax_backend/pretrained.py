@@ -18,7 +18,6 @@ import inspect
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +35,7 @@ from jaxbooth.jax_backend.weights import (
     torch_state_to_flax,
     unflatten_tree,
 )
+from jaxbooth.weight_files import read_safetensors, strict_safetensors_files
 
 MSGPACK_NAMES: tuple[str, ...] = ("diffusion_flax_model.msgpack", "flax_model.msgpack")
 
@@ -156,34 +156,6 @@ def _cached_abstract_params(module_name: str, config: Any, with_projection: bool
 # ----------------------------------------------------------------------------- finding files
 
 
-def _strict_safetensors_files(folder: Path, variant: str | None) -> list[Path] | None:
-    """The safetensors files of exactly ``variant`` (single file or every shard of an index)."""
-    dot_variant = f".{variant}" if variant else ""
-    for stem in WEIGHT_STEMS:
-        single = folder / f"{stem}{dot_variant}.safetensors"
-        if single.is_file():
-            return [single]
-        # diffusers/transformers `_add_variant` put the variant before the last suffix.
-        index = folder / f"{stem}.safetensors.index{dot_variant}.json"
-        if index.is_file():
-            return _shards_from_index(index)
-    return None
-
-
-def _shards_from_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise JaxboothError(f"{index}: not a valid shard index ({error!r}). Fix: re-download the "
-                            "checkpoint.") from error
-    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-    absent = [str(s.name) for s in shards if not s.is_file()]
-    if absent:
-        raise JaxboothError(f"{index}: lists shards that are not in {index.parent}: {absent}. Fix: finish "
-                            "the download (a partial snapshot) or re-save the checkpoint.")
-    return shards
-
-
 _VARIANT_FILE = re.compile(
     r"^(?:diffusion_pytorch_model|model)(?:\.(\w+)(?:-\d+-of-\d+)?\.safetensors|\.safetensors\.index\.(\w+)\.json)$"
 )
@@ -217,11 +189,11 @@ def find_weight_files(folder: str | Path, *, variant: str | None = None,
     diffusers does) the plain safetensors, then an old Flax msgpack file.
     """
     folder = Path(folder)
-    files = _strict_safetensors_files(folder, variant)
+    files = strict_safetensors_files(folder, variant)
     if files:
         return "safetensors", files
     if variant:
-        files = _strict_safetensors_files(folder, None)
+        files = strict_safetensors_files(folder, None)
         if files:
             jaxbooth_log.warning(f"{folder}: no '{variant}' variant weights; loading the plain weights "
                           f"{files[0].name} instead (diffusers does the same).")
@@ -235,55 +207,10 @@ def find_weight_files(folder: str | Path, *, variant: str | None = None,
 # ----------------------------------------------------------------------------- reading
 
 
-def _raw_dtypes() -> dict[str, Any]:
-    import ml_dtypes  # a jax dependency; gives numpy a bfloat16
-
-    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-            "BOOL": np.bool_}
-
-
-def read_safetensors_raw(path: str | Path) -> dict[str, np.ndarray]:
-    """Parse a safetensors file with numpy alone: 8-byte header size, JSON header, raw data.
-
-    A fallback for safetensors releases whose numpy loader cannot make ``bfloat16``
-    arrays (SDXL checkpoints ship bf16); ``ml_dtypes.bfloat16`` is what jax uses.
-    """
-    dtypes = _raw_dtypes()
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-    tensors: dict[str, np.ndarray] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise JaxboothError(f"{path}: tensor {key} has dtype {info['dtype']}, which jaxbooth cannot "
-                                f"read; supported: {sorted(dtypes)}. Fix: re-save the weights in float32/16.")
-        begin, end = info["data_offsets"]
-        tensors[key] = np.array(data[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"]))
-    del data  # unmap; the arrays above are copies
-    return tensors
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
-    try:
-        return dict(safetensors.numpy.load_file(path))
-    except Exception as error:  # bf16 on older safetensors (TypeError) or a damaged file
-        try:
-            return read_safetensors_raw(path)
-        except (OSError, ValueError, KeyError, struct.error) as raw_error:
-            raise JaxboothError(f"{path}: not a readable safetensors file ({error}; {raw_error}). "
-                                "Fix: re-download the file.") from error
-
-
 def _read_files(files: Sequence[Path]) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for path in files:
-        state.update(_read_safetensors(path))
+        state.update(read_safetensors(path))
     return state
 
 

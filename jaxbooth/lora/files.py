@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxbooth import weight_files
 from jaxbooth.errors import JaxboothError
 from jaxbooth.lora.layers import LoraLayer, LoraState
 from jaxbooth.lora.settings import AdapterSettings, is_target
+from jaxbooth.weight_files import read_header
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -170,44 +172,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
                             f"({LORA_WEIGHTS_NAME})")
     try:
         header = read_header(path)
-        import safetensors.numpy
-
-        try:
-            tensors = dict(safetensors.numpy.load_file(str(path)))
-        except TypeError:  # bf16: numpy has no such dtype without ml_dtypes
-            tensors = read_raw(path, header)
-    except (OSError, ValueError, KeyError, struct.error) as error:
+    except (OSError, ValueError, struct.error) as error:
         raise JaxboothError(f"{path}: not a readable safetensors file ({error}). Fix: re-download or re-save it.") \
             from None
-    return tensors, dict(header.get("__metadata__") or {})
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes, ``__metadata__``), no tensor data."""
-    with open(path, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        if size > 100_000_000:
-            raise ValueError(f"header size {size} is implausible")
-        return json.loads(handle.read(size))
-
-
-def read_raw(path: Path, header: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Tensors parsed from the bytes (bfloat16 as ``ml_dtypes.bfloat16``, numpy's extension jax uses)."""
-    import ml_dtypes
-
-    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-    with open(path, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        tensors[name] = np.array(data[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"]))
-    del data
-    return tensors
+    return weight_files.read_safetensors(path), dict(header.get("__metadata__") or {})
 
 
 def _state_from_diffusers(tensors: Mapping[str, np.ndarray], adapter_config: Mapping[str, Any],

@@ -7,17 +7,17 @@ a diffusers component folder's weights and module paths without torch (safetenso
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from jaxbooth.errors import JaxboothError
+from jaxbooth.hub import WEIGHT_STEMS
 from jaxbooth.lora.layers import LoraLayer
+from jaxbooth.weight_files import read_header, read_safetensors, strict_safetensors_files
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
-_STEMS = ("diffusion_pytorch_model", "model")
 
 
 def merge_layer(weight: np.ndarray, layer: LoraLayer, multiplier: float = 1.0) -> np.ndarray:
@@ -54,28 +54,20 @@ def merge_into_state_dict(state_dict: Mapping[str, np.ndarray], layers: Mapping[
 
 
 def weight_files(folder: str | Path, variant: str | None = None) -> list[Path]:
-    """A diffusers component folder's safetensors files (the ``variant``'s when there), shards listed by their index."""
+    """A diffusers component folder's safetensors files (the ``variant``'s when there, else the plain ones)."""
     folder = Path(folder)
-    for suffix in ([f".{variant}.safetensors"] if variant else []) + [".safetensors"]:
-        for stem in _STEMS:
-            single = folder / f"{stem}{suffix}"
-            if single.is_file():
-                return [single]
-            index = folder / f"{stem}{suffix}.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / name for name in shards]
-    raise JaxboothError(f"{folder}: no safetensors weights ({', '.join(s + '.safetensors' for s in _STEMS)} "
+    files = (variant and strict_safetensors_files(folder, variant)) or strict_safetensors_files(folder, None)
+    if files:
+        return files
+    raise JaxboothError(f"{folder}: no safetensors weights ({', '.join(s + '.safetensors' for s in WEIGHT_STEMS)} "
                         "or a sharded index). Fix: point at a diffusers pipeline folder saved with safetensors.")
 
 
 def read_component_weights(folder: str | Path, variant: str | None = None) -> dict[str, np.ndarray]:
     """A component's torch-layout state dict as numpy arrays (file dtypes kept; bf16 via ml_dtypes)."""
-    from jaxbooth.lora.files import read_safetensors
-
     state: dict[str, np.ndarray] = {}
     for path in weight_files(folder, variant):
-        state.update(read_safetensors(path)[0])
+        state.update(read_safetensors(path))
     return state
 
 
@@ -83,8 +75,6 @@ def component_module_paths(base_dir: str | Path, components: Iterable[str] = ("u
                            variant: str | None = None) -> dict[str, list[str]]:
     """Each component's linear/conv module paths (keys of 2-D+ ``.weight`` tensors), read from the
     safetensors headers only: what ``read_lora_file`` needs for kohya names."""
-    from jaxbooth.lora.files import read_header
-
     paths: dict[str, list[str]] = {}
     for component in components:
         folder = Path(base_dir) / component

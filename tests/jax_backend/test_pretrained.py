@@ -185,12 +185,14 @@ def test_bf16_weights_read_as_ml_dtypes_bfloat16_and_raw_reader_agrees(tmp_path:
     import ml_dtypes
     from safetensors.numpy import load_file
 
+    from jaxbooth.weight_files import read_safetensors_raw
+
     model = make_torch_model("text_encoder").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "text_encoder")
     *_, params = pretrained.load_pretrained(tmp_path, "text_encoder")
     assert {np.asarray(v).dtype for v in flatten_tree(params).values()} == {np.dtype(ml_dtypes.bfloat16)}
     file = tmp_path / "text_encoder" / "model.safetensors"
-    raw, library = pretrained.read_safetensors_raw(file), load_file(file)
+    raw, library = read_safetensors_raw(file), load_file(file)
     assert sorted(raw) == sorted(library)
     for key in library:
         assert raw[key].dtype == library[key].dtype and raw[key].shape == library[key].shape, key

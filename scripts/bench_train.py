@@ -162,14 +162,14 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
                                   center_crop=spec.data.center_crop, random_flip=spec.data.random_flip)
     batch = caches_lib.global_rows(iterator, 0, 0, {prompt: i for i, prompt in enumerate(caches.prompts)},
                                    caches.latent_index)
-    compiled, seconds, batch_shardings, frozen_shardings = T.compile_step(step_fn, state, shardings, caches.frozen,
-                                                                          batch, mesh)
+    frozen = jax.device_put(caches.frozen, T.frozen_shardings(caches.frozen, mesh))
+    compiled, seconds, batch_shardings = T.compile_step(step_fn, state, shardings, frozen, batch, mesh)
     from bench_unet import xla_cost, xla_memory
 
     result = {"flops_source": "train_step", "in_process_compile_s": seconds, **xla_cost(compiled),
               **xla_memory(compiled)}
     if args.inproc_steps:
-        step_args = (state, jax.device_put(caches.frozen, frozen_shardings), T.put_batch(batch, batch_shardings))
+        step_args = (state, frozen, T.put_batch(batch, batch_shardings))
         result["step_vs_unet"] = step_vs_unet(args, compiled, step_args, params_host["unet"])
     return result
 

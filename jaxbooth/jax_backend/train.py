@@ -28,6 +28,7 @@ import numpy as np
 from jaxbooth import data, output
 from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
+from jaxbooth.host_memory import release_freed_memory
 from jaxbooth.jax_backend import caches as caches_lib
 from jaxbooth.jax_backend import checkpoint, loading, optim, pretrained
 from jaxbooth.jax_backend import lora as lora_lib
@@ -201,8 +202,9 @@ def compile_step(step_fn, state, shardings, frozen, batch_example, mesh):
     """Lower and compile before the loop, so shape errors come first and compile time is its own figure.
 
     One executable, except on CPU (``TwoPartStep``); both are called ``step(state, frozen, batch)``.
+    ``frozen`` is already on the devices, in :func:`frozen_shardings`.
     """
-    frozen_placement = frozen_shardings(frozen, mesh)
+    frozen_placement = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     batch_shardings = jax.tree_util.tree_map(lambda _: mesh_lib.batch_sharding(mesh), batch_example)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, frozen, batch_example))
     start = time.perf_counter()
@@ -212,7 +214,7 @@ def compile_step(step_fn, state, shardings, frozen, batch_example, mesh):
         jitted = jax.jit(step_fn, in_shardings=(shardings, frozen_placement, batch_shardings),
                          out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
         compiled = jitted.lower(*abstract).compile()
-    return compiled, time.perf_counter() - start, batch_shardings, frozen_placement
+    return compiled, time.perf_counter() - start, batch_shardings
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings) -> dict:
@@ -315,12 +317,14 @@ def train(spec: spec_lib.RunSpec) -> Path:
     rows = functools.partial(caches_lib.global_rows, prompt_index={p: i for i, p in enumerate(caches.prompts)},
                              latent_index=caches.latent_index)
     frozen_host = caches.frozen if base_host is None else {**caches.frozen, "base": base_host}
-    compiled, compile_seconds, batch_shardings, frozen_placement = compile_step(
-        step_fn, state, shardings, frozen_host, rows(iterator, 0, 0), mesh)
+    frozen = jax.device_put(frozen_host, frozen_shardings(frozen_host, mesh))
+    del caches, frozen_host, base_host  # the host copies; the device holds them now
+    release_freed_memory()  # the caches' scratch and the host copies, before the compile stacks on top
+    compiled, compile_seconds, batch_shardings = compile_step(step_fn, state, shardings, frozen,
+                                                              rows(iterator, 0, 0), mesh)
+    release_freed_memory()  # the compile's scratch, before the steps' buffers
     log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
-    frozen = jax.device_put(frozen_host, frozen_placement)
-    del caches, frozen_host, base_host  # the host copies; the device holds them now
     state = run_loop(run, compiled, state, frozen, iterator, rows, batch_shardings, writer, models, validator)
     writer.wait()
     return _finish(run, models, state, tuple(validator.written) if validator is not None else ())

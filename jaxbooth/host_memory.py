@@ -4,7 +4,7 @@ glibc keeps the pages a process frees (XLA's compile scratch, the VAE encode's b
 copies of weights once they are on the device) in its malloc arenas, so the resident size stays
 at the highest phase's, and the next phase stacks on top of it. ``malloc_trim(0)`` returns
 them. Measured with the ``small`` bench model (``scripts/bench_lora.py``, JAX LoRA): the peak
-RSS fell from 1.06 to about 0.85 GB with the trims at the phase boundaries plus the frozen
+RSS fell from 1.06 GB to 0.85-0.88 GB with the trims at the phase boundaries plus the frozen
 params placed before the step compiles. A no-op where the C library has no ``malloc_trim``
 (macOS, musl).
 """

@@ -64,6 +64,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("tokenizer_max_length", BOTH),
     Capability("use_lora", BOTH, note="peft adapters on torch; an adapter pytree beside the frozen params on jax"),
     Capability("use_dora", BOTH),
+    Capability("model_family", BOTH, values=("sdxl",),
+               note="SDXL UNet, full or LoRA, with both text encoders frozen and cached"),
     Capability("dataloader_num_workers", BOTH,
                note="torch: loader workers each step; jax: threads decoding images once for the latent cache"),
     # Torch only.
@@ -77,7 +79,6 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("class_labels_conditioning", PLANNED, note="DeepFloyd IF stage II"),
     Capability("validation_images", PLANNED, note="DeepFloyd IF stage II validation"),
     Capability("model_family", PLANNED, values=("deepfloyd_if",), note="DeepFloyd IF training"),
-    Capability("model_family", PLANNED, values=("sdxl",), note="SDXL training"),
     Capability("do_edm_style_training", PLANNED, note="EDM-style SDXL training"),
     Capability("optimizer", TORCH_ONLY, values=("prodigy",), note="prodigyopt"),
     Capability("prodigy_beta3", TORCH_ONLY),

@@ -28,7 +28,7 @@ commands:
                takes the flags of diffusers' train_dreambooth*.py; SCRIPT.py (e.g. train_dreambooth_lora.py)
                selects that script's defaults and mode
   generate     images from a trained pipeline or LoRA: jaxbooth generate MODEL_DIR "prompt" -n 4
-  tiny-model   write a random-weight SD-shaped pipeline: jaxbooth tiny-model OUT [--size tiny|small]
+  tiny-model   write a random-weight pipeline: jaxbooth tiny-model OUT [--size tiny|small] [--family sd|sdxl]
   spec         print the resolved run spec as YAML (same arguments as train)
 
 jaxbooth <command> --help lists the options of a command.
@@ -115,14 +115,17 @@ def cmd_spec(argv: Sequence[str]) -> int:
 
 
 def cmd_tiny_model(argv: Sequence[str]) -> int:
-    from jaxbooth.tiny import SIZES, write_tiny_pipeline
+    from jaxbooth.tiny import FAMILIES, SIZES, write_tiny_pipeline
 
-    parser = argparse.ArgumentParser(prog="jaxbooth tiny-model", description="random-weight SD-shaped pipeline")
+    parser = argparse.ArgumentParser(prog="jaxbooth tiny-model",
+                                     description="random-weight SD- or SDXL-shaped pipeline in diffusers format")
     parser.add_argument("out")
     parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default="sd",
+                        help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_tiny_pipeline(args.out, args.size, args.seed))
+    print(write_tiny_pipeline(args.out, args.size, args.seed, family=args.family))
     return 0
 
 

@@ -125,26 +125,43 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
     atomic_write_text(out_dir / "README.md", model_card(
         base_model=spec.model.pretrained_model_name_or_path or str(base_dir), instance_prompt=instance_prompt,
         train_text_encoder=spec.model.train_text_encoder, steps=steps, backend=backend,
-        validation_images=validation_images, text_encoder_saved=not skip_text_encoder))
+        validation_images=validation_images, text_encoder_saved=not skip_text_encoder,
+        pipeline_class=card_pipeline_class(base_dir)))
     spec_lib.write_resolved_spec(spec, out_dir / SPEC_FILENAME)
     return out_dir
 
 
+def card_pipeline_class(base_dir: Path) -> str:
+    """The base pipeline's class for a model card's snippet (``model_index.json``; StableDiffusionPipeline failing
+    that)."""
+    try:
+        name = json.loads((Path(base_dir) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name.endswith("Pipeline") else "StableDiffusionPipeline"
+
+
+def card_license(pipeline_class: str) -> str:
+    """The base family's licence tag, as diffusers' scripts write it (SDXL: openrail++)."""
+    return "openrail++" if pipeline_class == "StableDiffusionXLPipeline" else "creativeml-openrail-m"
+
+
 def model_card(*, base_model: str, instance_prompt: str, train_text_encoder: bool, steps: int,
-               backend: str, validation_images: Iterable[str] = (), text_encoder_saved: bool = True) -> str:
+               backend: str, validation_images: Iterable[str] = (), text_encoder_saved: bool = True,
+               pipeline_class: str = "StableDiffusionPipeline") -> str:
     """README.md with Hub metadata, in the spirit of diffusers' DreamBooth model cards."""
     images = "\n".join(f"![sample]({name})" for name in validation_images)
     if text_encoder_saved:
-        load = 'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")'
+        load = f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'
         encoder = f"Text encoder trained: {train_text_encoder}."
     else:
         load = (f'text_encoder = CLIPTextModel.from_pretrained("{base_model}", subfolder="text_encoder")\n'
-                'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", text_encoder=text_encoder)')
+                f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder", text_encoder=text_encoder)')
         encoder = "The text encoder was not saved (skip_save_text_encoder): pass the base model's, as below."
-    imports = "from diffusers import StableDiffusionPipeline" + (
+    imports = f"from diffusers import {pipeline_class}" + (
         "" if text_encoder_saved else "\nfrom transformers import CLIPTextModel")
     return f"""---
-license: creativeml-openrail-m
+license: {card_license(pipeline_class)}
 base_model: {base_model}
 instance_prompt: {instance_prompt}
 tags:

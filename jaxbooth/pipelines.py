@@ -13,8 +13,8 @@ from pathlib import Path
 from jaxbooth.errors import JaxboothError
 
 TRAINED_BY: dict[str, tuple[str, ...]] = {
-    "jax": ("StableDiffusionPipeline",),
-    "torch": ("StableDiffusionPipeline",),
+    "jax": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "torch": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
 }
 # What the families diffusers' DreamBooth scripts also train are, for messages (planned here).
 FAMILY_NAMES = {
@@ -42,10 +42,12 @@ def backends_training(name: str) -> list[str]:
     return [backend for backend, names in TRAINED_BY.items() if name in names]
 
 
-def refuse_untrainable_pipeline(model_dir: str | Path, backend: str) -> str:
-    """The pipeline class, if ``backend`` trains it; else an error naming it and who trains it."""
+def refuse_untrainable_pipeline(model_dir: str | Path, backend: str, model_family: str = "auto") -> str:
+    """The pipeline class, if ``backend`` trains it and it is of ``model_family`` (``auto``: any);
+    else an error naming it and who trains it, or the family it is."""
     name = pipeline_class(model_dir)
     if name in TRAINED_BY[backend]:
+        check_family(name, model_family, model_dir)
         return name
     index = Path(model_dir) / "model_index.json"
     what = f"a {FAMILY_NAMES[name]} pipeline" if name in FAMILY_NAMES else "not a pipeline class jaxbooth knows"
@@ -53,3 +55,24 @@ def refuse_untrainable_pipeline(model_dir: str | Path, backend: str) -> str:
     who = (f"use --backend={others[0]}" if others
            else f"no backend trains {name} yet (planned); use a Stable Diffusion 1.x/2.x pipeline")
     raise JaxboothError(f"{index}: _class_name={name} is {what}, which the {backend} backend does not train; {who}")
+
+
+# model_family values and the pipeline classes of each (``auto`` takes the class model_index.json names).
+FAMILY_CLASSES = {
+    "sd": ("StableDiffusionPipeline",),
+    "sdxl": ("StableDiffusionXLPipeline",),
+    "deepfloyd_if": ("IFPipeline", "IFSuperResolutionPipeline"),
+}
+
+
+def check_family(name: str, model_family: str, model_dir: str | Path) -> None:
+    """A set ``model_family`` (the SDXL script's preset sets ``sdxl``) must match the pipeline's class."""
+    if model_family == "auto" or name in FAMILY_CLASSES.get(model_family, (name,)):
+        return
+    actual = next((family for family, names in FAMILY_CLASSES.items() if name in names), None)
+    fix = f"drop --model_family or set it to {actual}" if actual else "drop --model_family"
+    if model_family == "sdxl":
+        fix += " (train_dreambooth_lora_sdxl.py sets sdxl: use train_dreambooth_lora.py for this pipeline)"
+    raise JaxboothError(f"{Path(model_dir) / 'model_index.json'}: _class_name={name} is not a "
+                        f"{FAMILY_NAMES[FAMILY_CLASSES[model_family][0]]} pipeline, but model_family={model_family}; "
+                        f"{fix}, or point --pretrained_model_name_or_path at a {model_family} pipeline")

@@ -42,6 +42,24 @@ _CLIP = {
     "small": dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4),
 }
 RESOLUTION = {"tiny": 64, "small": 128}
+FAMILIES = ("sd", "sdxl")
+
+# SDXL shapes (the peer harness's sdxl-tiny / sdxl-small): cross_attention_dim is both encoders' hidden
+# sizes concatenated; the added embedding takes 6 time ids x addition_time_embed_dim plus the second
+# encoder's pooled projection (projection_dim = its hidden size here).
+_SDXL_UNET = {
+    "tiny": dict(block_out_channels=[32, 64], layers_per_block=2, sample_size=32,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 4],
+                 transformer_layers_per_block=[1, 2], addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64),
+    "small": dict(block_out_channels=[64, 128, 256], layers_per_block=2, sample_size=32,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  attention_head_dim=[2, 4, 8], transformer_layers_per_block=[1, 2, 2],
+                  addition_time_embed_dim=32, projection_class_embeddings_input_dim=6 * 32 + 128,
+                  cross_attention_dim=256),
+}
 
 
 def unet_config(size: str) -> dict:
@@ -80,6 +98,36 @@ def clip_config(size: str, vocab_size: int) -> dict:
     }
 
 
+def sdxl_unet_config(size: str) -> dict:
+    """A complete diffusers SDXL ``UNet2DConditionModel`` config.json (``text_time`` added embedding)."""
+    return {**unet_config(size), "use_linear_projection": True, "addition_embed_type": "text_time",
+            **_SDXL_UNET[size]}
+
+
+def sdxl_clip_configs(size: str, vocab_size: int) -> tuple[dict, dict]:
+    """Both SDXL text encoders' configs: ``CLIPTextModel`` and ``CLIPTextModelWithProjection``."""
+    base = {**clip_config(size, vocab_size), "hidden_act": "gelu"}
+    projection = {**base, "architectures": ["CLIPTextModelWithProjection"],
+                  "projection_dim": _CLIP[size]["hidden_size"]}
+    return base, projection
+
+
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+    "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
+    "steps_offset": 1, "timestep_spacing": "leading",
+}
+
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+    "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None], "image_encoder": [None, None],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
@@ -102,14 +150,16 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a complete random-weight diffusers pipeline folder; returns its path.
+def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, family: str = "sd") -> Path:
+    """Write a complete random-weight diffusers pipeline folder (``family`` sd or sdxl); returns its path.
 
     Written to a temporary sibling and renamed into place, so an interrupted build never
     leaves a half pipeline that later runs would pick up.
     """
     if size not in SIZES:
         raise JaxboothError(f"tiny-model: size {size!r} is not one of {SIZES}")
+    if family not in FAMILIES:
+        raise JaxboothError(f"tiny-model: family {family!r} is not one of {FAMILIES}")
     from jaxbooth.jax_backend.tiny_weights import write_random_components  # the one step that needs jax
     from jaxbooth.text import write_tiny_clip_tokenizer
 
@@ -118,12 +168,21 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: in
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         vocab_size = write_tiny_clip_tokenizer(staging / "tokenizer")
-        configs = {"unet": unet_config(size), "vae": vae_config(size), "text_encoder": clip_config(size, vocab_size)}
+        if family == "sdxl":
+            write_tiny_clip_tokenizer(staging / "tokenizer_2")
+            first, second = sdxl_clip_configs(size, vocab_size)
+            configs = {"unet": sdxl_unet_config(size), "vae": vae_config(size), "text_encoder": first,
+                       "text_encoder_2": second}
+            scheduler, index = SDXL_SCHEDULER_CONFIG, SDXL_MODEL_INDEX
+        else:
+            configs = {"unet": unet_config(size), "vae": vae_config(size),
+                       "text_encoder": clip_config(size, vocab_size)}
+            scheduler, index = SCHEDULER_CONFIG, MODEL_INDEX
         write_random_components(staging, configs, seed)
-        write_json(staging / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        write_json(staging / "model_index.json", MODEL_INDEX)
+        write_json(staging / "scheduler" / "scheduler_config.json", scheduler)
+        write_json(staging / "model_index.json", index)
         write_json(staging / "jaxbooth_tiny.json", {"size": size, "seed": seed, "format": _FORMAT_VERSION,
-                                                    "resolution": RESOLUTION[size]})
+                                                    "resolution": RESOLUTION[size], "family": family})
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -14,6 +14,11 @@ table on stderr.
     python scripts/bench_lora.py                      # small model, N1=5 N2=25, 1 rep, every row
     python scripts/bench_lora.py --reps 2 --rows diffusers-lora,jaxbooth-jax-lora
     python scripts/bench_lora.py --smoke              # tiny model, 1 -> 2 steps, jaxbooth rows only
+    python scripts/bench_lora.py --family sdxl        # the same rows on the SDXL-shaped pipe-sdxl-SIZE (row-sdxl)
+
+With ``--family sdxl`` every row name carries ``-sdxl`` (speed.py's ``diffusers-lora-sdxl``,
+``jaxbooth-jax-lora-sdxl``, ...), the jaxbooth LoRA rows run ``train_dreambooth_lora_sdxl.py`` and the
+pipeline is ``pipe-sdxl-SIZE`` (built with ``jaxbooth tiny-model --family sdxl`` off the harness).
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ RESOLUTION = {"tiny": 64, "small": 128}  # speed.py's RES
 TARGETS = {"jax": 1.5, "torch": 1.2}  # issue 17: s/step speed-up over diffusers' LoRA script, per backend
 
 Row = Callable[[int, str], list[str]]
+FAMILY_SUFFIX = {"sd": "", "sdxl": "-sdxl"}
+LORA_SCRIPT = {"sd": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sdxl.py"}
+
+
+def pipe_name(size: str, family: str) -> str:
+    """speed.py's folder names: pipe-small, pipe-sdxl-small."""
+    return f"pipe-{size}" if family == "sd" else f"pipe-sdxl-{size}"
+
+
+def base_row(name: str) -> str:
+    """The row's SD name, what LORA_ROWS / FULL_ROWS / PEER_ROWS hold (``jaxbooth-jax-lora-sdxl`` -> ``...-lora``)."""
+    return name.removesuffix(FAMILY_SUFFIX["sdxl"])
 
 
 # ---------------------------------------------------------------- the rows: speed.py's, else the same flags here
@@ -63,19 +80,22 @@ def load_speed(peer_dir: Path, bench: Path, jaxbooth: str):
     return module
 
 
-def builtin_rows(bench: Path, jaxbooth: str, size: str) -> dict[str, Row]:
-    """The jaxbooth rows with speed.py's flags, for a machine without the peer harness."""
+def builtin_rows(bench: Path, jaxbooth: str, size: str, family: str = "sd") -> dict[str, Row]:
+    """The jaxbooth rows with speed.py's flags, for a machine without the peer harness (or rows it lacks)."""
     def common(n: int, out: str) -> list[str]:
-        return [f"--pretrained_model_name_or_path={bench}/pipe-{size}", f"--instance_data_dir={bench}/instance",
+        return [f"--pretrained_model_name_or_path={bench}/{pipe_name(size, family)}",
+                f"--instance_data_dir={bench}/instance",
                 "--instance_prompt=a photo of sks cat", f"--resolution={RESOLUTION[size]}", "--train_batch_size=1",
                 "--learning_rate=5e-6", f"--max_train_steps={n}", f"--output_dir={out}"]
 
-    lora = ["train_dreambooth_lora.py"]
+    lora, suffix = [LORA_SCRIPT[family]], FAMILY_SUFFIX[family]
     return {
-        "jaxbooth-jax-lora": lambda n, o: [jaxbooth, "train", *lora, "--backend=jax", "--rank=4", *common(n, o)],
-        "jaxbooth-torch-lora": lambda n, o: [jaxbooth, "train", *lora, "--backend=torch", "--rank=4", *common(n, o)],
-        "jaxbooth-jax": lambda n, o: [jaxbooth, "train", "--backend=jax", *common(n, o)],
-        "jaxbooth-torch": lambda n, o: [jaxbooth, "train", "--backend=torch", *common(n, o)],
+        f"jaxbooth-jax-lora{suffix}": lambda n, o: [jaxbooth, "train", *lora, "--backend=jax", "--rank=4",
+                                                    *common(n, o)],
+        f"jaxbooth-torch-lora{suffix}": lambda n, o: [jaxbooth, "train", *lora, "--backend=torch", "--rank=4",
+                                                      *common(n, o)],
+        f"jaxbooth-jax{suffix}": lambda n, o: [jaxbooth, "train", "--backend=jax", *common(n, o)],
+        f"jaxbooth-torch{suffix}": lambda n, o: [jaxbooth, "train", "--backend=torch", *common(n, o)],
     }
 
 
@@ -123,9 +143,9 @@ def launch(run: Callable, make: Row, name: str, steps: int, out: Path) -> dict:
     if rc != 0:
         result["error"] = "\n".join(lines[-8:])
         result["cmd"] = cmd
-    elif name in LORA_ROWS and result["lora_file_bytes"] is None:
+    elif base_row(name) in LORA_ROWS and result["lora_file_bytes"] is None:
         result["error"] = f"exit 0 but no {LORA_FILE} in {out} (did it train LoRA?)"
-    elif name in FULL_ROWS and result["unet_bytes"] is None:
+    elif base_row(name) in FULL_ROWS and result["unet_bytes"] is None:
         result["error"] = f"exit 0 but no unet/ in {out}"
     print(f"  {name:20} {steps:4d} steps {wall:8.1f} s  peak {fmt(result['peak_rss_gb'], '.2f')} GB  rc {rc}"
           + (f"  ERROR {result['error'].splitlines()[-1][:100]}" if result.get("error") else ""),
@@ -152,12 +172,13 @@ def prepare_bench(args, work: Path) -> tuple[Path, bool]:
     Returns (folder, whether it is the peer harness's: only then can the diffusers row run).
     """
     bench = Path(os.environ["JB_BENCH"]) if os.environ.get("JB_BENCH") and not args.smoke else None
-    if bench and not args.model_dir and not args.instance_dir and (bench / f"pipe-{args.size}" / "model_index.json"
+    name = pipe_name(args.size, args.family)
+    if bench and not args.model_dir and not args.instance_dir and (bench / name / "model_index.json"
                                                                    ).exists() and (bench / "instance").is_dir():
         return bench, True
     own = work / "bench"
     own.mkdir(parents=True, exist_ok=True)
-    pipe, images = own / f"pipe-{args.size}", own / "instance"
+    pipe, images = own / name, own / "instance"
     for link in (pipe, images):
         if link.is_symlink():
             link.unlink()
@@ -165,7 +186,8 @@ def prepare_bench(args, work: Path) -> tuple[Path, bool]:
         pipe.symlink_to(Path(args.model_dir).absolute(), target_is_directory=True)
     elif not (pipe / "model_index.json").exists():  # kept between runs in a --work-dir
         print(f"building the {args.size} pipeline in {pipe}", file=sys.stderr, flush=True)
-        subprocess.run([args.jaxbooth, "tiny-model", str(pipe), "--size", args.size], check=True,
+        subprocess.run([args.jaxbooth, "tiny-model", str(pipe), "--size", args.size, "--family", args.family],
+                       check=True,
                        stdout=subprocess.DEVNULL)
     if args.instance_dir:
         source = Path(args.instance_dir).absolute()
@@ -180,15 +202,16 @@ def prepare_bench(args, work: Path) -> tuple[Path, bool]:
 def select_rows(args, bench: Path, is_harness: bool) -> tuple[dict[str, Row], Callable, str, dict[str, str]]:
     """The chosen rows' command builders and the launcher, from speed.py when it is there; skipped rows with why."""
     speed = load_speed(Path(args.peer_dir), bench, args.jaxbooth)
+    table = builtin_rows(bench, args.jaxbooth, args.size, args.family)  # rows speed.py lacks (jaxbooth-torch-sdxl)
     if speed is not None:
-        table, run, source = speed.trainers(args.size), speed.run, str(Path(args.peer_dir) / "speed.py")
+        table, run, source = {**table, **speed.trainers(args.size)}, speed.run, str(Path(args.peer_dir) / "speed.py")
     else:
-        table, run, source = builtin_rows(bench, args.jaxbooth, args.size), builtin_run, "builtin"
+        run, source = builtin_run, "builtin"
     chosen, skipped = {}, {}
     for name in args.rows:
         if name not in table:
             skipped[name] = f"{args.peer_dir}/speed.py not found (the peer harness)"
-        elif name in PEER_ROWS and not (is_harness and (bench / "venv-new" / "bin" / "accelerate").exists()):
+        elif base_row(name) in PEER_ROWS and not (is_harness and (bench / "venv-new" / "bin" / "accelerate").exists()):
             skipped[name] = "peer harness not set up (JB_BENCH with venv-new, pipe-SIZE, instance)"
         else:
             chosen[name] = table[name]
@@ -223,7 +246,8 @@ def measure(args, work: Path) -> dict:
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     os.environ["JAXBOOTH_CACHE"] = str(work / "jaxbooth-cache")
     record = {"bench": "lora", **versions(bench),
-              "config": {"size": args.size, "resolution": RESOLUTION[args.size], "batch": 1, "dtype": "float32",
+              "config": {"size": args.size, "family": args.family, "resolution": RESOLUTION[args.size], "batch": 1,
+                         "dtype": "float32",
                          "rank": 4, "n1": args.n1, "n2": args.n2, "reps": args.reps, "bench_dir": str(bench),
                          "peer_harness": is_harness, "rows_source": source, "jaxbooth": args.jaxbooth,
                          "commands": {name: make(args.n1, "OUT") for name, make in rows.items()}},
@@ -237,7 +261,7 @@ def measure(args, work: Path) -> dict:
     record["runs"] = runs
     record["loadavg_end"] = list(os.getloadavg())
     record["rows"] = {name: summarize_row(args, [r for r in runs if r["row"] == name]) for name in rows}
-    record.update(ratios(record["rows"]))
+    record.update(ratios(record["rows"], FAMILY_SUFFIX[args.family]))
     return record
 
 
@@ -266,13 +290,13 @@ def div(a, b):
     return a / b if a is not None and b else None
 
 
-def ratios(rows: dict) -> dict:
+def ratios(rows: dict, suffix: str = "") -> dict:
     """Against diffusers' LoRA script (diffusers / jaxbooth: > 1 means jaxbooth is faster or smaller), and LoRA
-    against the full fine-tune per backend."""
+    against the full fine-tune per backend; ``suffix`` "-sdxl" compares the SDXL rows."""
     out = {"vs_diffusers_lora": {}, "lora_vs_full": {}, "targets": {}}
-    peer = rows.get("diffusers-lora") or {}
+    peer = rows.get("diffusers-lora" + suffix) or {}
     for name, backend in LORA_ROWS.items():
-        ours = rows.get(name) or {}
+        ours = rows.get(name + suffix) or {}
         if backend == "diffusers" or not ours:
             continue
         if peer.get("ok") and ours.get("ok"):
@@ -288,7 +312,7 @@ def ratios(rows: dict) -> dict:
                 "lora_file_ratio": div(peer["lora_file_bytes"], ours["lora_file_bytes"])}
             out["targets"][backend] = {"speedup_min": TARGETS[backend], "speedup_met": speedup >= TARGETS[backend],
                                        "peak_met": memory is not None and memory >= 1.0}
-        full = rows.get(f"jaxbooth-{backend}") or {}
+        full = rows.get(f"jaxbooth-{backend}{suffix}") or {}
         if ours.get("ok") and full.get("ok"):
             out["lora_vs_full"][backend] = {
                 "s_per_step_lora": ours["s_per_step"], "s_per_step_full": full["s_per_step"],
@@ -308,7 +332,8 @@ def fmt(value, spec: str = ".3f") -> str:
 
 def print_table(record: dict, stream) -> None:
     c = record["config"]
-    print(f"LoRA (rank 4, UNet) vs full fine-tune, size={c['size']} {c['resolution']} px, batch 1, fp32, "
+    print(f"LoRA (rank 4, UNet) vs full fine-tune, {c.get('family', 'sd')} size={c['size']} {c['resolution']} px, "
+          "batch 1, fp32, "
           f"{record['cpu']} ({record['cpu_count']} cores), steps {c['n1']}->{c['n2']}, {c['reps']} rep(s), "
           f"load {record['loadavg_start'][0]:.1f} -> {record['loadavg_end'][0]:.1f}", file=stream)
     print(f"  {'row':20} {'s/step':>8} {'logged':>8} {'start-up':>9} {'peak GB':>8} {'LoRA file':>10} "
@@ -323,9 +348,11 @@ def print_table(record: dict, stream) -> None:
               f"{fmt(row['lora_file_bytes'], ',d'):>10} {fmt(row['unet_bytes'], ',d'):>10}  {note}", file=stream)
     for name, why in record["skipped"].items():
         print(f"  {name:20} skipped: {why}", file=stream)
+    suffix = FAMILY_SUFFIX[c.get("family", "sd")]
     for backend, r in record["vs_diffusers_lora"].items():
         t = record["targets"][backend]
-        print(f"  jaxbooth-{backend}-lora vs diffusers-lora: {fmt(r['speedup'], '.2f')}x faster per step (target "
+        print(f"  jaxbooth-{backend}-lora{suffix} vs diffusers-lora{suffix}: {fmt(r['speedup'], '.2f')}x faster per "
+              "step (target "
               f">= {t['speedup_min']}: {'met' if t['speedup_met'] else 'NOT met'}); peak {fmt(r['peak_gb'], '.2f')} vs "
               f"{fmt(r['peak_gb_diffusers'], '.2f')} GB (no more: {'met' if t['peak_met'] else 'NOT met'}); "
               f"start-up {fmt(r['startup_ratio'], '.2f')}x shorter", file=stream)
@@ -340,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "small"), default=None, help="default: small (tiny with --smoke)")
+    parser.add_argument("--family", choices=tuple(FAMILY_SUFFIX), default="sd",
+                        help="sd (pipe-SIZE) or sdxl (pipe-sdxl-SIZE, rows named ROW-sdxl)")
     parser.add_argument("--n1", type=int, default=None, help="steps of the short run (default 5; 1 with --smoke)")
     parser.add_argument("--n2", type=int, default=None, help="steps of the long run (default 25; 2 with --smoke)")
     parser.add_argument("--reps", type=int, default=1, help="interleaved repetitions of every row; median")
@@ -361,11 +390,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.n2 = args.n2 if args.n2 is not None else (2 if args.smoke else 25)
     if args.n2 <= args.n1 or args.n1 < 1:
         parser.error("need 1 <= --n1 < --n2")
-    default_rows = [r for r in ROWS if r not in PEER_ROWS] if args.smoke else list(ROWS)
+    suffix = FAMILY_SUFFIX[args.family]
+    names = [row + suffix for row in ROWS]
+    default_rows = [row + suffix for row in ROWS if row not in PEER_ROWS] if args.smoke else names
     args.rows = args.rows.split(",") if args.rows else default_rows
-    unknown = [r for r in args.rows if r not in ROWS]
+    unknown = [r for r in args.rows if r not in names]
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
+        parser.error(f"unknown rows {unknown}; choose from {','.join(names)}")
     args.jaxbooth = args.jaxbooth or default_jaxbooth()
     return args
 

@@ -39,9 +39,10 @@ def backend_dispatch(env: Env, backend: str) -> None:
         cli.cmd_train([*argv, only_other])
 
 
-def family_sd_is_what_auto_detects(env: Env, backend: str) -> None:
+def family_must_match_the_pipeline(env: Env, backend: str) -> None:
     """model_family is jaxbooth's own key: both backends read the family from model_index.json, so
-    'sd' behaves as 'auto' on an SD pipeline and any other pipeline class is refused by name."""
+    'sd' behaves as 'auto' on an SD pipeline, and a family the pipeline's class is not (the SDXL
+    script's preset sets 'sdxl') is refused by name before anything loads."""
     sdxl = env.root / "sdxl-index"
     if not sdxl.exists():
         shutil.copytree(env.tiny, sdxl)
@@ -49,8 +50,10 @@ def family_sd_is_what_auto_detects(env: Env, backend: str) -> None:
         (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     probe = jp.jax_paths if backend == "jax" else tp.torch_inputs
     assert probe(make_spec(env, {"model_family": "sd"}), env) == probe(make_spec(env, {}), env)
-    with pytest.raises(JaxboothError, match="StableDiffusionXLPipeline"):
+    with pytest.raises(JaxboothError, match="_class_name=StableDiffusionXLPipeline .*model_family=sd"):
         probe(make_spec(env, {"model_family": "sd", "pretrained_model_name_or_path": str(sdxl)}), env)
+    with pytest.raises(JaxboothError, match="_class_name=StableDiffusionPipeline .*model_family=sdxl"):
+        probe(make_spec(env, {"model_family": "sdxl"}), env)
 
 
 def jax_always_precomputes(env: Env, backend: str) -> None:

@@ -23,7 +23,9 @@ assert sys.argv[1] == "train", sys.argv
 assert (pathlib.Path(flags["--pretrained_model_name_or_path"]) / "model_index.json").exists(), flags
 assert any(pathlib.Path(flags["--instance_data_dir"]).iterdir()), flags
 assert flags["--resolution"] == "64" and flags["--train_batch_size"] == "1", flags
-lora = "train_dreambooth_lora.py" in sys.argv
+script = os.environ.get("STUB_LORA_SCRIPT", "train_dreambooth_lora.py")
+lora = script in sys.argv
+assert lora or not any(a.startswith("train_dreambooth") for a in sys.argv), sys.argv
 assert (flags.get("--rank") == "4") == lora, flags
 out, steps = pathlib.Path(flags["--output_dir"]), int(flags["--max_train_steps"])
 out.mkdir(parents=True)
@@ -75,6 +77,17 @@ def test_bench_lora_smoke_measures_every_row_and_compares_lora_with_full(tmp_pat
     assert not row["ok"] and "pytorch_lora_weights.safetensors" in row["errors"][0]
 
 
+def test_bench_lora_sdxl_family_names_its_rows_and_runs_the_sdxl_script(tmp_path: Path, tiny_model_dir: Path) -> None:
+    proc, record = run_bench(tmp_path, tiny_model_dir, "--family", "sdxl",
+                             STUB_LORA_SCRIPT="train_dreambooth_lora_sdxl.py")
+    assert proc.returncode == 0, proc.stderr
+    assert record["config"]["family"] == "sdxl"
+    assert list(record["rows"]) == ["jaxbooth-jax-lora-sdxl", "jaxbooth-torch-lora-sdxl", "jaxbooth-jax-sdxl",
+                                    "jaxbooth-torch-sdxl"]
+    assert all(row["ok"] for row in record["rows"].values())
+    assert abs(record["lora_vs_full"]["jax"]["size_ratio"] - 0.02) < 1e-12
+
+
 def test_bench_lora_ratios_against_diffusers_and_the_targets() -> None:
     sys.path.insert(0, str(SCRIPTS))
     try:
@@ -93,3 +106,5 @@ def test_bench_lora_ratios_against_diffusers_and_the_targets() -> None:
     assert result["targets"]["jax"] == {"speedup_min": 1.5, "speedup_met": True, "peak_met": True}
     assert result["targets"]["torch"]["speedup_met"] is False and result["targets"]["torch"]["peak_met"] is False
     assert torch["speedup"] < 1.2 and result["lora_vs_full"] == {}
+    sdxl = ratios({f"{name}-sdxl": value for name, value in rows.items()}, "-sdxl")
+    assert sdxl["vs_diffusers_lora"] == result["vs_diffusers_lora"] and ratios(rows, "-sdxl")["targets"] == {}

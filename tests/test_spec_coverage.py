@@ -43,7 +43,7 @@ from tests._coverage_env import CLASS_PROMPT, Env, make_spec
 from tests._coverage_meta import (
     backend_dispatch,
     data_axis_follows_the_devices,
-    family_sd_is_what_auto_detects,
+    family_must_match_the_pipeline,
     jax_always_precomputes,
 )
 
@@ -150,8 +150,8 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
                          Effect(lambda env: str(env.tokenizer16), tp.torch_trainer)),
     "pretrained_vae_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                       Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
-    "model_family": both(Refused("sdxl"), Refused("deepfloyd_if"),
-                         Meta("'sd' is what auto detects", family_sd_is_what_auto_detects)),
+    "model_family": both(Refused("deepfloyd_if"),
+                         Meta("'sd' and 'sdxl' must match the pipeline class", family_must_match_the_pipeline)),
     "train_text_encoder": on(
         (Effect(True, jp.jax_caches), Effect(True, jp.jax_optimizer),
          CoveredBy("tests/jax_backend/test_train.py::test_prior_preservation_text_encoder_training_and_validation")),

@@ -8,6 +8,12 @@ generator, ``BatchIterator.row_rng(epoch, slot, stream)``, drawing in the order 
 ``load_batch`` draws flip then crop. The pick is a pure function of (seed, epoch, slot, stream),
 so a resumed run picks exactly what the uninterrupted run picked. ``center_crop`` caches the
 one centre crop, and a square image has one crop (every crop of it is the same).
+
+SDXL. Each cache row also records its image's original (h, w) and its crop's top-left in the
+resized image, for a mirrored row the mirrored offset (the mirror of a crop is a crop of the
+mirrored image, which is what diffusers crops after flipping), so ``frozen["time_ids"]`` holds
+per row the time ids diffusers' SDXL script computes for those pixels; both frozen encoders
+give ``text_embeddings`` and ``pooled_embeddings`` per prompt.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxbooth import data
+from jaxbooth import data, sdxl
 from jaxbooth import spec as spec_lib
+from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import encode
 from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.loading import text_apply_fn
@@ -38,17 +45,24 @@ _CROP_SEED_TAG = 0x63726F70  # "crop": keeps the crop generators apart from the 
 
 @dataclasses.dataclass(frozen=True)
 class LatentIndex:
-    """Where each example's posteriors sit in the cache: row ``first[e] + flipped * crops[e] + crop``."""
+    """Where each example's posteriors sit in the cache: row ``first[e] + flipped * crops[e] + crop``.
+
+    ``original_sizes`` (h, w) and ``crops_top_left`` (y, x) are per cache row ``[num_rows, 2]``:
+    each row's image size before the resize and its crop offset in the resized (and, for a
+    flipped row, mirrored) image, as diffusers' SDXL script records them for its time ids.
+    """
 
     first: np.ndarray  # int64 [num_examples]
     crops: np.ndarray  # int64 [num_examples]: distinct crops per orientation
     orientations: int  # 2 with random_flip, else 1
+    original_sizes: np.ndarray | None = None  # int64 [num_rows, 2]
+    crops_top_left: np.ndarray | None = None  # int64 [num_rows, 2]
 
     @classmethod
-    def from_counts(cls, crops: list[int], orientations: int) -> LatentIndex:
+    def from_counts(cls, crops: list[int], orientations: int, **rows: np.ndarray) -> LatentIndex:
         counts = np.asarray(crops, np.int64)
         first = np.concatenate([[0], np.cumsum(counts * orientations)[:-1]]).astype(np.int64)
-        return cls(first=first, crops=counts, orientations=orientations)
+        return cls(first=first, crops=counts, orientations=orientations, **rows)
 
     @property
     def num_rows(self) -> int:
@@ -61,25 +75,48 @@ class LatentIndex:
         return int(self.first[example] + int(flipped) * self.crops[example] + crop)
 
 
-def example_crops(path: str | Path, resolution: int, *, center_crop: bool, seed: int, index: int,
-                  interpolation: str) -> list[np.ndarray]:
-    """Pixel crops ``[res, res, 3]`` of one image: the centre crop, or up to CROPS_PER_IMAGE distinct
-    random ones (the loader's torchvision RandomCrop offsets) from the generator of (seed, index).
+@dataclasses.dataclass(frozen=True)
+class CropSet:
+    """The cached crops of one image: pixels ``[res, res, 3]`` and top-left (y, x) in the resized image,
+    with the image's original (h, w) and resized width (what a mirrored crop's offset needs)."""
+
+    pixels: list[np.ndarray]
+    offsets: list[tuple[int, int]]
+    original_size: tuple[int, int]
+    resized_width: int
+
+    def flipped_offsets(self, resolution: int) -> list[tuple[int, int]]:
+        """Each crop's mirror as a crop of the mirrored image: its offset there (``sdxl.flipped_crop_top_left``)."""
+        return [sdxl.flipped_crop_top_left(offset, self.resized_width, resolution) for offset in self.offsets]
+
+
+def example_crop_set(path: str | Path, resolution: int, *, center_crop: bool, seed: int, index: int,
+                     interpolation: str) -> CropSet:
+    """The centre crop of one image, or up to CROPS_PER_IMAGE distinct random ones (the loader's
+    torchvision RandomCrop offsets) from the generator of (seed, index), with their offsets.
 
     Offsets are drawn until CROPS_PER_IMAGE distinct ones are found or 2 x CROPS_PER_IMAGE draws
     are spent (an image barely wider than it is high has fewer distinct crops than that).
     """
-    if center_crop:
-        return [data.load_image(path, resolution, center_crop=True, interpolation=interpolation)]
-    rng = np.random.default_rng([seed, _CROP_SEED_TAG, index])
     resized, original = data.load_resized(path, resolution, interpolation=interpolation)  # decoded once
+    if center_crop:
+        pixels, offset = data.crop_pixels(resized, resolution, center_crop=True)
+        return CropSet([pixels], [offset], original, resized.width)
+    rng = np.random.default_rng([seed, _CROP_SEED_TAG, index])
     crops: dict[tuple[int, int], np.ndarray] = {}
     for _ in range(2 * CROPS_PER_IMAGE):
         pixels, offset = data.crop_pixels(resized, resolution, center_crop=False, crop_rng=rng)
         crops.setdefault(offset, pixels)
         if len(crops) == CROPS_PER_IMAGE or original[0] == original[1]:  # square: one crop, the whole image
             break
-    return list(crops.values())
+    return CropSet(list(crops.values()), list(crops), original, resized.width)
+
+
+def example_crops(path: str | Path, resolution: int, *, center_crop: bool, seed: int, index: int,
+                  interpolation: str) -> list[np.ndarray]:
+    """The pixels of :func:`example_crop_set`."""
+    return example_crop_set(path, resolution, center_crop=center_crop, seed=seed, index=index,
+                            interpolation=interpolation).pixels
 
 
 def decoded_in_order(count: int, decode: Callable[[int], Any], num_workers: int) -> Iterator[Any]:
@@ -101,24 +138,53 @@ def decoded_in_order(count: int, decode: Callable[[int], Any], num_workers: int)
 def encode_latent_cache(models: LoadedModels, dataset: data.Dataset, *, resolution: int, center_crop: bool,
                         random_flip: bool, seed: int, interpolation: str = data.DEFAULT_INTERPOLATION,
                         num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, LatentIndex]:
-    """(mean, std, index) of the VAE posterior of every cached crop and orientation of every example."""
+    """(mean, std, index) of the VAE posterior of every cached crop and orientation of every example;
+    the index also holds each row's original size and crop offset."""
     counts: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    offsets: list[tuple[int, int]] = []
 
-    def decode(index: int) -> list[np.ndarray]:
-        return example_crops(dataset.examples[index].path, resolution, center_crop=center_crop, seed=seed,
-                             index=index, interpolation=interpolation)
+    def decode(index: int) -> CropSet:
+        return example_crop_set(dataset.examples[index].path, resolution, center_crop=center_crop, seed=seed,
+                                index=index, interpolation=interpolation)
 
     def pixels() -> Iterator[np.ndarray]:
         for crops in decoded_in_order(len(dataset.examples), decode, num_workers):
-            counts.append(len(crops))
-            yield from crops
+            counts.append(len(crops.pixels))
+            yield from crops.pixels
+            offsets.extend(crops.offsets)
             if random_flip:  # the mirror of a crop is a crop of the mirrored image
-                yield from (crop[:, ::-1] for crop in crops)
+                yield from (crop[:, ::-1] for crop in crops.pixels)
+                offsets.extend(crops.flipped_offsets(resolution))
+            sizes.extend([crops.original_size] * (len(crops.pixels) * (2 if random_flip else 1)))
 
     mean, std = encode.encode_pixel_stream(models.vae, models.vae_params, pixels())
-    index = LatentIndex.from_counts(counts, 2 if random_flip else 1)
-    assert index.num_rows == len(mean), (index.num_rows, len(mean))
+    index = LatentIndex.from_counts(counts, 2 if random_flip else 1, original_sizes=np.asarray(sizes, np.int64),
+                                    crops_top_left=np.asarray(offsets, np.int64))
+    assert index.num_rows == len(mean) == len(sizes) == len(offsets), (index.num_rows, len(mean), len(offsets))
     return mean, std, index
+
+
+def sdxl_posterior(mean: np.ndarray, std: np.ndarray, vae_config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior of ``(latent - latents_mean) / latents_std`` when the VAE config has both (else as is).
+
+    diffusers' SDXL script trains on ``(x - latents_mean) * scaling_factor / latents_std`` for such a
+    VAE; x is linear in the posterior's noise, so the cache holds the normalised posterior and the
+    step's ``x * scaling_factor`` draws exactly that. SDXL never applies ``shift_factor`` (see ``train``).
+    """
+    latents_mean, latents_std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if latents_mean is None and latents_std is None:
+        return mean, std
+    if latents_mean is None or latents_std is None:
+        raise JaxboothError(f"vae/config.json sets only one of latents_mean ({latents_mean}) and latents_std "
+                            f"({latents_std}); SDXL normalises latents with both (diffusers fails on one alone). "
+                            "Set both, or neither, in the VAE's config.json")
+    channels = mean.shape[-1]  # NHWC
+    m, s = (np.asarray(v, np.float32).reshape(-1) for v in (latents_mean, latents_std))
+    if m.shape != (channels,) or s.shape != (channels,):
+        raise JaxboothError(f"vae/config.json: latents_mean and latents_std need {channels} values (latent "
+                            f"channels), got {m.size} and {s.size}; fix the VAE's config.json")
+    return ((mean - m) / s).astype(np.float32), (std / s).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -131,13 +197,26 @@ class Caches:
 
 
 def build_caches(spec: spec_lib.RunSpec, models: LoadedModels, dataset: data.Dataset, seed: int) -> Caches:
-    """Latent posteriors of the training crops and token ids (trained encoder) or embeddings of every prompt."""
+    """Latent posteriors of the training crops and token ids (trained encoder) or embeddings of every prompt.
+
+    SDXL also caches the pooled embedding of every prompt (``pooled_embeddings``) and the time ids
+    of every latent row (``time_ids`` ``[num_rows, 6]``, read by the batch's ``example_idx``).
+    """
     d = spec.data
     mean, std, latent_index = encode_latent_cache(models, dataset, resolution=d.resolution,
                                                   center_crop=d.center_crop, random_flip=d.random_flip, seed=seed,
                                                   interpolation=d.image_interpolation_mode,
                                                   num_workers=d.dataloader_num_workers)
     prompts = sorted({example.caption for example in dataset.examples})
+    if models.is_sdxl:
+        mean, std = sdxl_posterior(mean, std, models.vae_config)
+        embeddings, pooled = encode.encode_sdxl_prompts(
+            (models.text_encoder, models.text_encoder_2), (models.text_params, models.text_params_2),
+            (make_tokenize_fn(models.tokenizer), make_tokenize_fn(models.tokenizer_2)), prompts)
+        time_ids = sdxl.add_time_ids(latent_index.original_sizes, latent_index.crops_top_left, d.resolution)
+        frozen = {"latent_mean": mean, "latent_std": std, "text_embeddings": embeddings,
+                  "pooled_embeddings": pooled, "time_ids": time_ids}
+        return Caches(frozen=frozen, prompts=prompts, latent_index=latent_index)
     tokenize = make_tokenize_fn(models.tokenizer, spec.model.tokenizer_max_length)
     frozen = {"latent_mean": mean, "latent_std": std}
     if spec.model.train_text_encoder:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxbooth import class_images as shared
 from jaxbooth import log as jaxbooth_log
+from jaxbooth import sdxl
 from jaxbooth.class_images import existing_class_images, missing_indices, write_class_image
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import mesh as mesh_lib
@@ -196,6 +197,10 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
     _barrier("jaxbooth_class_images_counted")
     if not plan.missing:
         return 0
+    if sampler is None and (models.is_sdxl if models is not None else sdxl.is_sdxl_pipeline(model_dir or "")):
+        raise JaxboothError(f"{class_data_dir}: {len(plan.missing)} of num_class_images={num_class_images} class "
+                            "images are missing, and the jax backend cannot sample SDXL yet (planned); put them "
+                            "there, lower --num_class_images, or use --backend=torch")
     if rank == 0:
         jaxbooth_log.info(shared.describe(plan, num_class_images, class_prompt))
     written = []

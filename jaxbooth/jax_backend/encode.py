@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbooth import sdxl
 from jaxbooth.jax_backend.models.vae import FlaxAutoencoderKL
 
 ENCODE_BATCH = 8  # fixed batch so the encoder compiles once; the last batch is padded
@@ -61,3 +62,30 @@ def encode_prompts(text_apply: Callable, text_params, tokenize: Callable, prompt
     hidden = jax.jit(text_apply)({"params": text_params}, jnp.asarray(input_ids),
                                  jnp.asarray(mask) if use_attention_mask else None)
     return np.asarray(jax.device_get(hidden), np.float32)
+
+
+def encode_sdxl_prompts(text_encoders: tuple, text_params: tuple, tokenize_fns: tuple,
+                        prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL conditioning of each prompt: (prompt_embeds ``[P, L, D1 + D2]``, pooled ``[P, Dproj]``), float32.
+
+    As diffusers' SDXL ``encode_prompt``: each encoder's penultimate hidden states
+    (``sdxl.HIDDEN_STATE_INDEX``), concatenated in encoder order, and the projected pooled output
+    (``text_embeds``) of the second; no attention mask, as diffusers' SDXL script passes none.
+    """
+    if not len(text_encoders) == len(text_params) == len(tokenize_fns) == len(sdxl.TEXT_ENCODERS):
+        raise ValueError(f"SDXL needs {len(sdxl.TEXT_ENCODERS)} text encoders, params and tokenizers; got "
+                         f"{len(text_encoders)}, {len(text_params)}, {len(tokenize_fns)}")
+    hidden, pooled = [], None
+    for module, params, tokenize in zip(text_encoders, text_params, tokenize_fns, strict=True):
+
+        def forward(variables, ids, module=module):
+            out = module.apply(variables, ids, None, output_hidden_states=True)
+            return out.hidden_states[sdxl.HIDDEN_STATE_INDEX], out.text_embeds
+
+        input_ids, _ = tokenize(list(prompts))
+        states, pooled = jax.device_get(jax.jit(forward)({"params": params}, jnp.asarray(input_ids)))
+        hidden.append(np.asarray(states, np.float32))
+    if pooled is None:
+        raise ValueError("the second SDXL text encoder has no text_projection (text_embeds); it must be "
+                         "CLIPTextModelWithProjection")
+    return sdxl.concat_prompt_embeds(hidden).astype(np.float32), np.asarray(pooled, np.float32)

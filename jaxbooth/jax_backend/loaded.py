@@ -15,11 +15,12 @@ from jaxbooth import diffusion
 
 @dataclasses.dataclass
 class LoadedModels:
-    """Modules (flax, stateless), host params, diffusers configs and the tokenizer of one pipeline.
+    """Modules (flax, stateless), host params, diffusers configs and the tokenizer(s) of one pipeline.
 
     ``vae_params`` become None once latents are cached and validation keeps its own host copy;
     ``unet_params`` / ``text_params`` are the base weights (training moves them into the state, or
-    with LoRA into the step's ``frozen["base"]``).
+    with LoRA into the step's ``frozen["base"]``). SDXL pipelines also fill the ``*_2`` fields
+    (``text_encoder_2``: CLIP with projection, and ``tokenizer_2``); they stay None for SD.
     """
 
     model_dir: Path
@@ -36,3 +37,12 @@ class LoadedModels:
     scheduler_config: dict
     noise_schedule: diffusion.NoiseSchedule
     vae_dir: Path | None = None  # the VAE override's folder, when the spec names one
+    text_encoder_2: Any = None
+    text_config_dict_2: dict | None = None
+    text_params_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether this is an SDXL pipeline (two text encoders, ``text_time`` added conditioning)."""
+        return self.text_encoder_2 is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbooth import capabilities, diffusion, pipelines
+from jaxbooth import capabilities, diffusion, pipelines, sdxl
 from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import pretrained
@@ -42,9 +42,9 @@ def refuse_unsupported_options(spec: spec_lib.RunSpec) -> None:
     capabilities.check_backend(spec, capabilities.JAX)
 
 
-def refuse_untrainable_pipeline(model_dir: Path) -> None:
+def refuse_untrainable_pipeline(model_dir: Path, model_family: str = "auto") -> None:
     """Refuse a pipeline this backend cannot train, by its model_index.json class, before any weight loads."""
-    pipelines.refuse_untrainable_pipeline(model_dir, capabilities.JAX)
+    pipelines.refuse_untrainable_pipeline(model_dir, capabilities.JAX, model_family)
 
 
 def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
@@ -60,18 +60,74 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
         raise JaxboothError("pretrained_model_name_or_path must be set (the CLI fills in the built-in tiny model; "
                             "call jaxbooth.cli.fill_defaults)")
     hub = {"revision": m.revision, "token": spec.hub.hub_token, "cache_dir": spec.data.cache_dir}
-    refuse_untrainable_pipeline(resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub))
+    index_dir = resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub)
+    refuse_untrainable_pipeline(index_dir, m.model_family)
+    if sdxl.is_sdxl_pipeline(index_dir):
+        refuse_sdxl_options(spec)
     model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
     vae_name = spec_lib.vae_name_or_path(spec)
     vae_dir = resolve_vae_dir(vae_name, variant=m.variant, **hub) if vae_name else None
     return ModelPaths(Path(model_dir), vae_dir)
 
 
-def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
-    """Every module, host param tree, config and the tokenizer of the run, each loaded once.
+_SDXL_SCOPE = "the jax backend trains the SDXL UNet (full or LoRA) with both text encoders frozen"
 
-    The UNet and text encoder load in float32 (trained params; ``mixed_precision`` sets the
-    compute dtype); the VAE comes from the override folder when the spec names one.
+
+def refuse_sdxl_options(spec: spec_lib.RunSpec) -> None:
+    """Refuse, naming the key and the fix, what an SDXL run on this backend would otherwise ignore.
+
+    Called once ``model_index.json`` names an SDXL pipeline, before any weight loads. The class
+    images are counted here too, since SDXL class-image sampling is not on this backend yet.
+    """
+    m, prior = spec.model, spec.prior
+    problems = []
+    if m.train_text_encoder:
+        problems.append(f"--train_text_encoder: {_SDXL_SCOPE}; training SDXL's text encoders is planned. "
+                        "Drop --train_text_encoder")
+    if spec.validation.validation_prompt is not None:
+        problems.append("--validation_prompt: the jax backend cannot sample SDXL yet (planned), so an SDXL run "
+                        "has no validation images here. Drop --validation_prompt, or use --backend=torch")
+    # Not options of diffusers' SDXL script, which tokenizes with each tokenizer's own length, passes no
+    # attention mask and saves both encoders; each would reach only the first of SDXL's two encoders here.
+    first_only = {
+        "tokenizer_name": m.tokenizer_name is not None,
+        "tokenizer_max_length": m.tokenizer_max_length is not None,
+        "text_encoder_use_attention_mask": m.text_encoder_use_attention_mask,
+        "skip_save_text_encoder": spec.checkpointing.skip_save_text_encoder,
+    }
+    for key in (key for key, given in first_only.items() if given):
+        problems.append(f"--{key}: diffusers' SDXL DreamBooth script has no such option, and an SDXL pipeline "
+                        "has two text encoders and tokenizers it would apply to only the first of (SDXL runs "
+                        "use both as the pipeline has them: each tokenizer's own length, no attention mask, "
+                        f"both encoders saved). Drop --{key}")
+    shortfall = _class_image_shortfall(spec)
+    if shortfall:
+        problems.append(f"--with_prior_preservation: {prior.class_data_dir} has {prior.num_class_images - shortfall} "
+                        f"of --num_class_images={prior.num_class_images} class images, and generating the other "
+                        f"{shortfall} needs SDXL sampling, which the jax backend does not have yet (planned). Put "
+                        f"{prior.num_class_images} images of the class there, lower --num_class_images, or use "
+                        "--backend=torch")
+    if problems:
+        raise JaxboothError("SDXL pipeline on the jax backend:\n" + "\n".join(problems))
+
+
+def _class_image_shortfall(spec: spec_lib.RunSpec) -> int:
+    """How many class images prior preservation would have to generate (0 without it)."""
+    prior = spec.prior
+    if not prior.with_prior_preservation or prior.class_data_dir is None:
+        return 0
+    from jaxbooth.class_images import existing_class_images
+
+    existing = existing_class_images(prior.class_data_dir, skip_bad=spec.data.skip_bad_images)
+    return max(0, prior.num_class_images - len(existing))
+
+
+def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
+    """Every module, host param tree, config and the tokenizer(s) of the run, each loaded once.
+
+    The UNet and text encoder(s) load in float32 (trained params; ``mixed_precision`` sets the
+    compute dtype); the VAE comes from the override folder when the spec names one. An SDXL
+    pipeline also loads ``text_encoder_2`` (CLIP with projection) and ``tokenizer_2``.
     """
     dtype = COMPUTE_DTYPES[spec.precision.mixed_precision]
     kernel, remat, variant = spec.precision.attention, spec.precision.gradient_checkpointing, spec.model.variant
@@ -82,6 +138,16 @@ def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
     text_config, text_dict, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant,
                                                                      dtype=jnp.float32)
     scheduler_config = diffusion.read_scheduler_config(model_dir)
+    hub = {"revision": spec.model.revision, "cache_dir": spec.data.cache_dir, "token": spec.hub.hub_token}
+    second = {}
+    if sdxl.is_sdxl_pipeline(model_dir):
+        config_2, dict_2, params_2 = pretrained.load_pretrained(model_dir, "text_encoder_2", variant=variant,
+                                                                dtype=jnp.float32)
+        second = dict(text_encoder_2=clip_lib.make_text_encoder(config_2, with_projection=config_2.has_projection,
+                                                                dtype=dtype, attention_kernel=kernel,
+                                                                gradient_checkpointing=remat),
+                      text_config_dict_2=dict_2, text_params_2=params_2,
+                      tokenizer_2=load_tokenizer(model_dir, subfolder="tokenizer_2", **hub))
     return LoadedModels(
         model_dir=model_dir,
         unet=unet_lib.FlaxUNet2DConditionModel(unet_config, dtype=dtype, attention_kernel=kernel,
@@ -91,12 +157,12 @@ def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
         text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype, attention_kernel=kernel,
                                                 gradient_checkpointing=remat),
         text_config_dict=text_dict, text_params=text_params,
-        tokenizer=load_tokenizer(model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision,
-                                 cache_dir=spec.data.cache_dir, token=spec.hub.hub_token),
+        tokenizer=load_tokenizer(model_dir, tokenizer_name=spec.model.tokenizer_name, **hub),
         scheduler_config=scheduler_config,
         noise_schedule=diffusion.schedule_from_config(scheduler_config,
                                                       source=str(model_dir / diffusion.SCHEDULER_CONFIG)),
         vae_dir=paths.vae_dir,
+        **second,
     )
 
 

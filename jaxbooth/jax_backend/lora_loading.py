@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxbooth import sdxl
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import pretrained
 from jaxbooth.jax_backend.weights import flax_to_torch_state, torch_state_to_flax
@@ -186,6 +187,7 @@ def read_fitting_lora(lora_file: Path, base: BaseModel, states: Mapping[str, Map
 def merged_loader(lora_file: Path, base: BaseModel, scale: float) -> Source:
     """Resolve the base, read and check the LoRA up front, and load UNet/text encoder merged at ``scale``."""
     base_dir = _resolve_base(base)
+    refuse_sdxl(base_dir, lora_file)  # before any base weight loads
     states = {component: base_state_dict(base_dir, component, base.variant) for component in ADAPTED}
     lora = read_fitting_lora(lora_file, base, states)
 
@@ -240,4 +242,17 @@ def generate_source(name: str, *, base: str | None = None, lora_scale: float | N
     folder = Path(resolve_model_dir(name))
     if base is not None or lora_scale is not None:
         _plain_pipeline_errors(name, folder, base=base, lora_scale=lora_scale)
+    refuse_sdxl(folder)
     return Source(folder, None, pretrained.load_pretrained)
+
+
+def refuse_sdxl(pipeline_dir: Path, lora_file: Path | None = None) -> None:
+    """``jaxbooth generate`` samples SD pipelines only; an SDXL one (or a LoRA on one) is refused by name."""
+    if not sdxl.is_sdxl_pipeline(pipeline_dir):
+        return
+    what = (f"{lora_file} is a LoRA on an SDXL base ({pipeline_dir})" if lora_file
+            else f"{pipeline_dir} is an SDXL pipeline")
+    load = (f'StableDiffusionXLPipeline.from_pretrained("{pipeline_dir}").load_lora_weights("{lora_file.parent}")'
+            if lora_file else f'StableDiffusionXLPipeline.from_pretrained("{pipeline_dir}")')
+    raise JaxboothError(f"{what}: jaxbooth generate does not sample SDXL yet (planned). Fix: sample it with stock "
+                        f"diffusers, {load}")

@@ -86,13 +86,38 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Sequence[tuple[str, str]
     return jax.tree_util.tree_map_with_path(choose, abstract_params)
 
 
-def describe_shardings(shardings) -> str:
-    """One line per sharded parameter, plus a count of the replicated ones (printed at start-up)."""
-    lines, replicated_count = [], 0
-    for path, sharding in jax.tree_util.tree_leaves_with_path(shardings):
-        if all(axis is None for axis in sharding.spec):
-            replicated_count += 1
+def bytes_on_device(tree, device: jax.Device | None = None) -> tuple[int, int]:
+    """(bytes ``device`` holds, bytes of the whole arrays) over every array leaf of ``tree``.
+
+    Read from the arrays' own shards, so it is what the shardings actually placed, not what the
+    rules meant to; ``device`` defaults to this process's first.
+    """
+    device = device or jax.local_devices()[0]
+    held = total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not isinstance(leaf, jax.Array):
             continue
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        lines.append(f"  {name}: {sharding.spec}")
-    return "\n".join([*lines, f"  ({replicated_count} parameters replicated)"])
+        total += leaf.nbytes
+        held += sum(shard.data.nbytes for shard in leaf.addressable_shards if shard.device == device)
+    return held, total
+
+
+def sharding_table(tree: dict, depth: int = 2) -> str:
+    """Params grouped by their first ``depth`` path keys: leaves, how many are fsdp-sharded, and
+    bytes per device against the whole, one line per group (printed at start-up)."""
+    groups: dict[str, list[int]] = {}
+    device = jax.local_devices()[0]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[:depth])
+        row = groups.setdefault(name, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += int(any(axis is not None for axis in getattr(leaf.sharding, "spec", ())))
+        row[2] += sum(shard.data.nbytes for shard in leaf.addressable_shards if shard.device == device)
+        row[3] += leaf.nbytes
+    width = max([len(name) for name in groups] + [5])
+    lines = [f"  {'group':{width}} {'leaves':>7} {'sharded':>8} {'MB/device':>10} {'MB whole':>10}"]
+    for name, (leaves, sharded, held, total) in groups.items():
+        lines.append(f"  {name:{width}} {leaves:7d} {sharded:8d} {held / 1e6:10.2f} {total / 1e6:10.2f}")
+    return "\n".join(lines)

@@ -16,13 +16,15 @@ from jaxbooth.jax_backend.models import clip, unet, vae
 from jaxbooth.jax_backend.pretrained import save_diffusers_component
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+OPTIONAL = ("text_encoder_2",)  # SDXL's second encoder (with projection)
 
 
 def random_params(configs: Mapping[str, dict], seed: int) -> dict[str, dict]:
-    """Host params of every component, initialised from ``PRNGKey(seed)`` split three ways.
+    """Host params of every component, initialised from ``PRNGKey(seed)``.
 
-    ``configs`` holds the diffusers config dicts of ``unet``, ``vae`` and ``text_encoder``; the
-    split order is fixed, so a (configs, seed) pair always gives the same weights.
+    ``configs`` holds the diffusers config dicts of ``unet``, ``vae`` and ``text_encoder`` (and
+    ``text_encoder_2`` for SDXL); the split order is fixed, so a (configs, seed) pair always gives
+    the same weights, and an SD pipeline's weights do not change with the optional components.
     """
     missing = [name for name in COMPONENTS if name not in configs]
     if missing:
@@ -33,11 +35,15 @@ def random_params(configs: Mapping[str, dict], seed: int) -> dict[str, dict]:
         "vae": vae.init_params(vae.vae_config_from_dict(configs["vae"]), keys[1]),
         "text_encoder": clip.init_params(clip.clip_config_from_dict(configs["text_encoder"]), keys[2]),
     }
+    if "text_encoder_2" in configs:
+        config = clip.clip_config_from_dict(configs["text_encoder_2"])
+        params["text_encoder_2"] = clip.init_params(config, jax.random.fold_in(keys[2], 2),
+                                                    with_projection=config.has_projection)
     return jax.device_get(params)
 
 
 def write_random_components(out_dir: str | Path, configs: Mapping[str, dict], seed: int) -> None:
-    """Write ``unet/``, ``vae/`` and ``text_encoder/`` (config + random weights) in diffusers layout."""
+    """Write each component's folder (config + random weights) in diffusers layout."""
     params = random_params(configs, seed)
-    for component in COMPONENTS:
+    for component in (*COMPONENTS, *(name for name in OPTIONAL if name in configs)):
         save_diffusers_component(params[component], configs[component], Path(out_dir), component)

@@ -158,6 +158,16 @@ def init_state(params_host: dict, tx, mesh, seed: int) -> tuple[TrainState, Any]
     return state, shardings
 
 
+def log_placement(state: TrainState, mesh) -> None:
+    """What each device holds of the trained params and optimizer state, read from the arrays' shards;
+    with fsdp the table per parameter group too (what is sharded, and what it costs per device)."""
+    held, whole = mesh_lib.bytes_on_device((state.params, state.opt_state))
+    log(f"params + optimizer state: {held / 1e6:.2f} MB per device of {whole / 1e6:.2f} MB "
+        f"(1/{whole / max(held, 1):.2f}), mesh {dict(mesh.shape)}")
+    if mesh.shape[mesh_lib.FSDP_AXIS] > 1:
+        log("sharding of the trained params:\n" + mesh_lib.sharding_table(state.params))
+
+
 def global_batch_size(spec: spec_lib.RunSpec) -> int:
     """train_batch_size is per device, as in diffusers' Flax script (x local_device_count)."""
     return spec.optim.train_batch_size * jax.device_count()
@@ -273,7 +283,8 @@ def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
         prior_loss_weight=spec.prior.prior_loss_weight, train_text_encoder=spec.model.train_text_encoder,
         text_encoder_use_attention_mask=spec.model.text_encoder_use_attention_mask,
         latent_scaling_factor=float(vae_config.scaling_factor),
-        latent_shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0))
+        # diffusers' SDXL script and pipeline never apply shift_factor (latents_mean/std: caches.sdxl_posterior)
+        latent_shift_factor=0.0 if models.is_sdxl else float(getattr(vae_config, "shift_factor", None) or 0.0))
 
 
 def load_for_training(spec: spec_lib.RunSpec) -> LoadedModels:
@@ -299,7 +310,9 @@ def train(spec: spec_lib.RunSpec) -> Path:
     params_host, base_host = initial_params(spec, models, run.seed)
     tx, lr_schedule = make_optimizer(run)
     state, shardings = init_state(params_host, tx, mesh, run.seed)
-    models.unet_params = models.text_params = params_host = None  # the state (and frozen["base"]) hold them
+    log_placement(state, mesh)
+    # the state (and frozen["base"]) hold them; a frozen encoder's embeddings are cached
+    models.unet_params = models.text_params = models.text_params_2 = params_host = None
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution, batch_size=global_batch_size(spec),
                                   seed=run.seed, center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
                                   interpolation=spec.data.image_interpolation_mode)

@@ -20,8 +20,8 @@ from jaxbooth import diffusion
 from jaxbooth.diffusion import LossOptions
 from jaxbooth.jax_backend import optim
 
-__all__ = ["LossOptions", "TrainState", "denoising_loss", "gradient_step", "make_train_step", "step_halves",
-           "train_step", "update_step"]
+__all__ = ["LossOptions", "TrainState", "added_conditions", "denoising_loss", "gradient_step", "make_train_step",
+           "step_halves", "train_step", "update_step"]
 
 
 @flax.struct.dataclass
@@ -59,15 +59,26 @@ def encode_prompts(params: Any, frozen: dict, prompt_idx: jax.Array, text_apply:
     return text_apply({"params": params["text_encoder"]}, input_ids, mask)
 
 
+def added_conditions(frozen: dict, batch: dict) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` of the batch: each row's prompt's pooled embedding and its latent row's
+    time ids (None for SD, whose cache has neither)."""
+    if "time_ids" not in frozen:
+        return None
+    return {"text_embeds": frozen["pooled_embeddings"][batch["prompt_idx"]],
+            "time_ids": frozen["time_ids"][batch["example_idx"]]}
+
+
 def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, timesteps: jax.Array,
                    encoder_hidden_states: jax.Array, *, unet_apply: Callable, tables: diffusion.NoiseTables,
-                   options: LossOptions):
+                   options: LossOptions, added_cond_kwargs: dict | None = None):
     """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
 
     Shared by the train step and the cross-backend parity test; returns (loss, aux metrics).
+    ``added_cond_kwargs`` (SDXL: ``text_embeds``, ``time_ids``) reaches the UNet only when given.
     """
     noisy = diffusion.add_noise(latents, noise, timesteps, tables)
-    pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states)
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states, **extra)
     return diffusion.loss_from_prediction(pred, latents, noise, timesteps, tables, options)
 
 
@@ -91,7 +102,7 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
     timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
     encoder_hidden_states = encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options)
     return denoising_loss(params["unet"], latents, noise, timesteps, encoder_hidden_states, unet_apply=unet_apply,
-                          tables=tables, options=options)
+                          tables=tables, options=options, added_cond_kwargs=added_conditions(frozen, batch))
 
 
 def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,

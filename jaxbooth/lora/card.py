@@ -10,6 +10,7 @@ import yaml
 
 from jaxbooth.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from jaxbooth.lora.settings import AdapterSettings
+from jaxbooth.output import card_license
 
 
 def lora_model_card(*, base_model: str, instance_prompt: str, settings: AdapterSettings,
@@ -22,7 +23,7 @@ def lora_model_card(*, base_model: str, instance_prompt: str, settings: AdapterS
     ``targets``: per adapted component, the target names that matched its modules.
     """
     front = yaml.safe_dump({
-        "license": "creativeml-openrail-m", "base_model": base_model, "instance_prompt": instance_prompt,
+        "license": card_license(pipeline_class), "base_model": base_model, "instance_prompt": instance_prompt,
         "tags": ["text-to-image", "lora", "dreambooth", "diffusers", "jaxbooth"], "library_name": "diffusers",
         "inference": True,
     }, sort_keys=False, allow_unicode=True)

@@ -8,7 +8,6 @@ diffusers pipeline in the same folder, the LoRA model card and the resolved run 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -70,7 +69,8 @@ def write_lora_output(out_dir: str | Path, state: LoraState, *, settings: Adapte
     targets = {c: settings.peft_config(c, present=state[c])["target_modules"] for c in adapted}
     card = lora_model_card(
         base_model=spec.model.pretrained_model_name_or_path or str(base_dir), instance_prompt=instance_prompt,
-        settings=settings, targets=targets, steps=steps, backend=backend, pipeline_class=_pipeline_class(base_dir),
+        settings=settings, targets=targets, steps=steps, backend=backend,
+        pipeline_class=output.card_pipeline_class(base_dir),
         kohya=bool(spec.lora.output_kohya_format), merged=merge, merged_text_encoder=not skip_text_encoder, vae=vae,
         validation_images=validation_images)
     output.atomic_write_text(out_dir / "README.md", card)  # after write_pipeline: replaces its full fine-tune card
@@ -99,11 +99,3 @@ def write_merged_components(out_dir: Path, state: LoraState, *, base_dir: Path, 
         written.append(component)
     return written
 
-
-def _pipeline_class(base_dir: Path) -> str:
-    """The base pipeline's class for the card's snippet (``model_index.json``), StableDiffusionPipeline failing that."""
-    try:
-        name = json.loads((base_dir / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError):
-        name = None
-    return name if isinstance(name, str) and name.endswith("Pipeline") else "StableDiffusionPipeline"

@@ -2,7 +2,9 @@
 
 Mirrors diffusers ``train_dreambooth.py``: the base pipeline, loaded at
 ``prior_generation_precision``, samples the shortfall from ``class_prompt`` in batches of
-``sample_batch_size``. The bookkeeping (missing indices, ``{index}-{sha1 of the pixels}.jpg``
+``sample_batch_size``, at the pipeline's default size (an SDXL pipeline, loaded the same way, samples
+at its native size, as diffusers' SDXL script; the data pipeline then resizes and records the
+original size for the time ids). The bookkeeping (missing indices, ``{index}-{sha1 of the pixels}.jpg``
 names, per-image seeds, atomic writes, the split over processes) is the shared
 ``jaxbooth.class_images``; this module supplies "these prompts, these per-image seeds": one
 ``torch.Generator`` per image, which diffusers' pipeline draws that image's noise from alone.
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from jaxbooth import class_images as shared
-from jaxbooth import log
+from jaxbooth import log, sdxl
 from jaxbooth import spec as spec_lib
 from jaxbooth.class_images import ClassImagePlan, class_image_name, plan_class_images
 
@@ -40,9 +42,10 @@ def load_generation_pipeline(model_dir: Path, dtype: torch.dtype, device: torch.
     from jaxbooth.torch_backend.models import dtype_kwargs, quiet_library_output
 
     quiet_library_output()
-    kwargs = {"variant": variant} if variant else {}
-    pipeline = DiffusionPipeline.from_pretrained(model_dir, **dtype_kwargs(dtype), safety_checker=None,
-                                                 requires_safety_checker=False, **kwargs)
+    kwargs: dict[str, Any] = {"variant": variant} if variant else {}
+    if not sdxl.is_sdxl_pipeline(model_dir):  # SDXL has no safety checker to turn off
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipeline = DiffusionPipeline.from_pretrained(model_dir, **dtype_kwargs(dtype), **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 

@@ -9,6 +9,9 @@ value never depends on the batch it first appeared in and a resumed run sees the
 ``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a frozen text
 encoder (all prompts up front and the encoder freed with
 ``pre_compute_text_embeddings``), or a forward pass of the trained encoder.
+``SdxlTextConditioner`` is its SDXL twin (both encoders frozen): per prompt the prompt embeds and
+pooled embeds of ``encode_sdxl_prompt``, and per row the time ids of the crop actually taken.
+``unet_inputs(conditioner, batch)`` is what the UNet call needs beyond latents and timesteps.
 Never imports jax.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jaxbooth import sdxl
 from jaxbooth.torch_backend.loss import encode_prompt
 
 
@@ -102,3 +106,82 @@ class TextConditioner:
             return encode_prompt(self.text_encoder, ids, mask, self.use_attention_mask)
         self.precompute(prompts)
         return torch.stack([self._cache[p] for p in prompts])
+
+
+def unet_inputs(conditioner: Any, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(encoder hidden states, ``added_cond_kwargs``) of the batch's rows: SDXL's pooled embeds and time ids,
+    None for an SD conditioner (anything with ``embeddings(prompts)``), whose UNet takes no added conditioning."""
+    if isinstance(conditioner, SdxlTextConditioner):
+        return conditioner.unet_inputs(batch)
+    return conditioner.embeddings([str(caption) for caption in batch["caption"]]), None
+
+
+def encode_sdxl_prompt(text_encoders: tuple, input_ids: tuple[torch.Tensor, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning of token ids, as diffusers' SDXL script and pipeline compute it.
+
+    ``text_encoders``: (CLIPTextModel, CLIPTextModelWithProjection); ``input_ids``: one [B, L] tensor
+    per encoder (padded to max length, no attention mask). Returns (prompt_embeds [B, L, D1 + D2]: each
+    encoder's ``hidden_states[sdxl.HIDDEN_STATE_INDEX]`` concatenated in encoder order, pooled [B, P]:
+    the second encoder's projected ``text_embeds``).
+    """
+    if len(text_encoders) != len(sdxl.TEXT_ENCODERS) or len(input_ids) != len(sdxl.TEXT_ENCODERS):
+        raise ValueError(f"SDXL conditions on {len(sdxl.TEXT_ENCODERS)} text encoders, got {len(text_encoders)} "
+                         f"encoders and {len(input_ids)} id tensors")
+    hidden, output = [], None
+    for encoder, ids in zip(text_encoders, input_ids, strict=True):
+        output = encoder(ids.to(encoder.device), output_hidden_states=True, return_dict=True)
+        hidden.append(output.hidden_states[sdxl.HIDDEN_STATE_INDEX])
+    pooled = getattr(output, "text_embeds", None)
+    if pooled is None:
+        raise ValueError(f"the second SDXL text encoder ({type(text_encoders[-1]).__name__}) returned no text_embeds; "
+                         "it must be a CLIPTextModelWithProjection")
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class SdxlTextConditioner:
+    """SDXL conditioning for a batch, both encoders frozen: (prompt embeds, pooled) cached per prompt,
+    time ids per row from the batch's ``original_size`` and ``crop_top_left`` (``sdxl.add_time_ids``)."""
+
+    def __init__(self, text_encoders: tuple, tokenize_fns: tuple, device: torch.device, *, resolution: int):
+        """``tokenize_fns``: one ``jaxbooth.text.make_tokenize_fn`` per encoder (max-length padding, no mask)."""
+        self.text_encoders: tuple | None = tuple(text_encoders)
+        self.tokenize_fns, self.device, self.resolution = tuple(tokenize_fns), device, resolution
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def precompute(self, prompts: Iterable[str]) -> None:
+        """Encode ``prompts`` now; each is kept for the rest of the run."""
+        todo = sorted({p for p in prompts if p not in self._cache})
+        if not todo:
+            return
+        if self.text_encoders is None:
+            raise RuntimeError(f"prompts {todo} were not precomputed before the text encoders were freed")
+        for prompt in todo:  # one prompt per call, so a cached row never depends on its batch
+            ids = tuple(torch.from_numpy(np.asarray(tokenize([prompt])[0])).long().to(self.device)
+                        for tokenize in self.tokenize_fns)
+            embeds, pooled = encode_sdxl_prompt(self.text_encoders, ids)
+            self._cache[prompt] = (embeds[0], pooled[0])
+
+    def free_encoder(self) -> None:
+        """Drop both text encoders (``pre_compute_text_embeddings``): only cached prompts remain."""
+        self.text_encoders = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt embeds [N, L, D1 + D2], pooled [N, P]) of ``prompts``, in the encoders' dtype."""
+        self.precompute(prompts)
+        return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
+
+    def time_ids(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """[R, 6] float32: each row's (original h, w, crop y, x, resolution, resolution)."""
+        ids = sdxl.add_time_ids(batch["original_size"], batch["crop_top_left"], self.resolution)
+        return torch.from_numpy(ids).to(self.device)
+
+    def unet_inputs(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(prompt embeds, ``added_cond_kwargs``) of the batch's rows (class rows: the class prompt's, their own
+        time ids)."""
+        embeds, pooled = self.embeddings([str(caption) for caption in batch["caption"]])
+        return embeds, {"text_embeds": pooled, "time_ids": self.time_ids(batch)}

@@ -23,7 +23,7 @@ from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
-from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
+from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner, unet_inputs
 from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, make_generator
 from jaxbooth.validation_files import should_validate
 
@@ -45,7 +45,7 @@ class Trainer:
     lr_scheduler: Any
     iterator: data.BatchIterator
     latents: LatentCache
-    text: TextConditioner
+    text: TextConditioner | SdxlTextConditioner
     tables: diffusion.NoiseTables
     options: LossOptions
     seed: int
@@ -67,8 +67,9 @@ def micro_step_loss(t: Trainer, batch: dict, micro_step: int) -> tuple[torch.Ten
     generator = make_generator(t.seed, micro_step, t.accelerator.process_index, device)
     mean, std = t.latents.posterior(batch)
     drawn = draw_inputs(mean, std, generator, int(t.tables.snr.shape[0]), t.options)
-    hidden = t.text.embeddings([str(caption) for caption in batch["caption"]])
-    return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options)
+    hidden, added = unet_inputs(t.text, batch)  # added: SDXL's pooled embeds and time ids, else None
+    return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options,
+                          added_cond_kwargs=added)
 
 
 def optimizer_step(t: Trainer, micro_step: int) -> dict[str, torch.Tensor]:

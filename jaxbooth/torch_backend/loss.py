@@ -22,17 +22,20 @@ __all__ = ["LossOptions", "denoising_loss", "draw_inputs", "make_generator", "st
 
 def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, tables: diffusion.NoiseTables,
-                   options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   options: LossOptions, *, added_cond_kwargs: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
 
     latents_nchw, noise: float [B, C, H, W] (scaled latents; with prior preservation the
     instance rows come first, then the class rows); timesteps: int [B]; encoder_hidden_states:
-    [B, L, D]. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
+    [B, L, D]; added_cond_kwargs: SDXL's ``{"text_embeds": [B, P], "time_ids": [B, 6]}``, passed to
+    the UNet only when given. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
     Mirrors diffusers ``train_dreambooth.py``'s loss block; the JAX twin is
     ``jaxbooth.jax_backend.train_step.denoising_loss`` (parity: tests/test_cross_backend.py).
     """
     noisy = diffusion.add_noise(latents_nchw, noise, timesteps, tables)
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
     return diffusion.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
 
 

@@ -1,10 +1,13 @@
 """Loading the diffusers/transformers torch models of a pipeline folder for training.
 
 Owns which class loads which component (``UNet2DConditionModel``, ``AutoencoderKL``,
-``CLIPTextModel`` or whatever ``model_index.json`` names for the text encoder), freezing
+``CLIPTextModel`` or whatever ``model_index.json`` names for the text encoder, and for an
+SDXL pipeline also ``text_encoder_2``, ``CLIPTextModelWithProjection``), freezing
 and casting the frozen ones, and the weight dtype of a mixed-precision run. Trainable
 models always load in float32: mixed precision keeps float32 master weights (diffusers
-refuses to start otherwise). Imports torch, diffusers and transformers; never jax.
+refuses to start otherwise). An SDXL VAE stays float32 whatever the precision, as diffusers'
+``train_dreambooth_lora_sdxl.py`` keeps it (against NaN losses). Imports torch, diffusers
+and transformers; never jax.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from jaxbooth import diffusion
+from jaxbooth import diffusion, sdxl
 from jaxbooth.errors import JaxboothError
 from jaxbooth.hub import vae_component_folder
 
@@ -26,7 +29,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 @dataclasses.dataclass
 class Models:
-    """The pipeline parts a run uses. ``text_encoder`` is None once precomputed embeddings free it."""
+    """The pipeline parts a run uses. The text encoders are None once precomputed embeddings free them;
+    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (``is_sdxl``), None otherwise."""
 
     unet: Any
     vae: Any
@@ -35,6 +39,14 @@ class Models:
     schedule: diffusion.NoiseSchedule
     model_dir: Path
     vae_dir: Path
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
+    is_sdxl: bool = False
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        """The frozen encoders the conditioning runs: (text_encoder,) or SDXL's (text_encoder, text_encoder_2)."""
+        return (self.text_encoder, self.text_encoder_2) if self.is_sdxl else (self.text_encoder,)
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -45,16 +57,17 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
 
 
-def text_encoder_class(model_dir: Path) -> type:
-    """The text-encoder class ``model_index.json`` names (CLIPTextModel for SD, T5EncoderModel for IF)."""
+def text_encoder_class(model_dir: Path, component: str = "text_encoder") -> type:
+    """The class ``model_index.json`` names for ``component`` (CLIPTextModel for SD, T5EncoderModel for IF,
+    CLIPTextModelWithProjection for SDXL's ``text_encoder_2``)."""
     index_path = model_dir / "model_index.json"
     try:
-        library, name = json.loads(index_path.read_text())["text_encoder"]
+        library, name = json.loads(index_path.read_text())[component]
     except (OSError, KeyError, ValueError, TypeError) as error:
-        raise JaxboothError(f"{index_path}: cannot read the text_encoder entry ({error}); "
+        raise JaxboothError(f"{index_path}: cannot read the {component} entry ({error}); "
                             "pretrained_model_name_or_path must be a diffusers pipeline folder") from None
     if library != "transformers" or name is None:
-        raise JaxboothError(f"{index_path}: text_encoder is {[library, name]}; DreamBooth needs a transformers "
+        raise JaxboothError(f"{index_path}: {component} is {[library, name]}; DreamBooth needs a transformers "
                             "text encoder (e.g. ['transformers', 'CLIPTextModel'])")
     return getattr(importlib.import_module("transformers"), name)
 
@@ -75,25 +88,52 @@ def quiet_library_output() -> None:
 
 
 def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | None = None,
-                tokenizer: Any) -> Models:
-    """UNet, VAE and text encoder in float32 on the CPU, plus the training noise schedule."""
+                tokenizer: Any, tokenizer_2: Any | None = None) -> Models:
+    """UNet, VAE and text encoder(s) in float32 on the CPU, plus the training noise schedule.
+
+    An SDXL pipeline (``model_index.json``) also loads ``text_encoder_2``; its ``tokenizer_2``
+    must then be given (loaded beside ``tokenizer`` before any weights).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     quiet_library_output()
+    is_sdxl = sdxl.is_sdxl_pipeline(model_dir)
+    if is_sdxl and tokenizer_2 is None:
+        raise ValueError(f"{model_dir} is an SDXL pipeline: load_models needs its tokenizer_2")
     vae_dir = vae_dir or model_dir
+    if is_sdxl:
+        check_sdxl_vae(vae_dir)
     kwargs = {"variant": variant} if variant else {}
     try:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
                                                     **kwargs)
         # a pipeline's vae/, or a standalone VAE folder (config.json at its root), as diffusers' VAE flags
         vae = AutoencoderKL.from_pretrained(vae_component_folder(vae_dir), **dtype_kwargs(torch.float32), **kwargs)
-        text_encoder = text_encoder_class(model_dir).from_pretrained(
-            model_dir, subfolder="text_encoder", dtype=torch.float32, **kwargs)
+        encoders = [text_encoder_class(model_dir, name).from_pretrained(
+            model_dir, subfolder=name, dtype=torch.float32, **kwargs)
+            for name in (sdxl.TEXT_ENCODERS if is_sdxl else ("text_encoder",))]
     except (OSError, ValueError) as error:
         raise JaxboothError(f"cannot load the pipeline components from {model_dir}: {error}; check "
                             "--pretrained_model_name_or_path (and --variant)") from None
-    return Models(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                  schedule=diffusion.load_schedule(model_dir), model_dir=model_dir, vae_dir=vae_dir)
+    return Models(unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
+                  schedule=diffusion.load_schedule(model_dir), model_dir=model_dir, vae_dir=vae_dir,
+                  text_encoder_2=encoders[1] if is_sdxl else None, tokenizer_2=tokenizer_2, is_sdxl=is_sdxl)
+
+
+def check_sdxl_vae(vae_dir: Path) -> None:
+    """Refuse, from its ``config.json`` before any weight loads, a VAE that sets ``latents_mean`` /
+    ``latents_std`` (e.g. Playground v2.5's): diffusers' SDXL script then normalises latents per
+    channel, which jaxbooth's latents (``(x - shift) * scaling``) do not do yet."""
+    path = vae_component_folder(vae_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise JaxboothError(f"{path}: cannot read the VAE config ({error}); check --pretrained_model_name_or_path "
+                            "or --pretrained_vae_model_name_or_path") from None
+    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        raise JaxboothError(f"{path}: the VAE sets latents_mean/latents_std "
+                            "(per-channel latent normalisation), which jaxbooth does not train with yet; use a VAE "
+                            "without them (--pretrained_vae_model_name_or_path, e.g. madebyollin/sdxl-vae-fp16-fix)")
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -101,16 +141,21 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return WEIGHT_DTYPES.get(mixed_precision, torch.float32)
 
 
+def vae_dtype(models: Models, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype in a run of weight dtype ``dtype``: float32 for SDXL (diffusers' SDXL script), else ``dtype``."""
+    return torch.float32 if models.is_sdxl else dtype
+
+
 def prepare_frozen(models: Models, *, train_text_encoder: bool, device: torch.device, dtype: torch.dtype) -> None:
-    """Freeze the VAE (and the text encoder unless trained), move them to ``device`` in ``dtype``."""
-    frozen = [models.vae] + ([models.text_encoder] if models.text_encoder is not None and not train_text_encoder
-                             else [])
-    for model in frozen:
+    """Freeze the VAE (and the text encoders unless trained), move them to ``device`` in ``dtype``
+    (the VAE in ``vae_dtype``)."""
+    encoders = [] if train_text_encoder else [e for e in models.text_encoders if e is not None]
+    for model, model_dtype in [(models.vae, vae_dtype(models, dtype))] + [(e, dtype) for e in encoders]:
         model.requires_grad_(False)
         model.eval()
         model.to(device)
-        if dtype != torch.float32:  # they load in float32; a no-op cast only earns a diffusers warning
-            model.to(dtype=dtype)
+        if model_dtype != torch.float32:  # they load in float32; a no-op cast only earns a diffusers warning
+            model.to(dtype=model_dtype)
 
 
 def latent_factors(vae: Any) -> tuple[float, float]:

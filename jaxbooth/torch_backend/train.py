@@ -6,7 +6,11 @@ data pipeline (``jaxbooth.data``), the loss math (``jaxbooth.diffusion``), the o
 (``jaxbooth.output``) and the checkpoint layout (``jaxbooth.checkpoints``). It never imports
 jax, flax, optax, orbax or ``jaxbooth.jax_backend`` (tests/torch_backend checks this).
 
-Phases: accelerator -> class images -> dataset, tokenizer, models -> memory options ->
+An SDXL pipeline (``model_index.json``: ``StableDiffusionXLPipeline``) trains its UNet, full or
+LoRA, with both text encoders frozen, as diffusers' ``train_dreambooth_lora_sdxl.py``: the UNet
+also gets the pooled prompt embeds and each row's time ids (``inputs.SdxlTextConditioner``).
+
+Phases: accelerator -> class images -> dataset, tokenizer(s), models -> memory options ->
 LoRA adapters (``--use_lora``, ``lora.py``) -> optimizer, LR schedule, ``accelerator.prepare`` ->
 resume -> loop (``loop.py``) -> pipeline (or, for LoRA, ``pytorch_lora_weights.safetensors``).
 
@@ -39,14 +43,14 @@ from typing import Any
 
 import torch
 
-from jaxbooth import data, output, pipelines
+from jaxbooth import data, output, pipelines, sdxl
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
 from jaxbooth.lora import AdapterSettings
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
 from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim, validation
-from jaxbooth.torch_backend.inputs import LatentCache, TextConditioner
+from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner
 from jaxbooth.torch_backend.loop import Trainer, log, run_loop
 from jaxbooth.torch_backend.loss import LossOptions
 
@@ -67,7 +71,32 @@ def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
     """Refuse, naming them, the options (capability table, planned ones included) and the pipeline
     class (``model_index.json``) the torch backend does not train."""
     spec_lib.check_backend(spec, "torch")
-    pipelines.refuse_untrainable_pipeline(model_dir, "torch")
+    pipelines.refuse_untrainable_pipeline(model_dir, "torch", spec.model.model_family)
+    if sdxl.is_sdxl_pipeline(model_dir):
+        refuse_sdxl_options(spec, model_dir)
+
+
+def refuse_sdxl_options(spec: spec_lib.RunSpec, model_dir: Path) -> None:
+    """The options an SDXL run on this backend does not take, each named with its fix.
+
+    ``train_text_encoder`` is planned; the tokenizer options have no counterpart in diffusers'
+    SDXL script, which pads both tokenizers of the pipeline to 77 tokens and passes no mask.
+    """
+    m, where = spec.model, f"{model_dir / 'model_index.json'} is an SDXL pipeline"
+    if m.train_text_encoder:
+        raise JaxboothError(f"--train_text_encoder: {where}, and training its text encoders is planned, not yet "
+                            "supported; the torch backend trains the SDXL UNet (full or --use_lora) with both text "
+                            "encoders frozen. Drop --train_text_encoder")
+    if m.text_encoder_use_attention_mask:
+        raise JaxboothError(f"--text_encoder_use_attention_mask: {where}; SDXL encodes prompts without an attention "
+                            "mask (diffusers' SDXL script has no such flag). Drop --text_encoder_use_attention_mask")
+    if m.tokenizer_max_length is not None:
+        raise JaxboothError(f"--tokenizer_max_length={m.tokenizer_max_length}: {where}; both SDXL tokenizers pad to "
+                            "their model_max_length (diffusers' SDXL script has no such flag). Drop "
+                            "--tokenizer_max_length")
+    if m.tokenizer_name is not None:
+        raise JaxboothError(f"--tokenizer_name={m.tokenizer_name}: {where}, which uses its own tokenizer/ and "
+                            "tokenizer_2/ (diffusers' SDXL script has no such flag). Drop --tokenizer_name")
 
 
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
@@ -199,12 +228,19 @@ def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_t
 
 
 def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, dataset: data.Dataset,
-                          device: torch.device) -> TextConditioner:
-    """Frozen encoder: embeddings cached per prompt; with pre_compute_text_embeddings all are
-    computed now (validation prompt and the empty negative prompt too) and the encoder freed."""
+                          device: torch.device) -> TextConditioner | SdxlTextConditioner:
+    """Frozen encoder(s): embeddings cached per prompt; with pre_compute_text_embeddings all are
+    computed now (validation prompt and the empty negative prompt too) and the encoders freed.
+    SDXL: both encoders, each with its own tokenizer."""
     spec = run.spec
-    conditioner = TextConditioner(m.text_encoder, tokenize, device, trained=spec.model.train_text_encoder,
-                                  use_attention_mask=spec.model.text_encoder_use_attention_mask)
+    conditioner: TextConditioner | SdxlTextConditioner
+    is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
+    if is_sdxl:
+        conditioner = SdxlTextConditioner(m.text_encoders, (tokenize, make_tokenize_fn(m.tokenizer_2)), device,
+                                          resolution=spec.data.resolution)
+    else:
+        conditioner = TextConditioner(m.text_encoder, tokenize, device, trained=spec.model.train_text_encoder,
+                                      use_attention_mask=spec.model.text_encoder_use_attention_mask)
     if spec.precision.pre_compute_text_embeddings:
         prompts = {example.caption for example in dataset.examples} | {""}
         if spec.validation.validation_prompt is not None:
@@ -212,6 +248,8 @@ def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, datas
         conditioner.precompute(prompts)
         conditioner.free_encoder()
         m.text_encoder = None
+        if is_sdxl:
+            m.text_encoder_2 = None
     return conditioner
 
 
@@ -224,6 +262,7 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
     from diffusers import DDPMScheduler
 
     scheduler_config = DDPMScheduler.load_config(m.model_dir, subfolder="scheduler")
+    is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
     dtype = models.weight_dtype(accelerator.mixed_precision)
 
     def validate(step: int) -> None:
@@ -231,18 +270,26 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
             return
         prompt = spec.validation.validation_prompt
         trained_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
-        pipeline = validation.make_pipeline(
-            unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoder=trained_te or m.text_encoder,
-            tokenizer=m.tokenizer,
-            scheduler=validation.validation_scheduler(spec.validation.validation_scheduler, scheduler_config))
-        embeds = None
-        if m.text_encoder is None and trained_te is None:
-            embeds = (conditioner.embeddings([prompt]), conditioner.embeddings([""]))
+        scheduler = validation.validation_scheduler(spec.validation.validation_scheduler, scheduler_config)
+        embeds, inputs = None, None
+        if is_sdxl:
+            pipeline = validation.make_sdxl_pipeline(
+                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoders=m.text_encoders,
+                tokenizers=(m.tokenizer, m.tokenizer_2), scheduler=scheduler, model_dir=m.model_dir)
+            if m.text_encoder is None:  # pre_compute_text_embeddings freed both encoders
+                inputs = validation.sdxl_prompt_inputs(conditioner, prompt, pipeline)
+        else:
+            pipeline = validation.make_pipeline(
+                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoder=trained_te or m.text_encoder,
+                tokenizer=m.tokenizer, scheduler=scheduler)
+            if m.text_encoder is None and trained_te is None:
+                embeds = (conditioner.embeddings([prompt]), conditioner.embeddings([""]))
         was_training = pipeline.unet.training
         pipeline.unet.eval()
         images = validation.generate_images(
             pipeline, prompt=prompt, num_images=spec.validation.num_validation_images, seed=run.seed,
-            device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds)
+            device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds,
+            inputs=inputs)
         pipeline.unet.train(was_training)
         path = validation.save_and_log(images, run.output_dir, step, accelerator.trackers)
         written.append(str(path.relative_to(run.output_dir)))
@@ -321,9 +368,12 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     spec, device = run.spec, accelerator.device
     dataset = make_dataset(spec, run.instances)
     max_train_steps = spec_lib.total_train_steps(spec, len(dataset), accelerator.num_processes)
-    tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, revision=spec.model.revision,
-                               cache_dir=spec.data.cache_dir, token=spec.hub.hub_token)
-    m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer)
+    hub = {"revision": spec.model.revision, "cache_dir": spec.data.cache_dir, "token": spec.hub.hub_token}
+    tokenizer = load_tokenizer(run.model_dir, tokenizer_name=spec.model.tokenizer_name, **hub)
+    tokenizer_2 = load_tokenizer(run.model_dir, subfolder="tokenizer_2", **hub) if sdxl.is_sdxl_pipeline(
+        run.model_dir) else None
+    m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer,
+                           tokenizer_2=tokenizer_2)
     in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device)
     dtype = models.weight_dtype(accelerator.mixed_precision)
     adapters = AdapterSettings.from_spec(spec) if spec.lora.use_lora else None
@@ -346,7 +396,8 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     trainer = Trainer(
         spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
         lr_scheduler=lr_scheduler, iterator=iterator,
-        latents=LatentCache(m.vae, device, dtype, enabled=spec.precision.cache_latents), text=conditioner,
+        latents=LatentCache(m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents),
+        text=conditioner,
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
         validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))

@@ -6,13 +6,17 @@ seed), from the in-memory models (no reload from disk). Cadence and files
 (``validation/step-{N}.png`` grid, ``validation/step-{N}/{k}.png``) are the shared
 ``jaxbooth.validation_files``; the images also go to the tensorboard tracker. With
 ``pre_compute_text_embeddings`` the prompt's embeddings were computed before the text
-encoder was freed and are passed to the pipeline instead of the prompt. Never imports jax.
+encoder was freed and are passed to the pipeline instead of the prompt. An SDXL run samples a
+``StableDiffusionXLPipeline`` of the trained UNet and the frozen parts; its precomputed inputs are
+the prompt's embeds and pooled embeds and the negative ones the pipeline would have made itself
+(zeros under ``force_zeros_for_empty_prompt``, else the empty prompt's). Never imports jax.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from jaxbooth import validation_files
 from jaxbooth.validation_files import NUM_INFERENCE_STEPS, VALIDATION_DIR, image_grid
 
 __all__ = ["NUM_INFERENCE_STEPS", "VALIDATION_DIR", "generate_images", "image_grid", "make_pipeline",
-           "save_and_log", "validation_scheduler"]
+           "make_sdxl_pipeline", "save_and_log", "sdxl_prompt_inputs", "validation_scheduler"]
 
 
 def validation_scheduler(name: str, config: Any) -> Any:
@@ -45,12 +49,56 @@ def make_pipeline(*, unet: Any, vae: Any, text_encoder: Any | None, tokenizer: A
     return pipeline
 
 
+def make_sdxl_pipeline(*, unet: Any, vae: Any, text_encoders: tuple, tokenizers: tuple, scheduler: Any,
+                       model_dir: Path) -> Any:
+    """A ``StableDiffusionXLPipeline`` of in-memory parts (encoders may be None once freed), with the base
+    pipeline's ``force_zeros_for_empty_prompt``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(model_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def force_zeros_for_empty_prompt(model_dir: Path) -> bool:
+    """The base pipeline's ``force_zeros_for_empty_prompt`` (model_index.json); True, diffusers' default, if unset."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+def sdxl_prompt_inputs(conditioner: Any, prompt: str, pipeline: Any) -> dict[str, torch.Tensor]:
+    """The SDXL pipeline's four embedding keywords for ``prompt`` from a conditioner's cache (the encoders
+    are freed): the negatives are what ``encode_prompt`` would make for no negative prompt."""
+    embeds, pooled = conditioner.embeddings([prompt])
+    if pipeline.config.force_zeros_for_empty_prompt:
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = conditioner.embeddings([""])
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled}
+
+
 def generate_images(pipeline: Any, *, prompt: str, num_images: int, seed: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None, prompt_embeds: tuple[Any, Any] | None = None) -> list[Any]:
-    """``num_images`` PIL images, one pipeline call each, from one seeded generator (as diffusers)."""
+                    autocast_dtype: torch.dtype | None, prompt_embeds: tuple[Any, Any] | None = None,
+                    inputs: dict[str, Any] | None = None) -> list[Any]:
+    """``num_images`` PIL images, one pipeline call each, from one seeded generator (as diffusers).
+
+    The prompt reaches the pipeline as text, or as (embeds, negative embeds) ``prompt_embeds``, or as
+    ``inputs``: the pipeline's prompt keywords as given (SDXL: ``sdxl_prompt_inputs``).
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
-    call = ({"prompt_embeds": prompt_embeds[0], "negative_prompt_embeds": prompt_embeds[1]}
-            if prompt_embeds is not None else {"prompt": prompt})
+    if inputs is not None:
+        call = dict(inputs)
+    elif prompt_embeds is not None:
+        call = {"prompt_embeds": prompt_embeds[0], "negative_prompt_embeds": prompt_embeds[1]}
+    else:
+        call = {"prompt": prompt}
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     images = []

@@ -29,19 +29,19 @@ def index_only_pipeline(folder: Path, class_name: str) -> Path:
     return folder
 
 
-def test_sdxl_pipeline_is_one_clear_error_before_anything_loads(tmp_path: Path) -> None:
-    model = index_only_pipeline(tmp_path / "sdxl", "StableDiffusionXLPipeline")
+def test_if_pipeline_is_one_clear_error_before_anything_loads(tmp_path: Path) -> None:
+    model = index_only_pipeline(tmp_path / "if", "IFPipeline")
     proc = subprocess.run([sys.executable, "-m", "jaxbooth", "train", "--backend=jax",
                            f"--pretrained_model_name_or_path={model}", f"--output_dir={tmp_path / 'out'}",
                            "--report_to=none", "--seed=0"], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for part in ("StableDiffusionXLPipeline", str(model / "model_index.json"), "no backend trains", "planned"):
+    for part in ("IFPipeline", str(model / "model_index.json"), "no backend trains", "planned"):
         assert part in proc.stderr, (part, proc.stderr[-3000:])
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("class_name", ["IFPipeline", "IFSuperResolutionPipeline", "StableDiffusionXLPipeline"])
+@pytest.mark.parametrize("class_name", ["IFPipeline", "IFSuperResolutionPipeline"])
 def test_untrainable_pipelines_are_refused_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       class_name: str) -> None:
     model = index_only_pipeline(tmp_path / "model", class_name)
@@ -56,11 +56,11 @@ def test_untrainable_pipelines_are_refused_in_process(tmp_path: Path, monkeypatc
         train_lib.train(spec)
 
 
-def test_a_hub_sdxl_repo_is_refused_after_fetching_model_index_json_only(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hub_if_repo_is_refused_after_fetching_model_index_json_only(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import jaxbooth.hub
 
-    index_only = index_only_pipeline(tmp_path / "snapshot", "StableDiffusionXLPipeline")
+    index_only = index_only_pipeline(tmp_path / "snapshot", "IFPipeline")
     calls = []
 
     def fake_resolve(name, **kwargs):
@@ -68,10 +68,23 @@ def test_a_hub_sdxl_repo_is_refused_after_fetching_model_index_json_only(tmp_pat
         return index_only
 
     monkeypatch.setattr(jaxbooth.hub, "resolve_model_dir", fake_resolve)
-    spec = load_spec_from_dict({"pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0"})
-    with pytest.raises(JaxboothError, match="StableDiffusionXLPipeline"):
+    spec = load_spec_from_dict({"pretrained_model_name_or_path": "DeepFloyd/IF-I-XL-v1.0"})
+    with pytest.raises(JaxboothError, match="IFPipeline"):
         loading.resolve_model_paths(spec)
     assert calls == [[]], "weights were fetched before the pipeline class was checked"
+
+
+@pytest.mark.parametrize(("class_name", "family", "fix"), [
+    ("StableDiffusionPipeline", "sdxl", "use train_dreambooth_lora.py"),
+    ("StableDiffusionXLPipeline", "sd", "set it to sdxl"),
+])
+def test_a_model_family_the_pipeline_is_not_is_refused_from_model_index_json(
+        tmp_path: Path, class_name: str, family: str, fix: str) -> None:
+    model = index_only_pipeline(tmp_path / "model", class_name)
+    loading.refuse_untrainable_pipeline(model)  # auto: the class decides
+    with pytest.raises(JaxboothError, match=f"_class_name={class_name} .*model_family={family}") as raised:
+        loading.refuse_untrainable_pipeline(model, family)
+    assert fix in str(raised.value) and str(model / "model_index.json") in str(raised.value)
 
 
 def test_unknown_pipeline_class_and_missing_index_are_refused(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""SDXL conditioning, shared by both backends and framework-free (numpy only).
+
+SDXL conditions its UNet on three things beyond the timestep, as diffusers'
+``train_dreambooth_lora_sdxl.py`` computes them:
+
+- ``prompt_embeds``: the penultimate hidden states (``hidden_states[-2]``, before the final
+  layer norm) of both text encoders, concatenated on the feature axis
+  (:func:`concat_prompt_embeds`);
+- ``text_embeds``: the pooled projection (``text_embeds``) of the second encoder,
+  ``CLIPTextModelWithProjection``;
+- ``time_ids``: original (h, w) + crop top-left (y, x) + target (h, w) of each training row
+  (:func:`add_time_ids`), the crop as actually taken, so random crops and flips are honest.
+
+Each backend runs its own encoders; this module owns the arithmetic and the layout both
+must agree on, so the two cannot drift (``tests/test_sdxl.py`` checks it against diffusers'
+pipeline ``encode_prompt`` and ``_get_add_time_ids``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+PIPELINE_CLASS = "StableDiffusionXLPipeline"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+HIDDEN_STATE_INDEX = -2  # the penultimate layer's output, as diffusers' SDXL scripts and pipelines use
+
+
+def is_sdxl_pipeline(model_dir: str | Path) -> bool:
+    """Whether ``model_dir/model_index.json`` names ``StableDiffusionXLPipeline`` (False if unreadable)."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == PIPELINE_CLASS
+
+
+def add_time_ids(original_sizes: np.ndarray | Sequence, crops_top_left: np.ndarray | Sequence,
+                 resolution: int) -> np.ndarray:
+    """``[R, 6]`` float32: (orig_h, orig_w, crop_y, crop_x, target_h, target_w) per row.
+
+    diffusers' ``compute_time_ids``: ``original_size + crops_coords_top_left + target_size``
+    with target (resolution, resolution), the square the DreamBooth scripts train on.
+    """
+    original = np.asarray(original_sizes, np.float32).reshape(-1, 2)
+    crops = np.asarray(crops_top_left, np.float32).reshape(-1, 2)
+    if len(original) != len(crops):
+        raise ValueError(f"add_time_ids: {len(original)} original sizes but {len(crops)} crop offsets")
+    target = np.full((len(original), 2), float(resolution), np.float32)
+    return np.concatenate([original, crops, target], axis=1)
+
+
+def flipped_crop_top_left(crop_top_left: tuple[int, int], resized_width: int, resolution: int) -> tuple[int, int]:
+    """The crop offset of a mirrored crop, in the mirrored image (what diffusers records: it flips, then crops).
+
+    The mirror of the crop at x in the resized image is the crop at ``width - resolution - x``
+    of the mirrored image; the row offset is unchanged.
+    """
+    top, left = crop_top_left
+    return int(top), int(resized_width - resolution - left)
+
+
+def concat_prompt_embeds(hidden_states: Sequence[np.ndarray]) -> np.ndarray:
+    """Both encoders' penultimate hidden states ``[P, L, D_i]`` -> ``[P, L, sum D_i]`` (encoder order)."""
+    if len(hidden_states) != len(TEXT_ENCODERS):
+        raise ValueError(f"SDXL conditions on {len(TEXT_ENCODERS)} text encoders, got {len(hidden_states)}")
+    return np.concatenate([np.asarray(h) for h in hidden_states], axis=-1)
+

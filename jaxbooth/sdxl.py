@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from jaxbooth.errors import JaxboothError
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -70,3 +73,52 @@ def concat_prompt_embeds(hidden_states: Sequence[np.ndarray]) -> np.ndarray:
         raise ValueError(f"SDXL conditions on {len(TEXT_ENCODERS)} text encoders, got {len(hidden_states)}")
     return np.concatenate([np.asarray(h) for h in hidden_states], axis=-1)
 
+
+
+def latent_statistics(latents_mean, latents_std, channels: int, source: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The VAE config's per-channel ``latents_mean`` / ``latents_std`` as float32 ``[channels]``, or None without them.
+
+    diffusers' SDXL script trains on ``(x - latents_mean) * scaling_factor / latents_std`` when the VAE
+    sets both (Playground v2.5's does). x is linear in the posterior's noise, so a backend applies it to
+    the posterior: mean -> (mean - latents_mean) / latents_std, std -> std / latents_std.
+    """
+    if latents_mean is None and latents_std is None:
+        return None
+    if latents_mean is None or latents_std is None:
+        raise JaxboothError(f"{source}: the VAE sets only one of latents_mean ({latents_mean}) and latents_std "
+                            f"({latents_std}); SDXL normalises latents with both. Set both, or neither")
+    mean, std = (np.asarray(v, np.float32).reshape(-1) for v in (latents_mean, latents_std))
+    if mean.shape != (channels,) or std.shape != (channels,) or not (std > 0).all():
+        raise JaxboothError(f"{source}: latents_mean and latents_std need {channels} values (the latent channels), "
+                            f"latents_std all positive; got {mean.tolist()} and {std.tolist()}. Fix the VAE config")
+    return mean, std
+
+
+# The run-spec options an SDXL run takes on neither backend yet, or that diffusers' SDXL script lacks and
+# that would reach only the first of SDXL's two encoders and tokenizers.
+_FIRST_ENCODER_ONLY = ("tokenizer_name", "tokenizer_max_length", "text_encoder_use_attention_mask",
+                       "skip_save_text_encoder")
+
+
+def option_problems(spec: Any) -> list[str]:
+    """One line per set option an SDXL run refuses on both backends, each naming the key and the fix."""
+    problems = []
+    if spec.model.train_text_encoder:
+        problems.append("--train_text_encoder: jaxbooth trains the SDXL UNet (full or LoRA) with both text encoders "
+                        "frozen; training SDXL's text encoders is planned. Drop --train_text_encoder")
+    given = {"tokenizer_name": spec.model.tokenizer_name is not None,
+             "tokenizer_max_length": spec.model.tokenizer_max_length is not None,
+             "text_encoder_use_attention_mask": spec.model.text_encoder_use_attention_mask,
+             "skip_save_text_encoder": spec.checkpointing.skip_save_text_encoder}
+    for key in (key for key in _FIRST_ENCODER_ONLY if given[key]):
+        problems.append(f"--{key}: diffusers' SDXL DreamBooth script has no such option, and it would apply to "
+                        "only the first of SDXL's two text encoders and tokenizers (SDXL runs use both as the "
+                        "pipeline has them: each tokenizer's own model_max_length, no attention mask, both "
+                        f"encoders saved). Drop --{key}")
+    return problems
+
+
+def latent_shift(shift_factor: float | None, is_sdxl: bool) -> float:
+    """The latent shift both backends subtract before scaling: the VAE's ``shift_factor``, but never for SDXL,
+    whose script and pipeline do not apply it (they use ``latents_mean``, :func:`latent_statistics`)."""
+    return 0.0 if is_sdxl else float(shift_factor or 0.0)

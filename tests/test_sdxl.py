@@ -162,3 +162,27 @@ def test_generate_refuses_an_sdxl_pipeline_and_a_lora_on_one_by_name(stock_sdxl,
     lora.write_bytes(b"not read before the refusal")
     with pytest.raises(JaxboothError, match="LoRA on an SDXL base .*load_lora_weights"):
         generate_source(str(lora.parent), base=str(folder))
+
+
+@pytest.mark.parametrize("options", [{"train_text_encoder": True}, {"tokenizer_max_length": 16},
+                                     {"text_encoder_use_attention_mask": True}, {"skip_save_text_encoder": True}])
+def test_both_backends_refuse_the_same_sdxl_options_from_one_list(options: dict) -> None:
+    from jaxbooth.spec import load_spec_from_dict
+
+    (key,) = options
+    assert sdxl.option_problems(load_spec_from_dict({})) == []
+    (problem,) = sdxl.option_problems(load_spec_from_dict(options))
+    assert problem.startswith(f"--{key}:") and f"Drop --{key}" in problem
+
+
+def test_latent_statistics_are_both_or_neither_per_channel() -> None:
+    from jaxbooth.errors import JaxboothError
+
+    assert sdxl.latent_statistics(None, None, 4, "vae/config.json") is None
+    mean, std = sdxl.latent_statistics([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4], 4, "vae/config.json")
+    assert mean.dtype == np.float32 and std.tolist() == [1, 2, 3, 4]
+    with pytest.raises(JaxboothError, match="vae/config.json: the VAE sets only one"):
+        sdxl.latent_statistics([0.0] * 4, None, 4, "vae/config.json")
+    with pytest.raises(JaxboothError, match="need 4 values"):
+        sdxl.latent_statistics([0.0] * 3, [1.0] * 3, 4, "vae/config.json")
+    assert sdxl.latent_shift(0.1159, is_sdxl=True) == 0.0 and sdxl.latent_shift(0.1159, is_sdxl=False) == 0.1159

@@ -29,7 +29,6 @@ import numpy as np
 
 from jaxbooth import data, sdxl
 from jaxbooth import spec as spec_lib
-from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import encode
 from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.loading import text_apply_fn
@@ -166,25 +165,15 @@ def encode_latent_cache(models: LoadedModels, dataset: data.Dataset, *, resoluti
 
 
 def sdxl_posterior(mean: np.ndarray, std: np.ndarray, vae_config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The posterior of ``(latent - latents_mean) / latents_std`` when the VAE config has both (else as is).
-
-    diffusers' SDXL script trains on ``(x - latents_mean) * scaling_factor / latents_std`` for such a
-    VAE; x is linear in the posterior's noise, so the cache holds the normalised posterior and the
-    step's ``x * scaling_factor`` draws exactly that. SDXL never applies ``shift_factor`` (see ``train``).
-    """
-    latents_mean, latents_std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
-    if latents_mean is None and latents_std is None:
+    """The posterior of ``(latent - latents_mean) / latents_std`` when the VAE config sets them (``sdxl.
+    latent_statistics``), else as is; the step's ``x * scaling_factor`` then draws what diffusers' SDXL
+    script trains on. SDXL never applies ``shift_factor`` (see ``train``)."""
+    statistics = sdxl.latent_statistics(getattr(vae_config, "latents_mean", None),
+                                        getattr(vae_config, "latents_std", None), mean.shape[-1], "vae/config.json")
+    if statistics is None:
         return mean, std
-    if latents_mean is None or latents_std is None:
-        raise JaxboothError(f"vae/config.json sets only one of latents_mean ({latents_mean}) and latents_std "
-                            f"({latents_std}); SDXL normalises latents with both (diffusers fails on one alone). "
-                            "Set both, or neither, in the VAE's config.json")
-    channels = mean.shape[-1]  # NHWC
-    m, s = (np.asarray(v, np.float32).reshape(-1) for v in (latents_mean, latents_std))
-    if m.shape != (channels,) or s.shape != (channels,):
-        raise JaxboothError(f"vae/config.json: latents_mean and latents_std need {channels} values (latent "
-                            f"channels), got {m.size} and {s.size}; fix the VAE's config.json")
-    return ((mean - m) / s).astype(np.float32), (std / s).astype(np.float32)
+    latents_mean, latents_std = statistics  # per channel, NHWC's last axis
+    return ((mean - latents_mean) / latents_std).astype(np.float32), (std / latents_std).astype(np.float32)
 
 
 @dataclasses.dataclass

@@ -70,36 +70,18 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
     return ModelPaths(Path(model_dir), vae_dir)
 
 
-_SDXL_SCOPE = "the jax backend trains the SDXL UNet (full or LoRA) with both text encoders frozen"
-
-
 def refuse_sdxl_options(spec: spec_lib.RunSpec) -> None:
     """Refuse, naming the key and the fix, what an SDXL run on this backend would otherwise ignore.
 
-    Called once ``model_index.json`` names an SDXL pipeline, before any weight loads. The class
-    images are counted here too, since SDXL class-image sampling is not on this backend yet.
+    Called once ``model_index.json`` names an SDXL pipeline, before any weight loads: the options
+    neither backend takes for SDXL (``sdxl.option_problems``), then what only this one lacks (SDXL
+    sampling, for validation and class images).
     """
-    m, prior = spec.model, spec.prior
-    problems = []
-    if m.train_text_encoder:
-        problems.append(f"--train_text_encoder: {_SDXL_SCOPE}; training SDXL's text encoders is planned. "
-                        "Drop --train_text_encoder")
+    prior = spec.prior
+    problems = sdxl.option_problems(spec)
     if spec.validation.validation_prompt is not None:
         problems.append("--validation_prompt: the jax backend cannot sample SDXL yet (planned), so an SDXL run "
                         "has no validation images here. Drop --validation_prompt, or use --backend=torch")
-    # Not options of diffusers' SDXL script, which tokenizes with each tokenizer's own length, passes no
-    # attention mask and saves both encoders; each would reach only the first of SDXL's two encoders here.
-    first_only = {
-        "tokenizer_name": m.tokenizer_name is not None,
-        "tokenizer_max_length": m.tokenizer_max_length is not None,
-        "text_encoder_use_attention_mask": m.text_encoder_use_attention_mask,
-        "skip_save_text_encoder": spec.checkpointing.skip_save_text_encoder,
-    }
-    for key in (key for key, given in first_only.items() if given):
-        problems.append(f"--{key}: diffusers' SDXL DreamBooth script has no such option, and an SDXL pipeline "
-                        "has two text encoders and tokenizers it would apply to only the first of (SDXL runs "
-                        "use both as the pipeline has them: each tokenizer's own length, no attention mask, "
-                        f"both encoders saved). Drop --{key}")
     shortfall = _class_image_shortfall(spec)
     if shortfall:
         problems.append(f"--with_prior_preservation: {prior.class_data_dir} has {prior.num_class_images - shortfall} "

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbooth import data, output
+from jaxbooth import data, output, sdxl
 from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.host_memory import release_freed_memory
@@ -283,8 +283,7 @@ def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
         prior_loss_weight=spec.prior.prior_loss_weight, train_text_encoder=spec.model.train_text_encoder,
         text_encoder_use_attention_mask=spec.model.text_encoder_use_attention_mask,
         latent_scaling_factor=float(vae_config.scaling_factor),
-        # diffusers' SDXL script and pipeline never apply shift_factor (latents_mean/std: caches.sdxl_posterior)
-        latent_shift_factor=0.0 if models.is_sdxl else float(getattr(vae_config, "shift_factor", None) or 0.0))
+        latent_shift_factor=sdxl.latent_shift(getattr(vae_config, "shift_factor", None), models.is_sdxl))
 
 
 def load_for_training(spec: spec_lib.RunSpec) -> LoadedModels:

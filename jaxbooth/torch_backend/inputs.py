@@ -42,14 +42,23 @@ def row_keys(batch: dict[str, np.ndarray]) -> list[tuple]:
 class LatentCache:
     """VAE posterior (mean, std) per row, encoded at most once per key when ``enabled``."""
 
-    def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, *, enabled: bool):
+    def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, *, enabled: bool,
+                 statistics: tuple[np.ndarray, np.ndarray] | None = None):
         self.vae, self.device, self.dtype, self.enabled = vae, device, dtype, enabled
         self._store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # SDXL VAE latents_mean / latents_std (jaxbooth.sdxl.latent_statistics), per channel of NCHW
+        self.statistics = None if statistics is None else tuple(
+            torch.from_numpy(np.asarray(v, np.float32)).reshape(1, -1, 1, 1).to(device) for v in statistics)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior; with latent statistics, of (latent - latents_mean) / latents_std (linear in the noise)."""
         dist = self.vae.encode(pixels).latent_dist
-        return dist.mean.float(), dist.std.float()
+        mean, std = dist.mean.float(), dist.std.float()
+        if self.statistics is not None:
+            latents_mean, latents_std = self.statistics
+            mean, std = (mean - latents_mean) / latents_std, std / latents_std
+        return mean, std
 
     def posterior(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), float32 [R, C, h, w], of every row of ``batch``."""

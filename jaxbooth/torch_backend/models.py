@@ -42,6 +42,7 @@ class Models:
     text_encoder_2: Any | None = None
     tokenizer_2: Any | None = None
     is_sdxl: bool = False
+    latent_statistics: tuple[Any, Any] | None = None  # SDXL VAE's latents_mean / latents_std (numpy [C])
 
     @property
     def text_encoders(self) -> tuple[Any, ...]:
@@ -101,8 +102,7 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     if is_sdxl and tokenizer_2 is None:
         raise ValueError(f"{model_dir} is an SDXL pipeline: load_models needs its tokenizer_2")
     vae_dir = vae_dir or model_dir
-    if is_sdxl:
-        check_sdxl_vae(vae_dir)
+    statistics = sdxl_latent_statistics(vae_dir) if is_sdxl else None  # from config.json, before any weight
     kwargs = {"variant": variant} if variant else {}
     try:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
@@ -117,23 +117,21 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
                             "--pretrained_model_name_or_path (and --variant)") from None
     return Models(unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
                   schedule=diffusion.load_schedule(model_dir), model_dir=model_dir, vae_dir=vae_dir,
-                  text_encoder_2=encoders[1] if is_sdxl else None, tokenizer_2=tokenizer_2, is_sdxl=is_sdxl)
+                  text_encoder_2=encoders[1] if is_sdxl else None, tokenizer_2=tokenizer_2, is_sdxl=is_sdxl,
+                  latent_statistics=statistics)
 
 
-def check_sdxl_vae(vae_dir: Path) -> None:
-    """Refuse, from its ``config.json`` before any weight loads, a VAE that sets ``latents_mean`` /
-    ``latents_std`` (e.g. Playground v2.5's): diffusers' SDXL script then normalises latents per
-    channel, which jaxbooth's latents (``(x - shift) * scaling``) do not do yet."""
+def sdxl_latent_statistics(vae_dir: Path) -> tuple[Any, Any] | None:
+    """The VAE's ``latents_mean`` / ``latents_std`` (``sdxl.latent_statistics``), read from its ``config.json``
+    before any weight loads, so a malformed pair fails first; None when the VAE sets neither."""
     path = vae_component_folder(vae_dir) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise JaxboothError(f"{path}: cannot read the VAE config ({error}); check --pretrained_model_name_or_path "
                             "or --pretrained_vae_model_name_or_path") from None
-    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
-        raise JaxboothError(f"{path}: the VAE sets latents_mean/latents_std "
-                            "(per-channel latent normalisation), which jaxbooth does not train with yet; use a VAE "
-                            "without them (--pretrained_vae_model_name_or_path, e.g. madebyollin/sdxl-vae-fp16-fix)")
+    return sdxl.latent_statistics(config.get("latents_mean"), config.get("latents_std"),
+                                  int(config.get("latent_channels", 4)), str(path))
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -77,26 +77,11 @@ def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
 
 
 def refuse_sdxl_options(spec: spec_lib.RunSpec, model_dir: Path) -> None:
-    """The options an SDXL run on this backend does not take, each named with its fix.
-
-    ``train_text_encoder`` is planned; the tokenizer options have no counterpart in diffusers'
-    SDXL script, which pads both tokenizers of the pipeline to 77 tokens and passes no mask.
-    """
-    m, where = spec.model, f"{model_dir / 'model_index.json'} is an SDXL pipeline"
-    if m.train_text_encoder:
-        raise JaxboothError(f"--train_text_encoder: {where}, and training its text encoders is planned, not yet "
-                            "supported; the torch backend trains the SDXL UNet (full or --use_lora) with both text "
-                            "encoders frozen. Drop --train_text_encoder")
-    if m.text_encoder_use_attention_mask:
-        raise JaxboothError(f"--text_encoder_use_attention_mask: {where}; SDXL encodes prompts without an attention "
-                            "mask (diffusers' SDXL script has no such flag). Drop --text_encoder_use_attention_mask")
-    if m.tokenizer_max_length is not None:
-        raise JaxboothError(f"--tokenizer_max_length={m.tokenizer_max_length}: {where}; both SDXL tokenizers pad to "
-                            "their model_max_length (diffusers' SDXL script has no such flag). Drop "
-                            "--tokenizer_max_length")
-    if m.tokenizer_name is not None:
-        raise JaxboothError(f"--tokenizer_name={m.tokenizer_name}: {where}, which uses its own tokenizer/ and "
-                            "tokenizer_2/ (diffusers' SDXL script has no such flag). Drop --tokenizer_name")
+    """The options an SDXL run does not take (``sdxl.option_problems``, shared with the JAX backend), each
+    named with its fix, before any model loads."""
+    problems = sdxl.option_problems(spec)
+    if problems:
+        raise JaxboothError(f"{model_dir / 'model_index.json'} is an SDXL pipeline:\n" + "\n".join(problems))
 
 
 def resolve_inputs(spec: spec_lib.RunSpec) -> RunInputs:
@@ -198,6 +183,7 @@ def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: An
 
 def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
     scale, shift = models.latent_factors(m.vae)
+    shift = sdxl.latent_shift(shift, m.is_sdxl)
     return LossOptions(prediction_type=m.schedule.prediction_type, snr_gamma=spec.optim.snr_gamma,
                        offset_noise=spec.optim.offset_noise,
                        with_prior_preservation=spec.prior.with_prior_preservation,
@@ -396,7 +382,8 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     trainer = Trainer(
         spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
         lr_scheduler=lr_scheduler, iterator=iterator,
-        latents=LatentCache(m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents),
+        latents=LatentCache(m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents,
+                            statistics=m.latent_statistics),
         text=conditioner,
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,

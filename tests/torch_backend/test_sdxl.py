@@ -271,9 +271,9 @@ def test_lora_checkpoints_honour_the_limit_load_and_resume_exactly(runs: dict, s
 
 @pytest.mark.parametrize(("flag", "named"), [
     ("--train_text_encoder", "planned"),
-    ("--text_encoder_use_attention_mask", "without an attention mask"),
+    ("--text_encoder_use_attention_mask", "no attention mask"),
     ("--tokenizer_max_length=16", "model_max_length"),
-    ("--tokenizer_name=TOKENIZER", "tokenizer_2/"),
+    ("--tokenizer_name=TOKENIZER", "two text encoders and tokenizers"),
     ("--do_edm_style_training", "do_edm_style_training"),
 ])
 def test_sdxl_options_this_backend_does_not_train_are_refused_before_any_model_loads(
@@ -292,17 +292,33 @@ def test_sdxl_options_this_backend_does_not_train_are_refused_before_any_model_l
         assert f"Drop {key}" in err and "SDXL" in err
 
 
-def test_a_vae_with_latent_statistics_is_refused_before_any_weight_loads(sdxl_dir: Path, tmp_path: Path) -> None:
+def test_a_vae_with_latent_statistics_trains_on_normalised_latents(sdxl_dir: Path, tmp_path: Path) -> None:
+    """diffusers' SDXL script: (x - latents_mean) * scaling / latents_std; the posterior carries the
+    normalisation (x is linear in its noise), as on JAX. One of the two alone fails before any weight loads."""
+    import torch
+
     from jaxbooth.errors import JaxboothError
     from jaxbooth.text import load_tokenizer
     from jaxbooth.torch_backend import models
+    from jaxbooth.torch_backend.inputs import LatentCache
 
     vae = shutil.copytree(sdxl_dir / "vae", tmp_path / "vae")
     config = json.loads((vae / "config.json").read_text())
-    (vae / "config.json").write_text(json.dumps({**config, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    stats = {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [2.0, 0.5, 1.0, 4.0]}
+    (vae / "config.json").write_text(json.dumps({**config, **stats}))
     tokenizers = {name: load_tokenizer(sdxl_dir, subfolder=name) for name in sdxl.TOKENIZERS}
-    assert models.load_models(sdxl_dir, **tokenizers).is_sdxl  # the pipeline's own VAE is fine
-    with pytest.raises(JaxboothError, match="latents_mean/latents_std") as error:
+    m = models.load_models(sdxl_dir, vae_dir=vae, **tokenizers)
+    np.testing.assert_array_equal(m.latent_statistics[1], stats["latents_std"])
+    batch = {"pixel_values": np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)}
+    plain = LatentCache(m.vae, torch.device("cpu"), torch.float32, enabled=False).posterior(batch)
+    normalised = LatentCache(m.vae, torch.device("cpu"), torch.float32, enabled=False,
+                             statistics=m.latent_statistics).posterior(batch)
+    shape = (1, 4, 1, 1)
+    mean, std = (torch.tensor(stats[k]).reshape(shape) for k in ("latents_mean", "latents_std"))
+    torch.testing.assert_close(normalised[0], (plain[0] - mean) / std)
+    torch.testing.assert_close(normalised[1], plain[1] / std)
+    (vae / "config.json").write_text(json.dumps({**config, "latents_mean": stats["latents_mean"]}))
+    with pytest.raises(JaxboothError, match="only one of latents_mean") as error:
         with mock.patch("diffusers.UNet2DConditionModel.from_pretrained", side_effect=AssertionError("loaded")):
             models.load_models(sdxl_dir, vae_dir=vae, **tokenizers)
-    assert str(vae / "config.json") in str(error.value) and "--pretrained_vae_model_name_or_path" in str(error.value)
+    assert str(vae / "config.json") in str(error.value)

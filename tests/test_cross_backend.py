@@ -81,6 +81,11 @@ def jax_unet(model_dir: Path):
     return jax.jit(FlaxUNet2DConditionModel(config).apply), params
 
 
+def added_conditions(batch: dict, to_array) -> dict | None:
+    """SDXL's added conditioning of the batch (its pooled embeds and time ids), None for SD."""
+    return {key: to_array(batch[key]) for key in ("text_embeds", "time_ids")} if "time_ids" in batch else None
+
+
 def torch_loss(model_dir: Path, batch: dict, **options) -> tuple[float, float, float]:
     from jaxbooth.torch_backend.loss import LossOptions, denoising_loss
 
@@ -89,7 +94,8 @@ def torch_loss(model_dir: Path, batch: dict, **options) -> tuple[float, float, f
         loss, aux = denoising_loss(torch_unet(model_dir), torch.from_numpy(batch["latents"]),
                                    torch.from_numpy(batch["noise"]), torch.from_numpy(batch["timesteps"]).long(),
                                    torch.from_numpy(batch["hidden"]), schedule.as_tables().map(torch.from_numpy),
-                                   LossOptions(prediction_type=schedule.prediction_type, **options))
+                                   LossOptions(prediction_type=schedule.prediction_type, **options),
+                                   added_cond_kwargs=added_conditions(batch, torch.from_numpy))
     return float(loss), float(aux["instance_loss"]), float(aux["prior_loss"])
 
 
@@ -103,7 +109,8 @@ def jax_loss(model_dir: Path, batch: dict, **options) -> tuple[float, float, flo
         params, jax.numpy.asarray(batch["latents"].transpose(nhwc)), jax.numpy.asarray(batch["noise"].transpose(nhwc)),
         jax.numpy.asarray(batch["timesteps"]), jax.numpy.asarray(batch["hidden"]), unet_apply=unet_apply,
         tables=schedule.as_tables().map(jax.numpy.asarray),
-        options=LossOptions(prediction_type=schedule.prediction_type, **options))
+        options=LossOptions(prediction_type=schedule.prediction_type, **options),
+        added_cond_kwargs=added_conditions(batch, jax.numpy.asarray))
     return float(loss), float(aux["instance_loss"]), float(aux["prior_loss"])
 
 
@@ -128,6 +135,33 @@ def test_first_step_loss_matches_jax_backend(case: str, prediction: str, tiny_mo
     if "with_prior_preservation" in CASES[case]:
         assert got[2] > 0
         np.testing.assert_allclose(got[0], got[1] + CASES[case].get("prior_loss_weight", 1.0) * got[2], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._sdxl_pipeline import write_sdxl_pipeline
+
+    return write_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+@pytest.mark.parametrize("case", ["plain", "prior+snr"])
+def test_sdxl_first_step_loss_matches_jax_backend(case: str, sdxl_model_dir: Path) -> None:
+    """SDXL: the same loss from both backends' UNet calls with the added conditioning (pooled embeds and
+    time ids), on a stock diffusers SDXL UNet; and the conditioning matters (it is not dropped)."""
+    rng = np.random.default_rng(1)
+    config = json.loads((sdxl_model_dir / "unet" / "config.json").read_text())
+    channels, size = config["in_channels"], config["sample_size"]
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    batch = {"latents": rng.standard_normal((BATCH, channels, size, size)).astype(np.float32) * 0.8,
+             "noise": rng.standard_normal((BATCH, channels, size, size)).astype(np.float32),
+             "timesteps": np.array([3, 250, 600, 999], np.int32),
+             "hidden": rng.standard_normal((BATCH, 77, config["cross_attention_dim"])).astype(np.float32),
+             "text_embeds": rng.standard_normal((BATCH, pooled_dim)).astype(np.float32),
+             "time_ids": np.array([[512, 768, 0, 64, 64, 64]] * BATCH, np.float32)}
+    got = torch_loss(sdxl_model_dir, batch, **CASES[case])
+    np.testing.assert_allclose(got, jax_loss(sdxl_model_dir, batch, **CASES[case]), rtol=1e-4, atol=1e-7)
+    other_crop = {**batch, "time_ids": np.array([[64, 64, 0, 0, 64, 64]] * BATCH, np.float32)}
+    assert abs(torch_loss(sdxl_model_dir, other_crop, **CASES[case])[0] - got[0]) > 1e-6
 
 
 def test_v_prediction_loss_differs_from_epsilon(tiny_model_dir: Path, v_prediction_model_dir: Path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 GLOBAL_BATCH = 8
 STEPS = 2
@@ -45,6 +43,7 @@ def launch(args: list[str], devices: int, *, fsdp_min_bytes: int = 1 << 20, env_
 
 
 def finish(proc: subprocess.Popen) -> str:
+    """Wait for a launched run; its stdout and stderr (the trainer's log)."""
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     return out + err
@@ -93,28 +92,3 @@ def test_two_hosts_match_one_device(tiny_model_dir, tmp_path, single_device_loss
     np.testing.assert_allclose(losses(out), single_device_losses, rtol=2e-4)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
-
-def test_full_sdxl_sharded_over_fsdp_4_matches_one_device_at_a_quarter_of_the_bytes(tmp_path: Path) -> None:
-    """Full SDXL fine-tune, params and optimizer state sharded over fsdp=4 on 4 devices: the same losses and
-    trained UNet as one device, and each device holds under 1/3.5 of the params + optimizer bytes (the
-    trainer reads that from the arrays' shards and prints it with the sharding table)."""
-    from jaxbooth.tiny import write_tiny_pipeline
-
-    pipe = write_tiny_pipeline(tmp_path / "sdxl", "tiny", seed=0, family="sdxl")
-    one, sharded = tmp_path / "one", tmp_path / "fsdp4"
-    log_one = finish(launch(train_args(pipe, one, 4), devices=1, fsdp_min_bytes=1024))
-    log_sharded = finish(launch(train_args(pipe, sharded, 1, "--fsdp_parallelism=4"), devices=4,
-                                fsdp_min_bytes=1024))
-    np.testing.assert_allclose(losses(sharded), losses(one), rtol=2e-4)
-    weights = "unet/diffusion_pytorch_model.safetensors"
-    ours, reference = (safetensors.numpy.load_file(folder / weights) for folder in (sharded, one))
-    assert ours.keys() == reference.keys()
-    # atol: a tenth of one Adam step (lr 1e-4). Biases in front of a one-channel-per-group GroupNorm have an
-    # analytically zero gradient, and Adam turns its float noise into updates of up to ~1e-5 that differ with
-    # the reduction order; every other param moves by ~lr per step, so a wrong sharded gradient shows at 1e-4.
-    for name, value in reference.items():
-        np.testing.assert_allclose(ours[name], value, rtol=1e-4, atol=2e-5, err_msg=name)
-    (ratio_one,) = re.findall(r"params \+ optimizer state: .* MB \(1/([0-9.]+)\)", log_one)
-    (ratio,) = re.findall(r"params \+ optimizer state: .* MB \(1/([0-9.]+)\)", log_sharded)
-    assert float(ratio_one) == 1.0 and float(ratio) >= 3.5, (ratio, log_sharded[-3000:])
-    assert "sharding of the trained params:" in log_sharded and "unet/down_blocks_0" in log_sharded

@@ -31,28 +31,3 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("pipes") / "tiny", "tiny", seed=0)
 
 
-
-# Files whose tests take the most CPU (minutes), heaviest first. pytest-xdist's loadfile mode hands whole
-# files to workers in collection order, so collecting these first lets the short files fill in behind them
-# instead of one worker finishing a long file alone at the end (measured: about a minute of CI's wall time).
-HEAVY_FILES = (
-    "tests/jax_backend/test_multidevice.py", "tests/jax_backend/test_multidevice_sdxl.py",
-    "tests/jax_backend/test_sdxl_train.py", "tests/jax_backend/test_train.py",
-    "tests/test_no_secrets.py", "tests/jax_backend/test_lora_train.py", "tests/test_lora_cli.py",
-    "tests/test_resume_seed.py", "tests/jax_backend/test_learning.py", "tests/torch_backend/test_sdxl.py",
-    "tests/jax_backend/test_class_images.py", "tests/test_datasets_cli.py", "tests/jax_backend/test_train_step.py",
-)
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    rank = {name: index for index, name in enumerate(HEAVY_FILES)}
-    root = Path(str(config.rootpath))
-
-    def weight(item) -> int:
-        try:
-            name = Path(str(item.path)).relative_to(root).as_posix()
-        except ValueError:
-            return len(HEAVY_FILES)
-        return rank.get(name, len(HEAVY_FILES))
-
-    items.sort(key=weight)  # stable: each file keeps its own order

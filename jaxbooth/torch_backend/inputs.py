@@ -39,6 +39,13 @@ def row_keys(batch: dict[str, np.ndarray]) -> list[tuple]:
             for h, c, f in zip(batch["content_hash"], batch["crop_top_left"], batch["flipped"], strict=True)]
 
 
+def release_memory() -> None:
+    """Return a freed encoder's memory now (host objects, then CUDA's cached blocks)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class LatentCache:
     """VAE posterior (mean, std) per row, encoded at most once per key when ``enabled``."""
 
@@ -104,9 +111,7 @@ class TextConditioner:
     def free_encoder(self) -> None:
         """Drop the text encoder (``pre_compute_text_embeddings``): only cached prompts remain."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
     def embeddings(self, prompts: list[str]) -> torch.Tensor:
         """[len(prompts), L, D] hidden states; for a cached prompt, the stored (weight-dtype) rows."""
@@ -175,9 +180,7 @@ class SdxlTextConditioner:
     def free_encoder(self) -> None:
         """Drop both text encoders (``pre_compute_text_embeddings``): only cached prompts remain."""
         self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
     def embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt embeds [N, L, D1 + D2], pooled [N, P]) of ``prompts``, in the encoders' dtype."""

@@ -16,6 +16,7 @@ from jaxbooth import data, sdxl
 from jaxbooth.cli import main
 from jaxbooth.jax_backend import caches, encode
 from jaxbooth.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from tests.jax_backend.test_caches import image_folder
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.requires_torch
@@ -182,17 +183,6 @@ def test_lora_run_loads_in_stock_diffusers_with_the_jax_output(lora_run: Path, s
     assert _relative(jax_out, _torch_unet_output(merged.unet, x)) <= 1e-4
 
 
-def _noise_images(folder: Path, sizes: list[tuple[int, int]]) -> Path:
-    """Noise images of the given (width, height): every crop offset shows different pixels."""
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for k, (width, height) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(folder / f"img{k}.png")
-    return folder
-
-
 def _cached_rows(monkeypatch: pytest.MonkeyPatch, dataset: data.Dataset, **options) -> tuple[list, np.ndarray]:
     """The pixels of every latent-cache row (the VAE replaced by a recorder) and the rows' time ids."""
     pixels: list[np.ndarray] = []
@@ -211,7 +201,7 @@ def _cached_rows(monkeypatch: pytest.MonkeyPatch, dataset: data.Dataset, **optio
 def test_time_ids_of_random_and_flipped_crops_are_the_crops_diffusers_records(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Each cached row's time ids are what diffusers' loader (resize, flip, crop) records for those very pixels."""
-    folder = _noise_images(tmp_path / "img", [(96, 64), (64, 100)])  # wide: x offsets vary; tall: y offsets
+    folder = image_folder(tmp_path / "img", [(96, 64), (64, 100)])  # wide: x offsets vary; tall: y offsets
     dataset = data.make_dreambooth_dataset(folder, "a photo of sks toy")
     pixels, time_ids = _cached_rows(monkeypatch, dataset, center_crop=False, random_flip=True)
     assert len(pixels) == len(time_ids) == 4 * caches.CROPS_PER_IMAGE
@@ -237,7 +227,7 @@ def test_time_ids_of_random_and_flipped_crops_are_the_crops_diffusers_records(
 
 
 def test_time_ids_of_a_centre_crop(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    dataset = data.make_dreambooth_dataset(_noise_images(tmp_path / "img", [(100, 64)]), "p")
+    dataset = data.make_dreambooth_dataset(image_folder(tmp_path / "img", [(100, 64)]), "p")
     _, time_ids = _cached_rows(monkeypatch, dataset, center_crop=True, random_flip=False)
     np.testing.assert_array_equal(time_ids, [[64, 100, 0, 18, RES, RES]])  # torchvision CenterCrop's round(36/2)
 
@@ -287,7 +277,7 @@ def test_sdxl_options_the_jax_backend_lacks_are_refused_before_loading(
     monkeypatch.setattr(loading, "load_models", lambda *a, **k: pytest.fail("loaded models before refusing"))
     extra = list(REFUSED[key])
     if key == "with_prior_preservation":
-        class_dir = _noise_images(tmp_path / "class", [(64, 64)])  # 1 of 3: 2 would have to be sampled
+        class_dir = image_folder(tmp_path / "class", [(64, 64)])  # 1 of 3: 2 would have to be sampled
         extra.append(f"--class_data_dir={class_dir}")
     out = tmp_path / "never"
     assert train(sdxl_dir, out, "--max_train_steps=1", *extra) == 2

@@ -73,13 +73,14 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("enable_xformers_memory_efficient_attention", TORCH_ONLY, note="xFormers is a CUDA library"),
     Capability("set_grads_to_none", TORCH_ONLY, note="a torch optimizer.zero_grad option"),
     Capability("allow_tf32", TORCH_ONLY, note="a torch.backends.cuda switch"),
+    Capability("do_edm_style_training", TORCH_ONLY, note="EDM-style SDXL training (Euler/EDM preconditioning, "
+               "jaxbooth.edm)"),
     Capability("lora_dropout", TORCH_ONLY, note="jax merges the adapters into the weights inside the step, "
                "where dropout on the adapter's input has no place", fix="--lora_dropout=0 (the LoRA scripts' default)"),
     # Planned: no backend trains these yet; refused by name on both (never a silent full fine-tune).
     Capability("class_labels_conditioning", PLANNED, note="DeepFloyd IF stage II"),
     Capability("validation_images", PLANNED, note="DeepFloyd IF stage II validation"),
     Capability("model_family", PLANNED, values=("deepfloyd_if",), note="DeepFloyd IF training"),
-    Capability("do_edm_style_training", PLANNED, note="EDM-style SDXL training"),
     Capability("optimizer", TORCH_ONLY, values=("prodigy",), note="prodigyopt"),
     Capability("prodigy_beta3", TORCH_ONLY),
     Capability("prodigy_decouple", TORCH_ONLY),

@@ -136,12 +136,13 @@ def cmd_generate(argv: Sequence[str]) -> int:
                "file (diffusers, peft or kohya keys) is merged into its base model first; the base is "
                "--pretrained_model_name_or_path, else the folder's jaxbooth_run.yaml, checkpoint marker or "
                "README.md base_model.")
-    parser.add_argument("model_dir", help="a diffusers SD pipeline folder (or Hub id in the local cache), "
+    parser.add_argument("model_dir", help="a diffusers SD or SDXL pipeline folder (or Hub id in the local cache), "
                                           "a LoRA output folder, or a LoRA .safetensors file")
     parser.add_argument("prompt")
     parser.add_argument("-n", "--num_images", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the pipeline's, 5.0 for SDXL, 7.5 for SD)")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
     parser.add_argument("--seed", type=int, default=0)

@@ -94,8 +94,8 @@ def latent_statistics(latents_mean, latents_std, channels: int, source: str) -> 
     return mean, std
 
 
-# The run-spec options an SDXL run takes on neither backend yet, or that diffusers' SDXL script lacks and
-# that would reach only the first of SDXL's two encoders and tokenizers.
+# The run-spec options diffusers' SDXL script lacks and that would reach only the first of SDXL's two
+# encoders and tokenizers.
 _FIRST_ENCODER_ONLY = ("tokenizer_name", "tokenizer_max_length", "text_encoder_use_attention_mask",
                        "skip_save_text_encoder")
 
@@ -103,9 +103,6 @@ _FIRST_ENCODER_ONLY = ("tokenizer_name", "tokenizer_max_length", "text_encoder_u
 def option_problems(spec: Any) -> list[str]:
     """One line per set option an SDXL run refuses on both backends, each naming the key and the fix."""
     problems = []
-    if spec.model.train_text_encoder:
-        problems.append("--train_text_encoder: jaxbooth trains the SDXL UNet (full or LoRA) with both text encoders "
-                        "frozen; training SDXL's text encoders is planned. Drop --train_text_encoder")
     given = {"tokenizer_name": spec.model.tokenizer_name is not None,
              "tokenizer_max_length": spec.model.tokenizer_max_length is not None,
              "text_encoder_use_attention_mask": spec.model.text_encoder_use_attention_mask,
@@ -116,6 +113,16 @@ def option_problems(spec: Any) -> list[str]:
                         "pipeline has them: each tokenizer's own model_max_length, no attention mask, both "
                         f"encoders saved). Drop --{key}")
     return problems
+
+
+def force_zeros_for_empty_prompt(model_dir: str | Path) -> bool:
+    """The pipeline's ``force_zeros_for_empty_prompt`` (model_index.json): with no negative prompt, SDXL's
+    unconditional embeddings are zeros. True, diffusers' default, when unset or unreadable."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True)) if isinstance(index, dict) else True
 
 
 def latent_shift(shift_factor: float | None, is_sdxl: bool) -> float:

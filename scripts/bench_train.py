@@ -148,13 +148,15 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     run = T.prepare_inputs(spec, models)
     caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
     params_host = {"unet": models.unet_params}
-    if spec.model.train_text_encoder:
-        params_host["text_encoder"] = models.text_params
-    tx, lr_schedule = T.make_optimizer(run)
+    text_params = {"text_encoder": models.text_params, "text_encoder_2": models.text_params_2}
+    for name in T.trained_text_encoders(spec, models.is_sdxl):
+        params_host[name] = text_params[name]
+    tx, lr_schedule = T.make_optimizer(run, text_encoders=T.trained_text_encoders(spec, models.is_sdxl),
+                                       trainable_mask=T.sdxl_trainable_mask(spec, models))
     state, shardings = T.init_state(params_host, tx, mesh, run.seed)
     step_fn = make_train_step(
         unet_apply=models.unet.apply,
-        text_apply=T.text_apply_fn(models.text_encoder) if spec.model.train_text_encoder else None,
+        text_apply=T.step_text_apply(spec, models),
         tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
         options=T.loss_options(spec, models), gradient_accumulation_steps=spec.optim.gradient_accumulation_steps)
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution,

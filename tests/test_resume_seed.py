@@ -60,7 +60,10 @@ def test_a_given_seed_that_differs_is_one_warning_line(tmp_path: Path) -> None:
     assert len(messages) == 1 and "1234" in messages[0] and "\n" not in messages[0]
 
 
-@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.requires_torch)])
+# jax: slow (three runs, ~85 s on 2 cores); CI keeps the torch case of this shared rule (run_defaults.choose_seed,
+# unit-tested above) and JAX's exact resume (test_train.py::test_resume_continues_exactly).
+@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.slow),
+                                     pytest.param("torch", marks=pytest.mark.requires_torch)])
 def test_resume_without_seed_equals_an_uninterrupted_run(backend: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     if backend == "torch":
         pytest.importorskip("torch")

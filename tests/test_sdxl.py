@@ -142,29 +142,28 @@ def test_torch_sdxl_conditioning_equals_diffusers_encode_prompt(stock_sdxl) -> N
     assert_close_relative(pooled.numpy(), theirs_pooled, 1e-6)
 
 
-def test_generate_refuses_an_sdxl_pipeline_and_a_lora_on_one_by_name(stock_sdxl, tmp_path: Path) -> None:
-    """SDXL sampling on JAX is planned: `jaxbooth generate` says so and how to sample with diffusers,
-    before any weight loads, for a pipeline and for a LoRA whose base is SDXL."""
-    import subprocess
-    import sys
+@pytest.mark.requires_torch
+def test_generate_takes_an_sdxl_pipeline_and_merges_a_lora_into_both_text_encoders(stock_sdxl,
+                                                                                   tmp_path: Path) -> None:
+    """`jaxbooth generate` samples SDXL (tests/jax_backend/test_sdxl_sample.py): a pipeline loads as stored,
+    and a LoRA on an SDXL base merges into the UNet and both text encoders, nothing else."""
+    import jax
 
-    from jaxbooth.errors import JaxboothError
-    from jaxbooth.jax_backend.lora_loading import generate_source
+    from jaxbooth.jax_backend import lora_loading, pretrained
+    from tests.jax_backend.test_sdxl_sample import sdxl_lora
 
     folder, _ = stock_sdxl
-    proc = subprocess.run([sys.executable, "-m", "jaxbooth", "generate", str(folder), "a photo of sks dog",
-                           "--out", str(tmp_path / "samples")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "SDXL pipeline" in proc.stderr and "StableDiffusionXLPipeline.from_pretrained" in proc.stderr
-    assert not (tmp_path / "samples").exists()
-    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
-    lora.parent.mkdir()
-    lora.write_bytes(b"not read before the refusal")
-    with pytest.raises(JaxboothError, match="LoRA on an SDXL base .*load_lora_weights"):
-        generate_source(str(lora.parent), base=str(folder))
+    plain = lora_loading.generate_source(str(folder))
+    assert plain.model_dir == folder and plain.load is pretrained.load_pretrained
+    merged = lora_loading.generate_source(str(sdxl_lora(folder, tmp_path / "lora")))
+    assert merged.model_dir == folder
+    for component in ("unet", *sdxl.TEXT_ENCODERS, "vae"):
+        base, ours = (jax.tree.leaves(load(folder, component)[2]) for load in (pretrained.load_pretrained, merged.load))
+        changed = any(not np.array_equal(a, b) for a, b in zip(base, ours, strict=True))
+        assert changed == (component != "vae"), component
 
 
-@pytest.mark.parametrize("options", [{"train_text_encoder": True}, {"tokenizer_max_length": 16},
+@pytest.mark.parametrize("options", [{"tokenizer_max_length": 16},
                                      {"text_encoder_use_attention_mask": True}, {"skip_save_text_encoder": True}])
 def test_both_backends_refuse_the_same_sdxl_options_from_one_list(options: dict) -> None:
     from jaxbooth.spec import load_spec_from_dict
@@ -173,6 +172,7 @@ def test_both_backends_refuse_the_same_sdxl_options_from_one_list(options: dict)
     assert sdxl.option_problems(load_spec_from_dict({})) == []
     (problem,) = sdxl.option_problems(load_spec_from_dict(options))
     assert problem.startswith(f"--{key}:") and f"Drop --{key}" in problem
+    assert sdxl.option_problems(load_spec_from_dict({"train_text_encoder": True})) == []  # both backends train it
 
 
 def test_latent_statistics_are_both_or_neither_per_channel() -> None:

@@ -295,7 +295,7 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     # SDXL, DeepFloyd IF
     "pretrained_vae_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                             Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
-    "do_edm_style_training": both(Refused(True)),
+    "do_edm_style_training": on(Refused(True), CoveredBy("tests/torch_backend/test_edm.py::runs")),
     "class_labels_conditioning": both(Refused("timesteps")),
     # parallelism
     "data_parallelism": on(Meta("fixed by the device count", data_axis_follows_the_devices), Refused(2)),

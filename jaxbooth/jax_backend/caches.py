@@ -13,7 +13,8 @@ SDXL. Each cache row also records its image's original (h, w) and its crop's top
 resized image, for a mirrored row the mirrored offset (the mirror of a crop is a crop of the
 mirrored image, which is what diffusers crops after flipping), so ``frozen["time_ids"]`` holds
 per row the time ids diffusers' SDXL script computes for those pixels; both frozen encoders
-give ``text_embeddings`` and ``pooled_embeddings`` per prompt.
+give ``text_embeddings`` and ``pooled_embeddings`` per prompt (trained encoders: each tokenizer's
+ids per prompt, encoded in the step).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jaxbooth import spec as spec_lib
 from jaxbooth.jax_backend import encode
 from jaxbooth.jax_backend.loaded import LoadedModels
 from jaxbooth.jax_backend.loading import text_apply_fn
+from jaxbooth.jax_backend.train_step import SDXL_INPUT_IDS
 from jaxbooth.text import make_tokenize_fn
 
 # Why 4: every cached crop costs one VAE encode (two with random_flip) and one posterior of device
@@ -188,8 +190,9 @@ class Caches:
 def build_caches(spec: spec_lib.RunSpec, models: LoadedModels, dataset: data.Dataset, seed: int) -> Caches:
     """Latent posteriors of the training crops and token ids (trained encoder) or embeddings of every prompt.
 
-    SDXL also caches the pooled embedding of every prompt (``pooled_embeddings``) and the time ids
-    of every latent row (``time_ids`` ``[num_rows, 6]``, read by the batch's ``example_idx``).
+    SDXL also caches the time ids of every latent row (``time_ids`` ``[num_rows, 6]``, read by the
+    batch's ``example_idx``) and, with both encoders frozen, the pooled embedding of every prompt
+    (``pooled_embeddings``); with ``train_text_encoder`` each tokenizer's ids (``train_step.SDXL_INPUT_IDS``).
     """
     d = spec.data
     mean, std, latent_index = encode_latent_cache(models, dataset, resolution=d.resolution,
@@ -199,12 +202,16 @@ def build_caches(spec: spec_lib.RunSpec, models: LoadedModels, dataset: data.Dat
     prompts = sorted({example.caption for example in dataset.examples})
     if models.is_sdxl:
         mean, std = sdxl_posterior(mean, std, models.vae_config)
-        embeddings, pooled = encode.encode_sdxl_prompts(
-            (models.text_encoder, models.text_encoder_2), (models.text_params, models.text_params_2),
-            (make_tokenize_fn(models.tokenizer), make_tokenize_fn(models.tokenizer_2)), prompts)
         time_ids = sdxl.add_time_ids(latent_index.original_sizes, latent_index.crops_top_left, d.resolution)
-        frozen = {"latent_mean": mean, "latent_std": std, "text_embeddings": embeddings,
-                  "pooled_embeddings": pooled, "time_ids": time_ids}
+        frozen = {"latent_mean": mean, "latent_std": std, "time_ids": time_ids}
+        tokenize_fns = (make_tokenize_fn(models.tokenizer), make_tokenize_fn(models.tokenizer_2))
+        if spec.model.train_text_encoder:  # the step encodes through both trained encoders
+            frozen.update({key: tokenize(prompts)[0] for key, tokenize in zip(SDXL_INPUT_IDS, tokenize_fns,
+                                                                               strict=True)})
+        else:
+            frozen["text_embeddings"], frozen["pooled_embeddings"] = encode.encode_sdxl_prompts(
+                (models.text_encoder, models.text_encoder_2), (models.text_params, models.text_params_2),
+                tokenize_fns, prompts)
         return Caches(frozen=frozen, prompts=prompts, latent_index=latent_index)
     tokenize = make_tokenize_fn(models.tokenizer, spec.model.tokenizer_max_length)
     frozen = {"latent_mean": mean, "latent_std": std}

@@ -1,7 +1,7 @@
 """Checkpoints in the layout diffusers users know, written asynchronously with orbax.
 
 ``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (orbax: params, optimizer state, step, RNG),
-``unet/`` (and ``text_encoder/`` when trained) in diffusers' PyTorch layout, so
+``unet/`` (and ``text_encoder/``, SDXL's ``text_encoder_2/`` too, when trained) in diffusers' PyTorch layout, so
 ``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works
 while training goes on (with LoRA: ``pytorch_lora_weights.safetensors`` instead, for
 ``pipe.load_lora_weights(".../checkpoint-N")``; the state then holds the adapters only, the

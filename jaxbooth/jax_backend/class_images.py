@@ -9,7 +9,8 @@ the pipeline folder.
 Image k's noise comes from its own seed: `StableDiffusionSampler.generate(prompts, seed=seeds)`
 draws example k from `fold_in(key(seeds[k]), 0)`, the noise of a batch of one with that seed, so
 one sampler call makes a whole batch (`sample_batch_size` per local device) and the images still
-do not depend on the batch size (see `sample_with_image_seeds`).
+do not depend on the batch size (see `sample_with_image_seeds`). An SDXL pipeline samples as
+`StableDiffusionXLPipeline(class_prompt)`: both text encoders, its native size, guidance 5.0.
 
 Differences from diffusers: with `LoadedModels` the images are decoded with the run's VAE (the
 `pretrained_vae_name_or_path` override when given; diffusers' script loads the base pipeline
@@ -41,6 +42,7 @@ __all__ = ["ensure_class_images", "existing_class_images", "generation_dtype", "
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # StableDiffusionPipeline.__call__'s default, which diffusers' script uses
 DEFAULT_GUIDANCE_SCALE = 7.5  # likewise
+SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline.__call__'s, which diffusers' SDXL script uses
 FALLBACK_SAMPLER = "DPMSolverMultistepScheduler"
 _PRECISIONS = {"no": jnp.float32, "fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 
@@ -69,7 +71,7 @@ def default_sampler_name(scheduler_config: dict) -> str:
 
 def load_generation_sampler(model_dir: Path, *, dtype: Any, sampler_name: str | None = None,
                             variant: str | None = None, mesh: Any = None) -> Any:
-    """A `StableDiffusionSampler` over the base pipeline with UNet and text encoder in `dtype`.
+    """A `StableDiffusionSampler` over the base pipeline with UNet and text encoder(s) in `dtype`.
 
     The VAE stays float32 (diffusers' `force_upcast`: SD VAEs overflow in fp16).
     """
@@ -82,12 +84,18 @@ def load_generation_sampler(model_dir: Path, *, dtype: Any, sampler_name: str | 
     text_config, _, text_params = pretrained.load_pretrained(model_dir, "text_encoder", variant=variant, dtype=dtype)
     vae_config, _, vae_params = pretrained.load_pretrained(model_dir, "vae", variant=variant, dtype=jnp.float32)
     scheduler_config = read_scheduler_config(model_dir)
+    extra: dict[str, Any] = {}
+    if sdxl.is_sdxl_pipeline(model_dir):
+        config_2, _, params_2 = pretrained.load_pretrained(model_dir, "text_encoder_2", variant=variant, dtype=dtype)
+        text_params = (text_params, params_2)
+        extra = dict(tokenizer_2=load_tokenizer(model_dir, subfolder="tokenizer_2"), text_encoder_2=clip_lib.
+                     make_text_encoder(config_2, with_projection=config_2.has_projection, dtype=dtype))
     return sampler_from_models(
         model_dir=model_dir, tokenizer=load_tokenizer(model_dir),
         unet=FlaxUNet2DConditionModel(unet_config, dtype=dtype), unet_params=unet_params,
         text_encoder=clip_lib.make_text_encoder(text_config, dtype=dtype), text_params=text_params,
         vae_config=vae_config, vae_params=vae_params, scheduler_config=scheduler_config,
-        sampler_name=sampler_name or default_sampler_name(scheduler_config), mesh=mesh)
+        sampler_name=sampler_name or default_sampler_name(scheduler_config), mesh=mesh, **extra)
 
 
 def local_mesh(mesh: Any) -> Any:
@@ -132,13 +140,17 @@ def sampler_from_loaded(models: LoadedModels, *, dtype: Any, sampler_name: str |
     if models.vae_params is None:
         raise ValueError("class images need LoadedModels.vae_params; generate them before the VAE params are dropped")
     for_sampling = {"dtype": dtype, "gradient_checkpointing": False}
+    text_params, extra = _in_dtype(models.text_params, dtype), {}
+    if models.is_sdxl:
+        text_params = (text_params, _in_dtype(models.text_params_2, dtype))
+        extra = dict(tokenizer_2=models.tokenizer_2, text_encoder_2=models.text_encoder_2.clone(**for_sampling))
     return sampler_from_models(
         model_dir=Path(models.model_dir), tokenizer=models.tokenizer, unet=models.unet.clone(**for_sampling),
         unet_params=_in_dtype(models.unet_params, dtype), text_encoder=models.text_encoder.clone(**for_sampling),
-        text_params=_in_dtype(models.text_params, dtype), vae_config=models.vae_config,
+        text_params=text_params, vae_config=models.vae_config,
         vae_params=_in_dtype(models.vae_params, jnp.float32),
         sampler_name=sampler_name or default_sampler_name(models.scheduler_config), mesh=mesh,
-        scheduler_config=models.scheduler_config)
+        scheduler_config=models.scheduler_config, **extra)
 
 
 def sample_with_image_seeds(sampler: Any, *, num_inference_steps: int, guidance_scale: float,
@@ -166,7 +178,7 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
                         num_class_images: int, *, sample_batch_size: int = 4, precision: str | None = None,
                         seed: int = 0, mesh: Any = None, process_index: int | None = None,
                         process_count: int | None = None, num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-                        guidance_scale: float = DEFAULT_GUIDANCE_SCALE, sampler_name: str | None = None,
+                        guidance_scale: float | None = None, sampler_name: str | None = None,
                         negative_prompt: str | None = None, variant: str | None = None,
                         skip_bad: bool = False, height: int | None = None, width: int | None = None,
                         sampler: Any = None, models: LoadedModels | None = None) -> int:
@@ -176,8 +188,8 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
     samples `class_prompt` with the run's loaded `models` (`sampler_from_loaded`), or, without
     them, loads the pipeline at `model_dir` (`load_generation_sampler`), `sample_batch_size`
     images per device per progress step (the shared module docstring: names, seeds, resume,
-    split). Sizes default to the pipeline's (unet sample_size x VAE scale), as diffusers'
-    pipeline call does.
+    split). Sizes default to the pipeline's (unet sample_size x VAE scale), and `guidance_scale` to
+    its pipeline's (`pipeline_guidance_scale`), as diffusers' pipeline call does.
 
     Every process of a multi-host run must call this (there are barriers); `process_index` /
     `process_count` default to JAX's and exist so tests can play several hosts in one process.
@@ -197,10 +209,6 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
     _barrier("jaxbooth_class_images_counted")
     if not plan.missing:
         return 0
-    if sampler is None and (models.is_sdxl if models is not None else sdxl.is_sdxl_pipeline(model_dir or "")):
-        raise JaxboothError(f"{class_data_dir}: {len(plan.missing)} of num_class_images={num_class_images} class "
-                            "images are missing, and the jax backend cannot sample SDXL yet (planned); put them "
-                            "there, lower --num_class_images, or use --backend=torch")
     if rank == 0:
         jaxbooth_log.info(shared.describe(plan, num_class_images, class_prompt))
     written = []
@@ -212,12 +220,20 @@ def ensure_class_images(model_dir: str | Path | None, class_data_dir: str | Path
                        load_generation_sampler(Path(model_dir), dtype=dtype, sampler_name=sampler_name,
                                                variant=variant, mesh=where))
         batch_size = sample_batch_size * _batch_shards(sampler.mesh)
+        if guidance_scale is None:
+            guidance_scale = pipeline_guidance_scale(sampler)
         sample = sample_with_image_seeds(sampler, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                          height=height, width=width, batch_size=batch_size)
         written = shared.generate_class_images(plan, sample, prompt=class_prompt, batch_size=batch_size, seed=seed)
     _barrier("jaxbooth_class_images_written")
     return len(written)
+
+
+def pipeline_guidance_scale(sampler: Any) -> float:
+    """The sampled pipeline's default guidance: StableDiffusionXLPipeline's 5.0 (a sampler with SDXL's size
+    conditioning), else StableDiffusionPipeline's 7.5."""
+    return SDXL_GUIDANCE_SCALE if getattr(sampler, "size_conditioning", False) else DEFAULT_GUIDANCE_SCALE
 
 
 def _batch_shards(mesh: Any) -> int:

@@ -5,10 +5,14 @@ the VAE (and a frozen text encoder) need not stay in device memory.
 The VAE posterior (mean, std) is cached rather than one latent sample, so each step still
 draws a fresh ``latent_dist.sample()`` as diffusers does. Which crops and orientations of
 each image are cached is ``caches.py``'s business; this module encodes pixel arrays.
+
+SDXL's conditioning (:func:`sdxl_conditioning`) is traceable: the cache encodes with it once when
+the encoders are frozen, and the train step calls it on every batch when they are trained.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -64,28 +68,59 @@ def encode_prompts(text_apply: Callable, text_params, tokenize: Callable, prompt
     return np.asarray(jax.device_get(hidden), np.float32)
 
 
-def encode_sdxl_prompts(text_encoders: tuple, text_params: tuple, tokenize_fns: tuple,
-                        prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """SDXL conditioning of each prompt: (prompt_embeds ``[P, L, D1 + D2]``, pooled ``[P, Dproj]``), float32.
+def sdxl_conditioning(text_encoders: Sequence, text_params: Sequence,
+                      input_ids: Sequence) -> tuple[jax.Array, jax.Array]:
+    """SDXL conditioning from token ids, traceable: (prompt_embeds ``[P, L, D1 + D2]``, pooled ``[P, Dproj]``).
 
     As diffusers' SDXL ``encode_prompt``: each encoder's penultimate hidden states
-    (``sdxl.HIDDEN_STATE_INDEX``), concatenated in encoder order, and the projected pooled output
-    (``text_embeds``) of the second; no attention mask, as diffusers' SDXL script passes none.
+    (``sdxl.HIDDEN_STATE_INDEX``), concatenated in encoder order on the feature axis (the layout of
+    ``sdxl.concat_prompt_embeds``), and the projected pooled output (``text_embeds``) of the second;
+    no attention mask, as diffusers' SDXL script passes none. The frozen-encoder cache
+    (:func:`encode_sdxl_prompts`) and the train step of trained encoders both call it, so the two
+    cannot drift. ``text_params``: each encoder's param tree (not wrapped in ``{"params": ...}``).
     """
-    if not len(text_encoders) == len(text_params) == len(tokenize_fns) == len(sdxl.TEXT_ENCODERS):
-        raise ValueError(f"SDXL needs {len(sdxl.TEXT_ENCODERS)} text encoders, params and tokenizers; got "
-                         f"{len(text_encoders)}, {len(text_params)}, {len(tokenize_fns)}")
+    if not len(text_encoders) == len(text_params) == len(input_ids) == len(sdxl.TEXT_ENCODERS):
+        raise ValueError(f"SDXL needs {len(sdxl.TEXT_ENCODERS)} text encoders, params and token ids; got "
+                         f"{len(text_encoders)}, {len(text_params)}, {len(input_ids)}")
     hidden, pooled = [], None
-    for module, params, tokenize in zip(text_encoders, text_params, tokenize_fns, strict=True):
-
-        def forward(variables, ids, module=module):
-            out = module.apply(variables, ids, None, output_hidden_states=True)
-            return out.hidden_states[sdxl.HIDDEN_STATE_INDEX], out.text_embeds
-
-        input_ids, _ = tokenize(list(prompts))
-        states, pooled = jax.device_get(jax.jit(forward)({"params": params}, jnp.asarray(input_ids)))
-        hidden.append(np.asarray(states, np.float32))
+    for module, params, ids in zip(text_encoders, text_params, input_ids, strict=True):
+        out = module.apply({"params": params}, ids, None, output_hidden_states=True)
+        hidden.append(out.hidden_states[sdxl.HIDDEN_STATE_INDEX])
+        pooled = out.text_embeds
     if pooled is None:
         raise ValueError("the second SDXL text encoder has no text_projection (text_embeds); it must be "
                          "CLIPTextModelWithProjection")
-    return sdxl.concat_prompt_embeds(hidden).astype(np.float32), np.asarray(pooled, np.float32)
+    return jnp.concatenate(hidden, axis=-1), pooled
+
+
+def encode_sdxl_prompts(text_encoders: tuple, text_params: tuple, tokenize_fns: tuple,
+                        prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sdxl_conditioning` of each prompt, tokenized by each encoder's own tokenizer; float32 numpy."""
+    if len(tokenize_fns) != len(sdxl.TOKENIZERS):
+        raise ValueError(f"SDXL needs {len(sdxl.TOKENIZERS)} tokenizers; got {len(tokenize_fns)}")
+    input_ids = tuple(jnp.asarray(tokenize(list(prompts))[0]) for tokenize in tokenize_fns)
+    forward = jax.jit(functools.partial(sdxl_conditioning, tuple(text_encoders)))
+    embeds, pooled = jax.device_get(forward(tuple(text_params), input_ids))
+    return np.asarray(embeds, np.float32), np.asarray(pooled, np.float32)
+
+
+def sdxl_trainable_mask(num_hidden_layers: int, component: str = sdxl.TEXT_ENCODERS[0]) -> Callable[[dict], dict]:
+    """``params -> bool tree``: False for the leaves of ``params[component]`` that :func:`sdxl_conditioning`
+    never reads, True elsewhere; for ``optim.make_optimizer``'s ``trainable_mask``.
+
+    The first encoder conditions through its penultimate hidden states (``sdxl.HIDDEN_STATE_INDEX``), so
+    its later layer(s) and ``final_layer_norm`` (or their adapters) never reach the loss: torch leaves them
+    without a ``.grad`` and AdamW skips them, no update and no weight decay. Masked, they stay as loaded.
+    ``num_hidden_layers``: that encoder's (its config's).
+    """
+    first_unused = num_hidden_layers + sdxl.HIDDEN_STATE_INDEX + 1  # hidden_states[0] is the embeddings'
+
+    def used(path, _leaf) -> bool:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if keys[:2] != [component, "text_model"]:
+            return True
+        if keys[2] == "final_layer_norm":
+            return False
+        return not (keys[2:4] == ["encoder", "layers"] and int(keys[4]) >= first_unused)
+
+    return lambda params: jax.tree_util.tree_map_with_path(used, params)

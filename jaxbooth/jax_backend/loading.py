@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbooth import capabilities, diffusion, pipelines, sdxl
+from jaxbooth import capabilities, diffusion, edm, pipelines, sdxl
 from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend import pretrained
@@ -64,6 +64,10 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
     refuse_untrainable_pipeline(index_dir, m.model_family)
     if sdxl.is_sdxl_pipeline(index_dir):
         refuse_sdxl_options(spec)
+    problems = edm.pipeline_problems(index_dir, spec.sdxl.do_edm_style_training, capabilities.JAX,
+                                     snr_gamma=spec.optim.snr_gamma)
+    if problems:  # an EDM-scheduler pipeline would otherwise train as DDPM here, silently wrong
+        raise JaxboothError("\n".join(problems))
     model_dir = resolve_model_dir(m.pretrained_model_name_or_path, variant=m.variant, **hub)
     vae_name = spec_lib.vae_name_or_path(spec)
     vae_dir = resolve_vae_dir(vae_name, variant=m.variant, **hub) if vae_name else None
@@ -74,34 +78,12 @@ def refuse_sdxl_options(spec: spec_lib.RunSpec) -> None:
     """Refuse, naming the key and the fix, what an SDXL run on this backend would otherwise ignore.
 
     Called once ``model_index.json`` names an SDXL pipeline, before any weight loads: the options
-    neither backend takes for SDXL (``sdxl.option_problems``), then what only this one lacks (SDXL
-    sampling, for validation and class images).
+    neither backend takes for SDXL (``sdxl.option_problems``). This backend samples SDXL (validation
+    images, class images) as the torch one does, so nothing beyond them is refused here.
     """
-    prior = spec.prior
     problems = sdxl.option_problems(spec)
-    if spec.validation.validation_prompt is not None:
-        problems.append("--validation_prompt: the jax backend cannot sample SDXL yet (planned), so an SDXL run "
-                        "has no validation images here. Drop --validation_prompt, or use --backend=torch")
-    shortfall = _class_image_shortfall(spec)
-    if shortfall:
-        problems.append(f"--with_prior_preservation: {prior.class_data_dir} has {prior.num_class_images - shortfall} "
-                        f"of --num_class_images={prior.num_class_images} class images, and generating the other "
-                        f"{shortfall} needs SDXL sampling, which the jax backend does not have yet (planned). Put "
-                        f"{prior.num_class_images} images of the class there, lower --num_class_images, or use "
-                        "--backend=torch")
     if problems:
         raise JaxboothError("SDXL pipeline on the jax backend:\n" + "\n".join(problems))
-
-
-def _class_image_shortfall(spec: spec_lib.RunSpec) -> int:
-    """How many class images prior preservation would have to generate (0 without it)."""
-    prior = spec.prior
-    if not prior.with_prior_preservation or prior.class_data_dir is None:
-        return 0
-    from jaxbooth.class_images import existing_class_images
-
-    existing = existing_class_images(prior.class_data_dir, skip_bad=spec.data.skip_bad_images)
-    return max(0, prior.num_class_images - len(existing))
 
 
 def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:

@@ -52,7 +52,8 @@ __all__ = ["adapters_from_state", "count_adapter_params", "init_adapters", "make
 
 Adapters = dict  # nested like the model's params; each adapted Dense: {"down", "up"[, "magnitude"]}
 LAYER_KEYS = ("down", "up", "magnitude")
-_TARGET_OPTIONS = {"unet": "lora_target_modules", "text_encoder": "lora_text_encoder_target_modules"}
+_TARGET_OPTIONS = {"unet": "lora_target_modules", "text_encoder": "lora_text_encoder_target_modules",
+                   "text_encoder_2": "lora_text_encoder_target_modules"}
 
 
 def torch_module_path(flax_module: FlaxPath) -> str:

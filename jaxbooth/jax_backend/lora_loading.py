@@ -28,7 +28,14 @@ from jaxbooth.lora.merge import merge_into_state_dict
 
 BASE_FLAG = "--pretrained_model_name_or_path"
 ADAPTED = ("unet", "text_encoder")
-"""The components a LoRA may adapt here: the SD pipeline ``generate`` samples has no others."""
+"""The components a LoRA may adapt on an SD base: the pipeline ``generate`` samples has no others."""
+SDXL_ADAPTED = ("unet", *sdxl.TEXT_ENCODERS)
+"""The same on an SDXL base, whose LoRAs may adapt both text encoders."""
+
+
+def adapted_components(base_dir: Path) -> tuple[str, ...]:
+    """The components a LoRA on this base may adapt (``ADAPTED``, or ``SDXL_ADAPTED`` for an SDXL base)."""
+    return SDXL_ADAPTED if sdxl.is_sdxl_pipeline(base_dir) else ADAPTED
 
 Loader = Callable[..., tuple[Any, dict, dict]]
 """``load_pretrained``'s signature: (model_dir, component, *, variant, dtype) -> (config, config_dict, params)."""
@@ -173,10 +180,11 @@ def read_fitting_lora(lora_file: Path, base: BaseModel, states: Mapping[str, Map
     except JaxboothError as error:
         raise JaxboothError(f"{error}\n(merging into the base model {base.name}, from {base.origin}; pass the "
                             f"right one as {BASE_FLAG})") from None
-    other = sorted(c for c, layers in lora.items() if layers and c not in ADAPTED)
+    other = sorted(c for c, layers in lora.items() if layers and c not in states)
     if other:
-        raise JaxboothError(f"{lora_file}: adapts {other}, which the SD pipeline `jaxbooth generate` samples does "
-                            f"not have (it adapts {list(ADAPTED)} only). Fix: pass a LoRA of an SD 1.x/2.x model.")
+        raise JaxboothError(f"{lora_file}: adapts {other}, which the base model {base.name} does not have (a LoRA "
+                            f"on it adapts {list(states)} only). Fix: pass the base model this LoRA was trained on "
+                            f"as {BASE_FLAG}.")
     if not any(lora.values()):
         raise JaxboothError(f"{lora_file}: holds no LoRA adapters. Fix: pass a LoRA file or output folder.")
     for component, layers in lora.items():
@@ -185,15 +193,15 @@ def read_fitting_lora(lora_file: Path, base: BaseModel, states: Mapping[str, Map
 
 
 def merged_loader(lora_file: Path, base: BaseModel, scale: float) -> Source:
-    """Resolve the base, read and check the LoRA up front, and load UNet/text encoder merged at ``scale``."""
+    """Resolve the base, read and check the LoRA up front, and load UNet/text encoder(s) merged at ``scale``."""
     base_dir = _resolve_base(base)
-    refuse_sdxl(base_dir, lora_file)  # before any base weight loads
-    states = {component: base_state_dict(base_dir, component, base.variant) for component in ADAPTED}
+    adapted = adapted_components(base_dir)
+    states = {component: base_state_dict(base_dir, component, base.variant) for component in adapted}
     lora = read_fitting_lora(lora_file, base, states)
 
     def load(model_dir: Path, component: str, *, variant: str | None = None, dtype: Any = None,
              ) -> tuple[Any, dict, dict]:
-        if component not in ADAPTED:
+        if component not in adapted:
             return pretrained.load_pretrained(model_dir, component, variant=variant, dtype=dtype)
         if component not in states:
             raise RuntimeError(f"merged_loader: {component} loaded twice; its base state dict is already freed")
@@ -242,17 +250,5 @@ def generate_source(name: str, *, base: str | None = None, lora_scale: float | N
     folder = Path(resolve_model_dir(name))
     if base is not None or lora_scale is not None:
         _plain_pipeline_errors(name, folder, base=base, lora_scale=lora_scale)
-    refuse_sdxl(folder)
     return Source(folder, None, pretrained.load_pretrained)
 
-
-def refuse_sdxl(pipeline_dir: Path, lora_file: Path | None = None) -> None:
-    """``jaxbooth generate`` samples SD pipelines only; an SDXL one (or a LoRA on one) is refused by name."""
-    if not sdxl.is_sdxl_pipeline(pipeline_dir):
-        return
-    what = (f"{lora_file} is a LoRA on an SDXL base ({pipeline_dir})" if lora_file
-            else f"{pipeline_dir} is an SDXL pipeline")
-    load = (f'StableDiffusionXLPipeline.from_pretrained("{pipeline_dir}").load_lora_weights("{lora_file.parent}")'
-            if lora_file else f'StableDiffusionXLPipeline.from_pretrained("{pipeline_dir}")')
-    raise JaxboothError(f"{what}: jaxbooth generate does not sample SDXL yet (planned). Fix: sample it with stock "
-                        f"diffusers, {load}")

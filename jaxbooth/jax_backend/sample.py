@@ -8,9 +8,15 @@ Models are passed in as pure apply functions, so this module depends on no model
 
 - `unet_apply(params, sample_nhwc, timesteps[B] float32, conditioning) -> prediction_nhwc`, where
   `conditioning` is whatever the text encoder produced: an array [B, L, D] for SD 1.x/2.x, or
-  any pytree of arrays with a leading batch axis (e.g. SDXL's hidden states, pooled embeddings
-  and time ids), concatenated and passed through untouched;
+  any pytree of arrays with a leading batch axis (SDXL: a dict of the hidden states, the pooled
+  embeddings and the time ids), concatenated and passed through untouched;
 - `vae_decode(params, latents_nhwc) -> image_nhwc` roughly in [-1, 1].
+
+SDXL is the same loop with a richer conditioning step, as `StableDiffusionXLPipeline.__call__`:
+both encoders' penultimate hidden states concatenated plus encoder 2's pooled `text_embeds`; with
+no negative prompt and `force_zeros_for_empty_prompt` the unconditional half is zeros; each half
+gets `time_ids` (height, width) + (0, 0) + (height, width); latents are un-normalised with the
+VAE's `latents_mean` / `latents_std` when it has them before the float32 decode.
 
 Randomness: with one seed, example b of a batch starts from noise drawn with `fold_in(key(seed), b)`,
 so an image depends only on (seed, its position), not on the batch size, the padding or the mesh.
@@ -154,17 +160,27 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
 
 
 @functools.partial(jax.jit, static_argnames=("vae_decode",))
-def _decode(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, *,
+def _decode(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, statistics: Any, *,
             vae_decode: VAEDecode) -> jax.Array:
-    image = vae_decode(vae_params, latents / scaling_factor).astype(jnp.float32)
+    if statistics is None:
+        latents = latents / scaling_factor
+    else:  # SDXL pipelines with latents_mean/std (diffusers: latents * std / scaling_factor + mean)
+        mean, std = statistics
+        latents = latents * std / scaling_factor + mean
+    image = vae_decode(vae_params, latents).astype(jnp.float32)
     return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array,
-                   scaling_factor: float) -> jax.Array:
+def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array, scaling_factor: float,
+                   latent_statistics: tuple[np.ndarray, np.ndarray] | None = None) -> jax.Array:
     """uint8 NHWC images from NHWC latents: decode(latents / scaling_factor), then diffusers'
-    `VaeImageProcessor` post-process round(clip(x / 2 + 0.5, 0, 1) * 255). Jitted per vae_decode."""
-    return _decode(vae_params, latents, jax.device_put(np.float32(scaling_factor)), vae_decode=vae_decode)
+    `VaeImageProcessor` post-process round(clip(x / 2 + 0.5, 0, 1) * 255). Jitted per vae_decode.
+    `latent_statistics`: the VAE config's per-channel (latents_mean, latents_std) (`sdxl.latent_statistics`);
+    with them the latents decoded are latents * std / scaling_factor + mean, as diffusers' SDXL pipeline."""
+    statistics = None if latent_statistics is None else tuple(
+        jax.device_put(np.asarray(v, np.float32)) for v in latent_statistics)
+    return _decode(vae_params, latents, jax.device_put(np.float32(scaling_factor)), statistics,
+                   vae_decode=vae_decode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +265,8 @@ def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -
 class StableDiffusionSampler:
     """Prompts -> PIL images with loaded models; the JAX counterpart of diffusers'
     `StableDiffusionPipeline(...)(prompts, negative_prompt=..., num_inference_steps=...,
-    guidance_scale=..., generator=...)` for validation images.
+    guidance_scale=..., generator=...)` (or `StableDiffusionXLPipeline`'s) for validation images, class
+    images and `jaxbooth generate`.
 
     With a `mesh`, the batch is split over its data/fsdp axes (padded to a multiple of their
     size, padding dropped after decode) and params not already on the mesh are replicated
@@ -260,10 +277,11 @@ class StableDiffusionSampler:
     """
 
     tokenize: Tokenize
-    """prompts -> (input_ids int32 [n, L], attention_mask [n, L]); see `jaxbooth.text.make_tokenize_fn`."""
+    """prompts -> (input_ids int32 [n, L], attention_mask [n, L]); see `jaxbooth.text.make_tokenize_fn`.
+    SDXL: one tuple of both tokenizers' ids and one of their masks."""
     encode_text: EncodeText
     """(text_params, input_ids, attention_mask host arrays) -> the UNet conditioning [n, L, D]
-    (or a pytree)."""
+    (or a pytree; SDXL: {"prompt_embeds", "text_embeds"})."""
     text_params: Any
     unet_apply: UNetApply
     unet_params: Any
@@ -281,6 +299,14 @@ class StableDiffusionSampler:
     default_size: int = 512
     """Height and width when `generate` gets none: unet sample_size * vae_scale_factor."""
     mesh: Mesh | None = None
+    zero_empty_negative: bool = False
+    """SDXL's `force_zeros_for_empty_prompt`: with no negative prompt (None, not ""), the unconditional
+    conditioning is zeros instead of the empty prompt's encoding."""
+    size_conditioning: bool = False
+    """SDXL: the conditioning is a dict that gets `time_ids` [n, 6] = (height, width) original + (0, 0)
+    crop + (height, width) target, the pipeline's defaults, the same for both guidance halves."""
+    latent_statistics: tuple[np.ndarray, np.ndarray] | None = None
+    """The VAE config's (latents_mean, latents_std), per channel (`decode_latents`)."""
     _samplers: dict[int, Sampler] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -310,9 +336,27 @@ class StableDiffusionSampler:
         return params if self.mesh is None else _onto_mesh(params, self.mesh)
 
     def _encode(self, prompts: list[str], text_params: Any, sharding: NamedSharding | None) -> Any:
-        ids, mask = self.tokenize(prompts)
-        embeddings = self.encode_text(text_params, np.asarray(ids), np.asarray(mask))
+        ids, mask = jax.tree.map(np.asarray, self.tokenize(prompts))
+        embeddings = self.encode_text(text_params, ids, mask)
         return embeddings if sharding is None else _put(embeddings, sharding)
+
+    def _conditioning(self, prompts: list[str], negatives: list[str] | None, text_params: Any, height: int,
+                      width: int, sharding: NamedSharding | None, *, zero_uncond: bool) -> tuple[Any, Any]:
+        """(conditioning, unconditional conditioning) of the (padded) prompts and negatives; the latter
+        zeros with `zero_uncond`, else None without negatives (no guidance)."""
+        cond = self._encode(prompts, text_params, sharding)
+        uncond = None
+        if zero_uncond:  # placed as the conditioning is
+            zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), cond)
+            uncond = jax.device_put(zeros) if sharding is None else _put(zeros, sharding)
+        elif negatives is not None:
+            uncond = self._encode(negatives, text_params, sharding)
+        if self.size_conditioning:  # sdxl.add_time_ids' layout, with the pipeline's (height, width) target
+            ids = np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (len(prompts), 1))
+            ids = jax.device_put(ids) if sharding is None else _put(ids, sharding)
+            cond = {**cond, "time_ids": ids}
+            uncond = None if uncond is None else {**uncond, "time_ids": ids}
+        return cond, uncond
 
     def generate_latents(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
                          num_inference_steps: int = 30, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
@@ -330,17 +374,20 @@ class StableDiffusionSampler:
         padded = -(-len(prompts) // shards) * shards
         pad = padded - len(prompts)  # padding repeats the last prompt (and seed); its images are dropped
         prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
+        guided = guidance_scale > 1.0  # else no unconditional pass (diffusers' do_classifier_free_guidance)
+        zero_uncond = guided and negative_prompt is None and self.zero_empty_negative
         sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
-        text_params = self._params(text_params, self.text_params)
-        uncond = self._encode(negatives, text_params, sharding) if guidance_scale > 1.0 else None
+        height, width = height or self.default_size, width or self.default_size
+        cond, uncond = self._conditioning(prompts, negatives if guided and not zero_uncond else None,
+                                          self._params(text_params, self.text_params), height, width, sharding,
+                                          zero_uncond=zero_uncond)
         if seeds is None:
             noise = {"rng": _seed_key(seed)}
         else:
             host_seeds = seed_array(seeds + seeds[-1:] * pad)
             noise = {"seeds": jax.device_put(host_seeds) if sharding is None else _put(host_seeds, sharding)}
         return generate_latents(
-            self.unet_apply, self._params(unet_params, self.unet_params),
-            self._encode(prompts, text_params, sharding), uncond,
+            self.unet_apply, self._params(unet_params, self.unet_params), cond, uncond,
             sampler=self.sampler(num_inference_steps),
             latent_shape=(padded, *self._latent_size(height, width), self.latent_channels),
             guidance_scale=guidance_scale, latents_sharding=sharding, **noise)
@@ -363,7 +410,8 @@ class StableDiffusionSampler:
             prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, unet_params=unet_params,
             text_params=text_params)
-        images = _to_host(decode_latents(self.vae_decode, self.vae_params, latents, self.scaling_factor))
+        images = _to_host(decode_latents(self.vae_decode, self.vae_params, latents, self.scaling_factor,
+                                         self.latent_statistics))
         return [Image.fromarray(image) for image in images[: len(prompts)]]
 
 
@@ -371,18 +419,44 @@ def make_pipeline_sampler(*, tokenizer: Any, text_encoder: Any, text_params: Any
                           vae: Any, vae_params: Any, scheduler_config: Mapping[str, Any],
                           sampler_name: str = "DPMSolverMultistepScheduler", scaling_factor: float = 0.18215,
                           vae_scale_factor: int = 8, latent_channels: int = 4, default_size: int = 512,
-                          use_attention_mask: bool = False,
-                          mesh: Mesh | None = None) -> StableDiffusionSampler:
-    """Bind SD 1.x/2.x Flax modules and their params into a `StableDiffusionSampler`.
+                          use_attention_mask: bool = False, mesh: Mesh | None = None, tokenizer_2: Any = None,
+                          text_encoder_2: Any = None, force_zeros_for_empty_prompt: bool = True,
+                          latent_statistics: tuple[np.ndarray, np.ndarray] | None = None) -> StableDiffusionSampler:
+    """Bind Flax modules and their params into a `StableDiffusionSampler`.
 
     `tokenizer` is a transformers CLIPTokenizer; `text_encoder` a jaxbooth Flax CLIP text model
     (its `last_hidden_state` conditions the UNet; the attention mask is passed only with
     `use_attention_mask`, as diffusers' `encode_prompt`); `unet` a `FlaxUNet2DConditionModel`;
     `vae` a Flax module with a `decode(latents_nhwc)` method returning the NHWC image (or an
-    output with `.sample`). SDXL needs its own `encode_text`/`unet_apply`: build
-    `StableDiffusionSampler` directly.
+    output with `.sample`).
+
+    SDXL: give `tokenizer_2` and `text_encoder_2` (CLIP with projection); `text_params` is then the
+    tuple (params_1, params_2), `force_zeros_for_empty_prompt` the pipeline's (model_index.json) and
+    `latent_statistics` the VAE's `sdxl.latent_statistics`.
     """
     from jaxbooth.text import make_tokenize_fn
+
+    def vae_decode(params: Any, latents: jax.Array) -> jax.Array:
+        out = vae.apply({"params": params}, latents, method=vae.decode)
+        return getattr(out, "sample", out)
+
+    common = dict(unet_params=unet_params, vae_decode=vae_decode, vae_params=vae_params,
+                  scheduler_config=scheduler_config, sampler_name=sampler_name, scaling_factor=scaling_factor,
+                  vae_scale_factor=vae_scale_factor, latent_channels=latent_channels, default_size=default_size,
+                  mesh=mesh, latent_statistics=latent_statistics)
+    if text_encoder_2 is not None:
+        pair = isinstance(text_params, tuple) and len(text_params) == 2
+        if tokenizer_2 is None or not (text_params is None or pair):
+            raise ValueError("an SDXL sampler needs tokenizer_2 and text_params = (params_1, params_2) (or None)")
+        tokenize, encode_text = sdxl_text_conditioning((tokenizer, tokenizer_2), (text_encoder, text_encoder_2))
+
+        def sdxl_unet_apply(params: Any, sample: jax.Array, timesteps: jax.Array, cond: dict) -> jax.Array:
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+            return unet.apply({"params": params}, sample, timesteps, cond["prompt_embeds"], added_cond_kwargs=added)
+
+        return StableDiffusionSampler(tokenize=tokenize, encode_text=encode_text, text_params=text_params,
+                                      unet_apply=sdxl_unet_apply, zero_empty_negative=force_zeros_for_empty_prompt,
+                                      size_conditioning=True, **common)
 
     text_fn = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask).last_hidden_state)
 
@@ -392,14 +466,29 @@ def make_pipeline_sampler(*, tokenizer: Any, text_encoder: Any, text_params: Any
     def unet_apply(params: Any, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         return unet.apply({"params": params}, sample, timesteps, context)
 
-    def vae_decode(params: Any, latents: jax.Array) -> jax.Array:
-        out = vae.apply({"params": params}, latents, method=vae.decode)
-        return getattr(out, "sample", out)
+    return StableDiffusionSampler(tokenize=make_tokenize_fn(tokenizer), encode_text=encode_text,
+                                  text_params=text_params, unet_apply=unet_apply, **common)
 
-    return StableDiffusionSampler(
-        tokenize=make_tokenize_fn(tokenizer), encode_text=encode_text, text_params=text_params,
-        unet_apply=unet_apply,
-        unet_params=unet_params, vae_decode=vae_decode, vae_params=vae_params,
-        scheduler_config=scheduler_config, sampler_name=sampler_name, scaling_factor=scaling_factor,
-        vae_scale_factor=vae_scale_factor,
-        latent_channels=latent_channels, default_size=default_size, mesh=mesh)
+
+def sdxl_text_conditioning(tokenizers: tuple[Any, Any], text_encoders: tuple[Any, Any]) -> tuple[Tokenize, EncodeText]:
+    """SDXL's (tokenize, encode_text) for a sampler: both tokenizers, and `encode.sdxl_conditioning` (the
+    training cache's math) jitted once per sampler, as {"prompt_embeds", "text_embeds"}."""
+    from jaxbooth.jax_backend.encode import sdxl_conditioning
+    from jaxbooth.text import make_tokenize_fn
+
+    tokenize_fns = tuple(make_tokenize_fn(t) for t in tokenizers)
+
+    def tokenize(prompts: Sequence[str]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        pairs = [fn(prompts) for fn in tokenize_fns]
+        return tuple(ids for ids, _ in pairs), tuple(mask for _, mask in pairs)
+
+    @jax.jit
+    def forward(params: tuple, ids: tuple) -> dict[str, jax.Array]:
+        embeds, pooled = sdxl_conditioning(text_encoders, params, ids)
+        return {"prompt_embeds": embeds, "text_embeds": pooled}
+
+    def encode_text(params: Any, ids: tuple, mask: Any) -> dict[str, jax.Array]:
+        del mask  # SDXL's encode_prompt passes none
+        return forward(tuple(params), tuple(jax.device_put(i) for i in ids))
+
+    return tokenize, encode_text

@@ -10,6 +10,10 @@ LoRA (``use_lora``) changes what the state trains, not the phases: the state hol
 adapters (``lora.py``), the base params ride beside the caches as ``frozen["base"]`` with the
 fsdp shardings trained params would get, the step merges the two, and checkpoints and the
 output hold the LoRA file instead of ``unet/`` (``jaxbooth.lora.outputs``).
+
+``train_text_encoder`` trains every text encoder of the pipeline (SDXL: both, as diffusers' SDXL
+script), each its own optimizer param group at ``text_encoder_lr``; the step then encodes the
+cached token ids through them (``train_step.text_conditioning``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.host_memory import release_freed_memory
 from jaxbooth.jax_backend import caches as caches_lib
-from jaxbooth.jax_backend import checkpoint, loading, optim, pretrained
+from jaxbooth.jax_backend import checkpoint, encode, loading, optim, pretrained
 from jaxbooth.jax_backend import lora as lora_lib
 from jaxbooth.jax_backend import mesh as mesh_lib
 from jaxbooth.jax_backend.class_images import ensure_class_images
@@ -41,9 +45,10 @@ from jaxbooth.jax_backend.train_step import LossOptions, TrainState, make_train_
 from jaxbooth.jax_backend.validation import make_validator
 from jaxbooth.lora import AdapterSettings
 
-__all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "compile_step", "frozen_shardings", "init_state",
-           "initial_params", "make_optimizer", "prepare_inputs", "run_loop", "save_pipeline", "text_apply_fn",
-           "train"]
+__all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "adapter_settings", "compile_step", "components_to_save",
+           "frozen_shardings", "init_state", "initial_params", "make_optimizer", "prepare_inputs", "run_loop",
+           "save_pipeline", "sdxl_trainable_mask", "step_text_apply", "text_apply_fn", "train",
+           "trained_text_encoders", "validation_text_params"]
 
 
 @dataclasses.dataclass
@@ -91,39 +96,69 @@ def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels, instances: data
     return RunInputs(spec, models.model_dir, Path(spec.checkpointing.output_dir).absolute(), dataset, seed, steps)
 
 
-def make_optimizer(run: RunInputs):
-    """The optax update and the UNet's LR schedule; a trained text encoder is its own param group.
+def trained_text_encoders(spec: spec_lib.RunSpec, is_sdxl: bool) -> tuple[str, ...]:
+    """The text encoders a run trains: none, SD's one, or with ``train_text_encoder`` on SDXL both
+    (diffusers' SDXL script adapts and optimizes ``text_encoder_one`` and ``text_encoder_two``)."""
+    if not spec.model.train_text_encoder:
+        return ()
+    return sdxl.TEXT_ENCODERS if is_sdxl else ("text_encoder",)
 
-    Both groups follow one schedule shape (one torch LambdaLR over two groups); the text encoder
-    takes ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` (None: the UNet's values).
+
+def adapter_settings(spec: spec_lib.RunSpec, models: LoadedModels) -> AdapterSettings:
+    """The run's LoRA settings; on SDXL with ``train_text_encoder`` both encoders get adapters."""
+    return AdapterSettings.from_spec(spec, sdxl=models.is_sdxl)
+
+
+def sdxl_trainable_mask(spec: spec_lib.RunSpec, models: LoadedModels) -> Callable[[dict], Any] | None:
+    """With SDXL's encoders trained, ``encode.sdxl_trainable_mask`` (the first encoder's leaves past the
+    penultimate hidden states feed nothing; torch's AdamW skips them for want of a grad); else None."""
+    if not (models.is_sdxl and spec.model.train_text_encoder):
+        return None
+    return encode.sdxl_trainable_mask(int(models.text_config_dict["num_hidden_layers"]))
+
+
+def make_optimizer(run: RunInputs, *, text_encoders: tuple[str, ...] | None = None,
+                   trainable_mask: Callable[[dict], Any] | None = None):
+    """The optax update and the UNet's LR schedule; each trained text encoder is its own param group.
+
+    All groups follow one schedule shape (one torch LambdaLR over the groups); the text encoders
+    take ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` (None: the UNet's values), as
+    diffusers' scripts give each its own group. ``text_encoders``: the trained ones (default: from
+    the spec and the pipeline, :func:`trained_text_encoders`); ``trainable_mask``: see
+    :func:`sdxl_trainable_mask`.
     """
     spec, o = run.spec, run.spec.optim
+    if text_encoders is None:
+        text_encoders = trained_text_encoders(spec, sdxl.is_sdxl_pipeline(run.model_dir))
     unet_lr = spec_lib.effective_learning_rate(spec, jax.device_count())
     schedule_for = functools.partial(optim.make_lr_schedule, o.lr_scheduler, num_warmup_steps=o.lr_warmup_steps,
                                      num_training_steps=run.max_train_steps, num_cycles=o.lr_num_cycles,
                                      power=o.lr_power, optimizer_learning_rate=unet_lr)
     schedule = schedule_for(learning_rate=unet_lr)
     groups = None
-    if spec.model.train_text_encoder:
+    if text_encoders:
         decay = o.adam_weight_decay if o.adam_weight_decay_text_encoder is None else o.adam_weight_decay_text_encoder
         text_lr = spec_lib.effective_text_encoder_learning_rate(spec, jax.device_count())
-        groups = {"text_encoder": optim.ParamGroup(schedule_for(learning_rate=text_lr), decay)}
+        group = optim.ParamGroup(schedule_for(learning_rate=text_lr), decay)
+        groups = {name: group for name in text_encoders}
     tx = optim.make_optimizer(learning_rate_schedule=schedule, optimizer=o.optimizer, adam_beta1=o.adam_beta1,
                               adam_beta2=o.adam_beta2, adam_epsilon=o.adam_epsilon,
                               adam_weight_decay=o.adam_weight_decay, max_grad_norm=o.max_grad_norm,
-                              gradient_accumulation_steps=o.gradient_accumulation_steps, param_groups=groups)
+                              gradient_accumulation_steps=o.gradient_accumulation_steps, param_groups=groups,
+                              trainable_mask=trainable_mask)
     return tx, schedule
 
 
 def initial_params(spec: spec_lib.RunSpec, models: LoadedModels, seed: int) -> tuple[dict, dict | None]:
-    """(what the state trains, the frozen base or None): the UNet (and a trained text encoder) as
+    """(what the state trains, the frozen base or None): the UNet (and the trained text encoders) as
     they are, or with ``use_lora`` their adapters (``lora.init_adapters``) over those weights."""
     weights = {"unet": models.unet_params}
-    if spec.model.train_text_encoder:
-        weights["text_encoder"] = models.text_params
+    text_params = {"text_encoder": models.text_params, "text_encoder_2": models.text_params_2}
+    for name in trained_text_encoders(spec, models.is_sdxl):
+        weights[name] = text_params[name]
     if not spec.lora.use_lora:
         return weights, None
-    settings = AdapterSettings.from_spec(spec)
+    settings = adapter_settings(spec, models)
     adapters = lora_lib.init_adapters(weights, settings, seed)
     layers = sum(len(lora_lib.to_lora_state({c: a}, settings)[c]) for c, a in adapters.items())
     log(f"{'DoRA' if settings.use_dora else 'LoRA'} rank {settings.rank}, alpha {settings.alpha:g}: {layers} adapted "
@@ -244,14 +279,22 @@ def trained_params_host(state: TrainState) -> dict:
 
 def export_trained(params_host: dict, models: LoadedModels, out_dir: Path, components: tuple[str, ...]) -> None:
     """Write trained components in diffusers' PyTorch layout (the only part that differs from the base)."""
-    configs = {"unet": models.unet_config_dict, "text_encoder": models.text_config_dict}
+    configs = {"unet": models.unet_config_dict, "text_encoder": models.text_config_dict,
+               "text_encoder_2": models.text_config_dict_2}
     for component in components:
         pretrained.save_diffusers_component(params_host[component], configs[component], out_dir, component)
 
 
-def trained_components(spec: spec_lib.RunSpec) -> tuple[str, ...]:
+def trained_components(spec: spec_lib.RunSpec, is_sdxl: bool = False) -> tuple[str, ...]:
     """What a checkpoint holds in diffusers' layout: every trained component, saved or not at the end."""
-    return ("unet", "text_encoder") if spec.model.train_text_encoder else ("unet",)
+    return ("unet", *trained_text_encoders(spec, is_sdxl))
+
+
+def components_to_save(spec: spec_lib.RunSpec, is_sdxl: bool) -> tuple[str, ...]:
+    """What the final pipeline gets from the trained params: ``output.components_to_save``, and SDXL's
+    second encoder beside the first (``skip_save_text_encoder`` is refused for SDXL)."""
+    saved = output.components_to_save(spec)
+    return (*saved, sdxl.TEXT_ENCODERS[1]) if is_sdxl and sdxl.TEXT_ENCODERS[0] in saved else saved
 
 
 def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps_done: int,
@@ -263,16 +306,26 @@ def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps
     if spec.lora.use_lora:
         from jaxbooth.lora import outputs as lora_outputs
 
-        settings = AdapterSettings.from_spec(spec)
+        settings = adapter_settings(spec, models)
         return lora_outputs.write_lora_output(
             out, lora_lib.to_lora_state(params_host, settings), settings=settings, spec=spec,
             base_dir=models.model_dir, vae_dir=models.vae_dir, steps=steps_done, backend="jax",
             instance_prompt=prompt, validation_images=validation_images)
-    saved = output.components_to_save(spec)
+    saved = components_to_save(spec, models.is_sdxl)
     export_trained(params_host, models, out, saved)
     return output.write_pipeline(out, base_dir=models.model_dir, trained_components=saved, vae_dir=models.vae_dir,
                                  spec=spec, steps=steps_done, backend="jax", instance_prompt=prompt,
                                  validation_images=validation_images)
+
+
+def step_text_apply(spec: spec_lib.RunSpec, models: LoadedModels) -> Callable | None:
+    """The step's ``text_apply`` (``train_step.text_conditioning``): None with frozen encoders (cached
+    embeddings), SDXL's ``encode.sdxl_conditioning`` of both encoders, or SD's last hidden state."""
+    if not spec.model.train_text_encoder:
+        return None
+    if models.is_sdxl:
+        return functools.partial(encode.sdxl_conditioning, (models.text_encoder, models.text_encoder_2))
+    return text_apply_fn(models.text_encoder)
 
 
 def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
@@ -307,7 +360,8 @@ def train(spec: spec_lib.RunSpec) -> Path:
     validator = make_validator(spec, models, output_dir=run.output_dir, seed=run.seed, mesh=mesh)
     models.vae_params = None  # latents are cached: the VAE leaves memory (validation keeps a host copy)
     params_host, base_host = initial_params(spec, models, run.seed)
-    tx, lr_schedule = make_optimizer(run)
+    tx, lr_schedule = make_optimizer(run, text_encoders=trained_text_encoders(spec, models.is_sdxl),
+                                     trainable_mask=sdxl_trainable_mask(spec, models))
     state, shardings = init_state(params_host, tx, mesh, run.seed)
     log_placement(state, mesh)
     # the state (and frozen["base"]) hold them; a frozen encoder's embeddings are cached
@@ -322,10 +376,10 @@ def train(spec: spec_lib.RunSpec) -> Path:
         log(f"resumed from {resumed_from} at optimizer step {int(state.step) // accumulation}")
     step_fn = make_train_step(
         unet_apply=models.unet.apply,
-        text_apply=text_apply_fn(models.text_encoder) if spec.model.train_text_encoder else None,
+        text_apply=step_text_apply(spec, models),
         tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
         options=loss_options(spec, models), gradient_accumulation_steps=accumulation,
-        merge=None if base_host is None else lora_lib.step_merge(AdapterSettings.from_spec(spec).scale))
+        merge=None if base_host is None else lora_lib.step_merge(adapter_settings(spec, models).scale))
     rows = functools.partial(caches_lib.global_rows, prompt_index={p: i for i, p in enumerate(caches.prompts)},
                              latent_index=caches.latent_index)
     frozen_host = caches.frozen if base_host is None else {**caches.frozen, "base": base_host}
@@ -388,7 +442,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             epochs_done = iterator.epoch if iterator.epoch > epoch_before else None
             if validator is not None and validator.should_run(step, epochs_done):
                 params = model_params(state.params)
-                validator.run(step, params["unet"], params.get("text_encoder"), writer=progress.tensorboard)
+                validator.run(step, params["unet"], validation_text_params(params), writer=progress.tensorboard)
             if (save_every and step % save_every == 0) or stop.requested:
                 writer.save(step, state, iterator.state_dict(), spec, seed=run.seed, export=export,
                             gather=trained_params_host)
@@ -399,6 +453,14 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 raise SystemExit(0)
     progress.display.close()
     return state
+
+
+def validation_text_params(params: dict) -> Any:
+    """The trained text encoders' params for the validator, None when frozen (it keeps its own copy):
+    SD's one tree, or SDXL's two as a tuple in ``sdxl.TEXT_ENCODERS`` order."""
+    if sdxl.TEXT_ENCODERS[1] in params:
+        return tuple(params[name] for name in sdxl.TEXT_ENCODERS)
+    return params.get("text_encoder")
 
 
 def _model_params(spec: spec_lib.RunSpec, frozen: dict) -> Callable[[dict], dict]:
@@ -412,13 +474,13 @@ def _model_params(spec: spec_lib.RunSpec, frozen: dict) -> Callable[[dict], dict
 def _exporter(spec: spec_lib.RunSpec, models: LoadedModels) -> Callable[[Path, dict], None]:
     """What a checkpoint holds beside the orbax state: the trained components in diffusers' layout,
     or with LoRA the LoRA file (loadable with ``pipe.load_lora_weights(".../checkpoint-N")``)."""
-    if spec.lora.use_lora:
+    if spec.lora.use_lora:  # the file takes rank, alpha and targets from the settings, its components from the adapters
         return functools.partial(_export_lora_checkpoint, settings=AdapterSettings.from_spec(spec))
-    return functools.partial(_export_checkpoint, models=models, components=trained_components(spec))
+    return functools.partial(_export_checkpoint, models=models, spec=spec)
 
 
-def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, components: tuple[str, ...]) -> None:
-    export_trained(params, models, path, components)
+def _export_checkpoint(path: Path, params: dict, *, models: LoadedModels, spec: spec_lib.RunSpec) -> None:
+    export_trained(params, models, path, trained_components(spec, models.is_sdxl))
 
 
 def _export_lora_checkpoint(path: Path, adapters: dict, *, settings: AdapterSettings) -> None:

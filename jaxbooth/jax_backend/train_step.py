@@ -16,20 +16,25 @@ import flax
 import jax
 import optax
 
-from jaxbooth import diffusion
+from jaxbooth import diffusion, sdxl
 from jaxbooth.diffusion import LossOptions
 from jaxbooth.jax_backend import optim
 
-__all__ = ["LossOptions", "TrainState", "added_conditions", "denoising_loss", "gradient_step", "make_train_step",
-           "step_halves", "train_step", "update_step"]
+__all__ = ["SDXL_INPUT_IDS", "LossOptions", "TrainState", "added_conditions", "denoising_loss", "gradient_step",
+           "make_train_step", "step_halves", "text_conditioning", "train_step", "update_step"]
+
+# SDXL with trained text encoders: the frozen keys of each tokenizer's ids per prompt, in
+# ``sdxl.TEXT_ENCODERS`` order (``caches.build_caches`` fills them).
+SDXL_INPUT_IDS = ("input_ids", "input_ids_2")
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training; donated into each step.
 
-    ``params`` holds only what is trained: ``{"unet": ...}`` plus ``"text_encoder"`` when
-    ``train_text_encoder`` is set, so a frozen encoder has no gradient and no optimizer state.
+    ``params`` holds only what is trained: ``{"unet": ...}`` plus ``"text_encoder"`` (SDXL: and
+    ``"text_encoder_2"``) when ``train_text_encoder`` is set, so a frozen encoder has no gradient and
+    no optimizer state.
     With LoRA these are the adapters (``jax_backend.lora``) and the base params travel in
     ``frozen["base"]``; the step's ``merge`` turns the two into the params the models apply.
     ``step`` counts micro-batches (optimizer updates happen every accumulation window).
@@ -59,13 +64,30 @@ def encode_prompts(params: Any, frozen: dict, prompt_idx: jax.Array, text_apply:
     return text_apply({"params": params["text_encoder"]}, input_ids, mask)
 
 
-def added_conditions(frozen: dict, batch: dict) -> dict | None:
-    """SDXL's ``added_cond_kwargs`` of the batch: each row's prompt's pooled embedding and its latent row's
-    time ids (None for SD, whose cache has neither)."""
+def added_conditions(frozen: dict, batch: dict, text_embeds: jax.Array | None = None) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` of the batch: each row's pooled embedding (``text_embeds`` when the step
+    computed it, else the prompt's cached one) and its latent row's time ids (None for SD, whose cache has
+    neither)."""
     if "time_ids" not in frozen:
         return None
-    return {"text_embeds": frozen["pooled_embeddings"][batch["prompt_idx"]],
-            "time_ids": frozen["time_ids"][batch["example_idx"]]}
+    if text_embeds is None:
+        text_embeds = frozen["pooled_embeddings"][batch["prompt_idx"]]
+    return {"text_embeds": text_embeds, "time_ids": frozen["time_ids"][batch["example_idx"]]}
+
+
+def text_conditioning(params: Any, frozen: dict, batch: dict, text_apply: Callable | None,
+                      options: LossOptions) -> tuple[jax.Array, dict | None]:
+    """(encoder hidden states, SDXL ``added_cond_kwargs`` or None) of the batch.
+
+    SDXL with trained encoders (``frozen`` holds :data:`SDXL_INPUT_IDS`): ``text_apply(params, ids)``,
+    both tuples in ``sdxl.TEXT_ENCODERS`` order, is ``encode.sdxl_conditioning`` of the two encoders and
+    gives the prompt embeds and the pooled embeds; the time ids stay the latent rows' cached ones.
+    """
+    if options.train_text_encoder and SDXL_INPUT_IDS[-1] in frozen:
+        ids = tuple(frozen[key][batch["prompt_idx"]] for key in SDXL_INPUT_IDS)
+        hidden, pooled = text_apply(tuple(params[name] for name in sdxl.TEXT_ENCODERS), ids)
+        return hidden, added_conditions(frozen, batch, pooled)
+    return encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options), added_conditions(frozen, batch)
 
 
 def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, timesteps: jax.Array,
@@ -100,9 +122,9 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
         noise = diffusion.offset_noise(noise, offsets)
     num_train_timesteps = tables.snr.shape[0]
     timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
-    encoder_hidden_states = encode_prompts(params, frozen, batch["prompt_idx"], text_apply, options)
+    encoder_hidden_states, added_cond_kwargs = text_conditioning(params, frozen, batch, text_apply, options)
     return denoising_loss(params["unet"], latents, noise, timesteps, encoder_hidden_states, unet_apply=unet_apply,
-                          tables=tables, options=options, added_cond_kwargs=added_conditions(frozen, batch))
+                          tables=tables, options=options, added_cond_kwargs=added_cond_kwargs)
 
 
 def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,

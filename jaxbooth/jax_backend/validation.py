@@ -1,13 +1,14 @@
 """Validation images during training: the JAX counterpart of diffusers' `log_validation`.
 
 Mirrors `train_dreambooth.py`: `num_validation_images` images of `validation_prompt`, 25
-inference steps, the pipeline's default guidance (7.5) and size (unet sample_size x VAE scale),
+inference steps, the pipeline's default guidance (7.5; SDXL's 5.0) and size (unet sample_size x VAE scale),
 noise from the run seed (so every validation starts from the same noise and images are
 comparable across steps), the `validation_scheduler` built from the pipeline's scheduler config
 (learned variance types read as "fixed_small", as diffusers does), and TensorBoard's
 `add_images("validation", images, step, dataformats="NHWC")`. The cadence and the files
 (`validation/step-{N}.png`, `validation/step-{N}/{k}.png`) are `jaxbooth.validation_files`,
-shared with the torch backend.
+shared with the torch backend. An SDXL run samples as `StableDiffusionXLPipeline` (both text
+encoders; no negative prompt, so zeros under `force_zeros_for_empty_prompt`; see `sample.py`).
 
 Memory: the trainer drops the VAE params from the device once latents are cached. The
 `Validator` keeps a host (numpy) copy of the VAE params, and of the text-encoder params when the
@@ -44,6 +45,7 @@ __all__ = ["Validator", "image_grid", "make_validator", "validation_sampler_name
 
 VALIDATION_STEPS = validation_files.NUM_INFERENCE_STEPS  # log_validation's num_inference_steps
 VALIDATION_GUIDANCE = 7.5  # StableDiffusionPipeline.__call__'s default, which log_validation keeps
+SDXL_VALIDATION_GUIDANCE = 5.0  # StableDiffusionXLPipeline.__call__'s, which the SDXL script's log_validation keeps
 
 
 def _log(message: str) -> None:
@@ -94,11 +96,13 @@ class Validator:
                  unet: Any, vae_config: Any, vae_params: Any, validation_prompt: str,
                  num_validation_images: int = 4, validation_scheduler: str = "DPMSolverMultistepScheduler",
                  schedule: tuple[str, int] = ("steps", 100), seed: int = 0,
-                 num_inference_steps: int = VALIDATION_STEPS, guidance_scale: float = VALIDATION_GUIDANCE,
+                 num_inference_steps: int = VALIDATION_STEPS, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                 use_attention_mask: bool = False, mesh: Any = None, scheduler_config: dict | None = None) -> None:
-        """`text_params`: the frozen text encoder's params (host copy kept); `schedule`: what
-        `spec.validation_schedule` returns, ("steps" | "epochs", n); `scheduler_config`: the
+                 use_attention_mask: bool = False, mesh: Any = None, scheduler_config: dict | None = None,
+                 tokenizer_2: Any = None, text_encoder_2: Any = None) -> None:
+        """`text_params`: the frozen text encoder's params (host copy kept; SDXL, with `tokenizer_2` and
+        `text_encoder_2`: the tuple of both encoders'); `schedule`: what `spec.validation_schedule` returns,
+        ("steps" | "epochs", n); `guidance_scale`: None for the pipeline's default; `scheduler_config`: the
         pipeline's (read from `model_dir` when None)."""
         kind, every = schedule
         if kind not in ("steps", "epochs") or every < 1:
@@ -106,6 +110,9 @@ class Validator:
         if num_validation_images < 1:
             raise ValueError(f"num_validation_images={num_validation_images} must be at least 1")
         self.prompt, self.num_images, self.schedule = validation_prompt, num_validation_images, (kind, every)
+        self.is_sdxl = text_encoder_2 is not None
+        if guidance_scale is None:
+            guidance_scale = SDXL_VALIDATION_GUIDANCE if self.is_sdxl else VALIDATION_GUIDANCE
         self.seed, self.steps, self.guidance_scale = seed, num_inference_steps, guidance_scale
         self.height, self.width, self.negative_prompt = height, width, negative_prompt
         self.output_dir, self.mesh = Path(output_dir), mesh
@@ -117,7 +124,8 @@ class Validator:
             text_params=None, vae_config=vae_config, vae_params=None,
             sampler_name=validation_sampler_name(validation_scheduler), use_attention_mask=use_attention_mask,
             mesh=mesh, scheduler_config=validation_scheduler_config(  # log_validation's from_config override
-                scheduler_config if scheduler_config is not None else read_scheduler_config(Path(model_dir))))
+                scheduler_config if scheduler_config is not None else read_scheduler_config(Path(model_dir))),
+            tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
 
     def should_run(self, step: int, epochs_done: int | None = None) -> bool:
         """Whether to validate now, after optimizer `step`: `validation_files.should_validate`.
@@ -128,6 +136,9 @@ class Validator:
 
     def generate(self, unet_params: Any, text_params: Any = None) -> list[Image.Image]:
         """The validation images for these params; the frozen params go on device only meanwhile."""
+        if self.is_sdxl and text_params is not None and not (isinstance(text_params, tuple) and len(text_params) == 2):
+            raise ValueError("SDXL validation takes the trained text params as a tuple (text_encoder's, "
+                             f"text_encoder_2's), got {type(text_params).__name__}")
         if text_params is None:
             text_params = _place(self._text_host, self.mesh)
         self.sampler.vae_params = _place(self._vae_host, self.mesh)
@@ -144,7 +155,8 @@ class Validator:
         and `writer.add_images` when a TensorBoard writer is given. Returns the grid's path.
 
         `unet_params`: the UNet params being trained (device arrays, any sharding on the mesh);
-        `text_params`: the text encoder's when it is trained, else None (the frozen copy is used).
+        `text_params`: the text encoder's when it is trained (SDXL: the tuple of both), else None (the
+        frozen copy is used).
         """
         start = time.perf_counter()
         images = self.generate(unet_params, text_params)
@@ -174,10 +186,14 @@ def make_validator(spec: Any, models: LoadedModels, *, output_dir: Path, seed: i
     if models.vae_params is None:
         raise ValueError("make_validator needs LoadedModels.vae_params; build the validator before dropping them")
     v = spec.validation
+    text_params, sdxl_models = models.text_params, {}
+    if models.is_sdxl:
+        text_params = (models.text_params, models.text_params_2)
+        sdxl_models = dict(tokenizer_2=models.tokenizer_2, text_encoder_2=models.text_encoder_2)
     return Validator(
         model_dir=models.model_dir, output_dir=output_dir, tokenizer=models.tokenizer,
-        text_encoder=models.text_encoder, text_params=models.text_params, unet=models.unet,
+        text_encoder=models.text_encoder, text_params=text_params, unet=models.unet,
         vae_config=models.vae_config, vae_params=models.vae_params, validation_prompt=v.validation_prompt,
         num_validation_images=v.num_validation_images, validation_scheduler=v.validation_scheduler,
         schedule=schedule, seed=seed, use_attention_mask=spec.model.text_encoder_use_attention_mask, mesh=mesh,
-        scheduler_config=models.scheduler_config)
+        scheduler_config=models.scheduler_config, **sdxl_models)

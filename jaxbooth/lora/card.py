@@ -29,8 +29,13 @@ def lora_model_card(*, base_model: str, instance_prompt: str, settings: AdapterS
     }, sort_keys=False, allow_unicode=True)
     kind = "DoRA" if settings.use_dora else "LoRA"
     unet_targets = ", ".join(targets.get("unet", ()))
-    encoder = (f"The text encoder got adapters too ({', '.join(targets['text_encoder'])})."
-               if "text_encoder" in targets else "Only the UNet got adapters; the text encoder is the base model's.")
+    if "text_encoder_2" in targets:
+        encoder = (f"Both text encoders got adapters too ({', '.join(targets['text_encoder'])}; "
+                   f"{', '.join(targets['text_encoder_2'])}).")
+    elif "text_encoder" in targets:
+        encoder = f"The text encoder got adapters too ({', '.join(targets['text_encoder'])})."
+    else:
+        encoder = "Only the UNet got adapters; the text encoders are the base model's."
     prompt = json.dumps(instance_prompt)
     files = [f"- `{LORA_WEIGHTS_NAME}`: the adapters in diffusers' format (`load_lora_weights`)."]
     if kohya:

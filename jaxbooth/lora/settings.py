@@ -33,9 +33,13 @@ class AdapterSettings:
     unet_targets: tuple[str, ...] = UNET_TARGETS
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     train_text_encoder: bool = False
+    # The pipeline's text encoders, in order: SDXL has two, both trained with --train_text_encoder.
+    text_encoders: tuple[str, ...] = ("text_encoder",)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> AdapterSettings:
+    def from_spec(cls, spec: Any, *, sdxl: bool = False) -> AdapterSettings:
+        """``sdxl``: the pipeline is SDXL (see ``jaxbooth.sdxl.is_sdxl_pipeline``), so both encoders get adapters."""
+        from jaxbooth import sdxl as sdxl_lib
         from jaxbooth.spec import lora_scale_alpha
 
         lora = spec.lora
@@ -43,7 +47,8 @@ class AdapterSettings:
                    dropout=float(lora.lora_dropout), use_dora=bool(lora.use_dora),
                    unet_targets=tuple(lora.lora_target_modules or UNET_TARGETS),
                    text_encoder_targets=tuple(lora.lora_text_encoder_target_modules or TEXT_ENCODER_TARGETS),
-                   train_text_encoder=bool(spec.model.train_text_encoder))
+                   train_text_encoder=bool(spec.model.train_text_encoder),
+                   text_encoders=sdxl_lib.TEXT_ENCODERS if sdxl else ("text_encoder",))
 
     @property
     def scale(self) -> float:
@@ -51,7 +56,7 @@ class AdapterSettings:
 
     @property
     def components(self) -> tuple[str, ...]:
-        return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+        return ("unet", *self.text_encoders) if self.train_text_encoder else ("unet",)
 
     def targets(self, component: str) -> tuple[str, ...]:
         return self.unet_targets if component == "unet" else self.text_encoder_targets

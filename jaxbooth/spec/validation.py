@@ -154,6 +154,9 @@ def _check_conflicts(r: _Report) -> None:
     if v["use_8bit_adam"] and v["optimizer"] != "adamw":
         r.errors.append(f"--use_8bit_adam is an AdamW variant but {r.at('optimizer')}; "
                         "drop --use_8bit_adam or use --optimizer=adamw")
+    if v["do_edm_style_training"] and v["snr_gamma"] is not None:  # diffusers' SDXL script raises the same
+        r.errors.append(f"{r.at('do_edm_style_training')} with {r.at('snr_gamma')}: Min-SNR weighting is not "
+                        "supported with EDM-style training (as in diffusers' SDXL script); drop one")
     vae_a, vae_b = v["pretrained_vae_name_or_path"], v["pretrained_vae_model_name_or_path"]
     if vae_a is not None and vae_b is not None and vae_a != vae_b:
         r.errors.append(f"{r.at('pretrained_vae_name_or_path')} and "

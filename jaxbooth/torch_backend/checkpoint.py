@@ -2,7 +2,7 @@
 
 ``OUTPUT_DIR/checkpoint-N/`` holds ``state/`` (accelerate ``save_state``: optimizer, LR
 scheduler, grad scaler, RNG states, or the DeepSpeed engine files), ``unet/`` (and
-``text_encoder/`` when trained) in diffusers' layout, so
+``text_encoder/``, for SDXL also ``text_encoder_2/``, when trained) in diffusers' layout, so
 ``UNet2DConditionModel.from_pretrained(OUTPUT_DIR, subfolder="checkpoint-N/unet")`` works, and
 the shared marker ``jaxbooth_checkpoint.json`` (``checkpoints.checkpoint_record``: step, seed,
 data position, spec without the Hub token), written last: a checkpoint without it
@@ -36,18 +36,12 @@ from jaxbooth.checkpoints import (
 )
 from jaxbooth.errors import JaxboothError
 from jaxbooth.lora import AdapterSettings
+from jaxbooth.torch_backend.models import trained_components
 
 STATE_DIR = "state"
 
 __all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "checkpoint_record", "clear_incomplete", "maybe_resume",
            "register_state_hooks", "save_checkpoint"]
-
-
-def component_name(model: Any) -> str:
-    """``unet`` or ``text_encoder``: the subfolder a trained model is saved in."""
-    from diffusers import UNet2DConditionModel
-
-    return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
 
 
 def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = None) -> None:
@@ -60,22 +54,24 @@ def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = No
 
     def save_hook(models: list, weights: list, state_dir: str) -> None:
         for model in models:
-            unwrapped = accelerator.unwrap_model(model)
             if accelerator.is_main_process:
-                unwrapped.save_pretrained(Path(state_dir).parent / component_name(unwrapped))
+                for name, component in trained_components(accelerator.unwrap_model(model)).items():
+                    component.save_pretrained(Path(state_dir).parent / name)
             if weights:  # empty under DeepSpeed: the engine saved its own copy
                 weights.pop()
 
     def load_hook(models: list, state_dir: str) -> None:
         while models:
-            model = accelerator.unwrap_model(models.pop())
-            folder = Path(state_dir).parent / component_name(model)
-            if not folder.is_dir():
-                raise JaxboothError(f"{folder.parent}: no {folder.name}/ folder (a LoRA run's checkpoint?); resume it "
-                                    "with --use_lora (train_dreambooth_lora.py), or start a new output_dir")
-            loaded = type(model).from_pretrained(folder)
-            model.load_state_dict(loaded.state_dict())
-            del loaded
+            for name, component in trained_components(accelerator.unwrap_model(models.pop())).items():
+                folder = Path(state_dir).parent / name
+                if not folder.is_dir():
+                    raise JaxboothError(f"{folder.parent}: no {folder.name}/ folder (a LoRA run's checkpoint, or one "
+                                        "without --train_text_encoder?); resume it with --use_lora "
+                                        "(train_dreambooth_lora.py) or the --train_text_encoder of that run, or start "
+                                        "a new output_dir")
+                loaded = type(component).from_pretrained(folder)
+                component.load_state_dict(loaded.state_dict())
+                del loaded
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -88,12 +84,14 @@ def register_lora_hooks(accelerator: Any, adapters: AdapterSettings) -> None:
     from jaxbooth.torch_backend import lora
 
     def by_component(models: list) -> dict[str, Any]:
-        return {component_name(model): model for model in map(accelerator.unwrap_model, models)}
+        return {name: component for model in models
+                for name, component in trained_components(accelerator.unwrap_model(model)).items()}
 
     def save_hook(models: list, weights: list, state_dir: str) -> None:
         trained = by_component(models)
         if accelerator.is_main_process:
-            state = lora.export_lora_state(trained["unet"], trained.get("text_encoder"), adapters)
+            state = lora.export_lora_state(trained["unet"], trained.get("text_encoder"), adapters,
+                                           text_encoder_2=trained.get("text_encoder_2"))
             outputs.write_checkpoint_lora(Path(state_dir).parent, state, adapters)
         del weights[:]  # the base weights are the run's base model: never a copy in state/
 

@@ -9,8 +9,9 @@ value never depends on the batch it first appeared in and a resumed run sees the
 ``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a frozen text
 encoder (all prompts up front and the encoder freed with
 ``pre_compute_text_embeddings``), or a forward pass of the trained encoder.
-``SdxlTextConditioner`` is its SDXL twin (both encoders frozen): per prompt the prompt embeds and
-pooled embeds of ``encode_sdxl_prompt``, and per row the time ids of the crop actually taken.
+``SdxlTextConditioner`` is its SDXL twin: per prompt the prompt embeds and pooled embeds of
+``encode_sdxl_prompt`` (cached for frozen encoders, a forward pass of both trained encoders every
+step with ``--train_text_encoder``), and per row the time ids of the crop actually taken.
 ``unet_inputs(conditioner, batch)`` is what the UNet call needs beyond latents and timesteps.
 Never imports jax.
 """
@@ -154,14 +155,20 @@ def encode_sdxl_prompt(text_encoders: tuple, input_ids: tuple[torch.Tensor, torc
 
 
 class SdxlTextConditioner:
-    """SDXL conditioning for a batch, both encoders frozen: (prompt embeds, pooled) cached per prompt,
+    """SDXL conditioning for a batch: (prompt embeds, pooled) cached per prompt while both encoders are frozen,
+    or encoded live by ``text_encoder`` (the trained ``models.SdxlTextEncoders``, as prepared) once it is set;
     time ids per row from the batch's ``original_size`` and ``crop_top_left`` (``sdxl.add_time_ids``)."""
 
     def __init__(self, text_encoders: tuple, tokenize_fns: tuple, device: torch.device, *, resolution: int):
         """``tokenize_fns``: one ``jaxbooth.text.make_tokenize_fn`` per encoder (max-length padding, no mask)."""
         self.text_encoders: tuple | None = tuple(text_encoders)
         self.tokenize_fns, self.device, self.resolution = tuple(tokenize_fns), device, resolution
+        self.text_encoder: Any | None = None  # the trained encoders' module: set, every call encodes through it
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(np.asarray(tokenize(prompts)[0])).long().to(self.device)
+                     for tokenize in self.tokenize_fns)
 
     @torch.no_grad()
     def precompute(self, prompts: Iterable[str]) -> None:
@@ -172,9 +179,7 @@ class SdxlTextConditioner:
         if self.text_encoders is None:
             raise RuntimeError(f"prompts {todo} were not precomputed before the text encoders were freed")
         for prompt in todo:  # one prompt per call, so a cached row never depends on its batch
-            ids = tuple(torch.from_numpy(np.asarray(tokenize([prompt])[0])).long().to(self.device)
-                        for tokenize in self.tokenize_fns)
-            embeds, pooled = encode_sdxl_prompt(self.text_encoders, ids)
+            embeds, pooled = encode_sdxl_prompt(self.text_encoders, self._ids([prompt]))
             self._cache[prompt] = (embeds[0], pooled[0])
 
     def free_encoder(self) -> None:
@@ -183,7 +188,10 @@ class SdxlTextConditioner:
         release_memory()
 
     def embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt embeds [N, L, D1 + D2], pooled [N, P]) of ``prompts``, in the encoders' dtype."""
+        """(prompt embeds [N, L, D1 + D2], pooled [N, P]) of ``prompts``: cached ones in the encoders' dtype,
+        trained ones as the encoders' forward returns them (with gradients)."""
+        if self.text_encoder is not None:
+            return self.text_encoder(*self._ids(prompts))
         self.precompute(prompts)
         return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
 

@@ -1,12 +1,12 @@
 """The torch training loop: micro-steps under accelerate, then log, checkpoint and validate.
 
 One micro-step draws its randomness from (seed, micro-step, process) (see ``loss.step_seed``),
-runs ``loss.denoising_loss`` and ``accelerator.backward``; at the end of each accumulation
-window the gradients are clipped and the optimizer and LR scheduler step (accelerate skips
-them inside the window, as in diffusers). The host reads values back only at log steps.
-Metrics are the shared ``output.metric_record`` (the JAX backend's names) and go to
-``metrics.jsonl`` and accelerate's trackers; validation follows the shared cadence
-(``validation_files.should_validate``). Never imports jax.
+runs ``loss.denoising_loss`` (``loss.edm_denoising_loss`` when ``edm`` is set) and
+``accelerator.backward``; at the end of each accumulation window the gradients are clipped and
+the optimizer and LR scheduler step (accelerate skips them inside the window, as in diffusers).
+The host reads values back only at log steps. Metrics are the shared ``output.metric_record``
+(the JAX backend's names) and go to ``metrics.jsonl`` and accelerate's trackers; validation
+follows the shared cadence (``validation_files.should_validate``). Never imports jax.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from jaxbooth import data, diffusion, output
+from jaxbooth import data, diffusion, edm, output
 from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
 from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner, unet_inputs
-from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, make_generator
+from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, edm_denoising_loss, make_generator
 from jaxbooth.validation_files import should_validate
 
 
@@ -52,6 +52,7 @@ class Trainer:
     max_train_steps: int
     output_dir: Path
     validate: Callable[[int], None] | None = None
+    edm: edm.EdmSchedule | None = None  # EDM-style training (tables on the device), else DDPM with ``tables``
 
     @property
     def trained_models(self) -> list[Any]:
@@ -66,8 +67,12 @@ def micro_step_loss(t: Trainer, batch: dict, micro_step: int) -> tuple[torch.Ten
     device = t.accelerator.device
     generator = make_generator(t.seed, micro_step, t.accelerator.process_index, device)
     mean, std = t.latents.posterior(batch)
-    drawn = draw_inputs(mean, std, generator, int(t.tables.snr.shape[0]), t.options)
+    steps = t.edm.num_train_timesteps if t.edm is not None else int(t.tables.snr.shape[0])
+    drawn = draw_inputs(mean, std, generator, steps, t.options)  # under EDM the timesteps are table indices
     hidden, added = unet_inputs(t.text, batch)  # added: SDXL's pooled embeds and time ids, else None
+    if t.edm is not None:
+        return edm_denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.edm, t.options,
+                                  added_cond_kwargs=added)
     return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options,
                           added_cond_kwargs=added)
 
@@ -134,6 +139,9 @@ def run_loop(t: Trainer, start_step: int) -> int:
     accumulation = spec.optim.gradient_accumulation_steps
     step, micro = start_step, start_step * accumulation
     progress = Progress(t, start_step)
+    if t.edm is not None:  # an EDM pipeline trains EDM-style without the flag, as in diffusers: say so
+        log(accelerator, f"EDM-style training: {t.edm.scheduler} sigmas and preconditioning, "
+                         f"{t.edm.prediction_type} prediction, loss on the denoised latents")
     log_every, save_every = max(1, spec.logging.log_every_steps), spec_lib.checkpoint_every_steps(spec)
     for model in t.trained_models:
         model.train()

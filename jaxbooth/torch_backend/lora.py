@@ -1,6 +1,6 @@
-"""LoRA on the torch backend: peft adapters on the frozen UNet (and text encoder), as diffusers'
-``train_dreambooth_lora.py`` adds them, started from the shared init so a torch and a JAX run
-of one spec begin from the same adapters.
+"""LoRA on the torch backend: peft adapters on the frozen UNet (and text encoder, or SDXL's two), as
+diffusers' ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_sdxl.py`` add them, started from the
+shared init so a torch and a JAX run of one spec begin from the same adapters.
 
 Only the adapters train: the base weights are frozen and, under mixed precision, kept in the
 weight dtype (they are only read), while the adapter parameters stay float32 (diffusers'
@@ -120,20 +120,24 @@ def load_layers(model: Any, layers: Mapping[str, LoraLayer], *, component: str, 
 
 
 def export_layers(model: Any, settings: AdapterSettings) -> dict[str, LoraLayer]:
-    """The adapters of one model as ``LoraLayer`` (float32 numpy, torch layout)."""
+    """The adapters of one model as ``LoraLayer`` (float32 numpy, torch layout): a copy, never a view of float32
+    CPU parameters that later optimizer steps would change under it."""
     out = {}
     for path, layer in adapted_layers(model).items():
-        down, up, magnitude = (None if p is None else p.detach().float().cpu().numpy()
+        down, up, magnitude = (None if p is None else p.detach().float().cpu().numpy().copy()
                                for p in adapter_parameters(layer))
         out[path] = LoraLayer(down=down, up=up, alpha=settings.alpha, magnitude=magnitude)
     return out
 
 
-def export_lora_state(unet: Any, text_encoder: Any | None, settings: AdapterSettings) -> LoraState:
-    """The trained adapters as the shared ``LoraState`` (``text_encoder`` only when it has adapters)."""
+def export_lora_state(unet: Any, text_encoder: Any | None, settings: AdapterSettings, *,
+                      text_encoder_2: Any | None = None) -> LoraState:
+    """The trained adapters as the shared ``LoraState`` (each text encoder only when it has adapters;
+    ``text_encoder_2``: SDXL's second)."""
     state: LoraState = {"unet": export_layers(unet, settings)}
-    if text_encoder is not None and adapted_layers(text_encoder):
-        state["text_encoder"] = export_layers(text_encoder, settings)
+    for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None and adapted_layers(model):
+            state[component] = export_layers(model, settings)
     return state
 
 
@@ -162,14 +166,16 @@ def keep_trainable_float32(models: Iterable[Any]) -> None:
 
 
 def attach(unet: Any, text_encoder: Any | None, settings: AdapterSettings, *, seed: int,
-           dtype: torch.dtype) -> None:
-    """Adapters on the UNet (and the text encoder when trained); base weights frozen in ``dtype``."""
-    add_adapters(unet, "unet", settings, seed)
-    cast_base(unet, dtype)
-    if settings.train_text_encoder:
-        if text_encoder is None:
-            raise JaxboothError("--train_text_encoder needs the text encoder, which was freed; drop "
-                                "--pre_compute_text_embeddings")
-        add_adapters(text_encoder, "text_encoder", settings, seed)
-        cast_base(text_encoder, dtype)
+           dtype: torch.dtype, text_encoder_2: Any | None = None) -> None:
+    """Adapters on the UNet and, when trained, on each text encoder of ``settings.components`` (SDXL:
+    ``text_encoder`` and ``text_encoder_2``, with the same targets, as diffusers' SDXL script);
+    base weights frozen in ``dtype``."""
+    given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for component in settings.components:
+        model = given.get(component)
+        if model is None:
+            raise JaxboothError(f"--train_text_encoder needs the {component} model, which was freed or not loaded; "
+                                "drop --pre_compute_text_embeddings")
+        add_adapters(model, component, settings, seed)
+        cast_base(model, dtype)
 

@@ -2,7 +2,9 @@
 
 The noise/target/Min-SNR/prior math is the shared code in ``jaxbooth.diffusion`` (the same
 functions the JAX step calls), so both backends compute one loss; this module only runs
-the UNet and draws the random inputs. Layout is NCHW throughout (diffusers' layout).
+the UNet and draws the random inputs. EDM-style training (``--do_edm_style_training``, or a pipeline
+whose scheduler is an EDM one) runs ``edm_denoising_loss`` on the shared ``jaxbooth.edm`` math instead.
+Layout is NCHW throughout (diffusers' layout).
 Imports torch and the shared core; never jax or ``jaxbooth.jax_backend``.
 """
 
@@ -14,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from jaxbooth import diffusion
+from jaxbooth import diffusion, edm
 from jaxbooth.diffusion import LossOptions
 
-__all__ = ["LossOptions", "denoising_loss", "draw_inputs", "make_generator", "step_seed"]
+__all__ = ["LossOptions", "denoising_loss", "draw_inputs", "edm_denoising_loss", "edm_schedule", "make_generator",
+           "step_seed"]
 
 
 def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -37,6 +40,35 @@ def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, t
     extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
     return diffusion.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
+
+
+def edm_denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor, schedule: edm.EdmSchedule, options: LossOptions, *,
+                       added_cond_kwargs: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The EDM-style DreamBooth loss (diffusers' SDXL script under ``--do_edm_style_training``).
+
+    ``indices``: int [B] in [0, num_train_timesteps), drawn as the DDPM timesteps are; the UNet sees
+    ``c_in * (x0 + sigma * noise)`` at ``schedule.timesteps[indices]`` and its output, made a denoised
+    estimate, is regressed onto the latents. ``schedule``'s tables are tensors on the latents' device
+    (``edm_schedule``). Returns (loss, {"instance_loss", "prior_loss"}) as ``denoising_loss``.
+    """
+    indices = indices.long()
+    sigma = edm.lookup(schedule.sigmas, indices, latents_nchw.ndim)
+    noisy = edm.add_noise(latents_nchw, noise, sigma)
+    coefficients = edm.preconditioning(sigma, schedule)
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet(noisy * coefficients.c_in, schedule.timesteps[indices], encoder_hidden_states, return_dict=False,
+                **extra)[0]
+    return edm.loss_from_prediction(pred.float(), latents_nchw, noisy, sigma, schedule, options)
+
+
+def edm_schedule(model_dir: Any, do_edm_style_training: bool, device: torch.device) -> edm.EdmSchedule | None:
+    """The EDM-style training schedule with float32 tables on ``device``, or None for DDPM training."""
+    schedule = edm.load_schedule(model_dir, do_edm_style_training)
+    if schedule is None:
+        return None
+    return schedule.map(lambda table: torch.from_numpy(np.array(table, np.float32)).to(device))
 
 
 def step_seed(seed: int, micro_step: int, process_index: int) -> int:

@@ -7,6 +7,7 @@ optimizer in ``optim.py``. Imports torch and diffusers; never jax.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,18 +39,23 @@ def set_attention(unet: Any, enable_xformers: bool) -> str:
     return "xformers"
 
 
-def enable_gradient_checkpointing(unet: Any, text_encoder: Any | None, train_text_encoder: bool) -> None:
-    """Recompute activations in the backward pass (diffusers' ``--gradient_checkpointing``)."""
+def enable_gradient_checkpointing(unet: Any, text_encoders: Sequence[Any | None], train_text_encoder: bool) -> None:
+    """Recompute activations in the backward pass (diffusers' ``--gradient_checkpointing``): the UNet, and each
+    trained text encoder (SDXL: both, as diffusers' SDXL script)."""
     unet.enable_gradient_checkpointing()
-    if train_text_encoder and text_encoder is not None:
-        text_encoder.gradient_checkpointing_enable()
+    if train_text_encoder:
+        for text_encoder in text_encoders:
+            if text_encoder is not None:  # transformers 5 renamed it; the old name warns of its removal
+                getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
 
 
-def apply_memory_options(spec: Any, unet: Any, text_encoder: Any | None, device: torch.device) -> dict[str, Any]:
-    """Apply the spec's memory options to the models; returns what is in effect, for the log."""
+def apply_memory_options(spec: Any, unet: Any, text_encoder: Any | None, device: torch.device, *,
+                         text_encoder_2: Any | None = None) -> dict[str, Any]:
+    """Apply the spec's memory options to the models (``text_encoder_2``: SDXL's second encoder); returns what is
+    in effect, for the log."""
     precision = spec.precision
     if precision.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder, spec.model.train_text_encoder)
+        enable_gradient_checkpointing(unet, (text_encoder, text_encoder_2), spec.model.train_text_encoder)
     kernel = set_attention(unet, precision.enable_xformers_memory_efficient_attention)
     if precision.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -3,7 +3,8 @@
 Owns which class loads which component (``UNet2DConditionModel``, ``AutoencoderKL``,
 ``CLIPTextModel`` or whatever ``model_index.json`` names for the text encoder, and for an
 SDXL pipeline also ``text_encoder_2``, ``CLIPTextModelWithProjection``), freezing
-and casting the frozen ones, and the weight dtype of a mixed-precision run. Trainable
+and casting the frozen ones, the weight dtype of a mixed-precision run, and which trained module
+is which pipeline component (``SdxlTextEncoders``: SDXL's two encoders trained as one module). Trainable
 models always load in float32: mixed precision keeps float32 master weights (diffusers
 refuses to start otherwise). An SDXL VAE stays float32 whatever the precision, as diffusers'
 ``train_dreambooth_lora_sdxl.py`` keeps it (against NaN losses). Imports torch, diffusers
@@ -23,6 +24,7 @@ import torch
 from jaxbooth import diffusion, sdxl
 from jaxbooth.errors import JaxboothError
 from jaxbooth.hub import vae_component_folder
+from jaxbooth.torch_backend.inputs import encode_sdxl_prompt
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,6 +50,47 @@ class Models:
     def text_encoders(self) -> tuple[Any, ...]:
         """The frozen encoders the conditioning runs: (text_encoder,) or SDXL's (text_encoder, text_encoder_2)."""
         return (self.text_encoder, self.text_encoder_2) if self.is_sdxl else (self.text_encoder,)
+
+
+class SdxlTextEncoders(torch.nn.Module):
+    """SDXL's two text encoders as one trained module (``--train_text_encoder``): ``forward(ids, ids_2)`` is
+    ``encode_sdxl_prompt``, (prompt embeds, pooled embeds).
+
+    One module, so the loop, ``accelerator.prepare`` (mixed-precision autocast, DDP) and the checkpoint
+    hooks treat the pair as the one trained text encoder they already handle. Its outputs are only what
+    the UNet uses, so DDP's unused-parameter search (``train.make_accelerator`` turns it on for this)
+    finds the first encoder's last layer, which SDXL never reads (it conditions on the penultimate
+    hidden states), instead of waiting for its gradients (diffusers' SDXL script fails there on 2+ GPUs).
+    """
+
+    def __init__(self, text_encoder: Any, text_encoder_2: Any):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_sdxl_prompt((self.text_encoder, self.text_encoder_2), (input_ids, input_ids_2))
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+
+def trained_text_encoder(models: Any) -> Any:
+    """The text-encoder module a ``--train_text_encoder`` run trains: the encoder, or for SDXL both as one
+    ``SdxlTextEncoders``."""
+    if getattr(models, "is_sdxl", False):
+        return SdxlTextEncoders(models.text_encoder, models.text_encoder_2)
+    return models.text_encoder
+
+
+def trained_components(model: Any) -> dict[str, Any]:
+    """Pipeline component name -> model of one (unwrapped) trained module: ``unet``, ``text_encoder``, or SDXL's
+    ``text_encoder`` and ``text_encoder_2`` of an ``SdxlTextEncoders``; the subfolders they are saved in."""
+    if isinstance(model, SdxlTextEncoders):
+        return model.components
+    from diffusers import UNet2DConditionModel
+
+    return {"unet" if isinstance(model, UNet2DConditionModel) else "text_encoder": model}
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -19,17 +19,22 @@ from jaxbooth.errors import JaxboothError
 def param_groups(spec: spec_lib.RunSpec, unet: Any, text_encoder: Any | None, num_processes: int) -> list[dict]:
     """One group per trained model, each with its LR and weight decay.
 
-    With ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` unset both groups use the
-    UNet's values, which is exactly diffusers ``train_dreambooth.py``'s single group.
+    With ``text_encoder_lr`` and ``adam_weight_decay_text_encoder`` unset all groups use the
+    UNet's values, which is exactly diffusers ``train_dreambooth.py``'s single group. SDXL's two
+    trained encoders (``models.SdxlTextEncoders``) get a group each, both with the text-encoder
+    LR and decay, as diffusers' ``train_dreambooth_lora_sdxl.py`` builds them.
     """
+    from jaxbooth.torch_backend.models import trained_components
+
     o = spec.optim
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
                "lr": spec_lib.effective_learning_rate(spec, num_processes), "weight_decay": o.adam_weight_decay}]
     if spec.model.train_text_encoder and text_encoder is not None:
         decay = o.adam_weight_decay_text_encoder
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       "lr": spec_lib.effective_text_encoder_learning_rate(spec, num_processes),
-                       "weight_decay": o.adam_weight_decay if decay is None else decay})
+        for encoder in trained_components(text_encoder).values():
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "lr": spec_lib.effective_text_encoder_learning_rate(spec, num_processes),
+                           "weight_decay": o.adam_weight_decay if decay is None else decay})
     return groups
 
 

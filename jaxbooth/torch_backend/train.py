@@ -7,8 +7,10 @@ data pipeline (``jaxbooth.data``), the loss math (``jaxbooth.diffusion``), the o
 jax, flax, optax, orbax or ``jaxbooth.jax_backend`` (tests/torch_backend checks this).
 
 An SDXL pipeline (``model_index.json``: ``StableDiffusionXLPipeline``) trains its UNet, full or
-LoRA, with both text encoders frozen, as diffusers' ``train_dreambooth_lora_sdxl.py``: the UNet
-also gets the pooled prompt embeds and each row's time ids (``inputs.SdxlTextConditioner``).
+LoRA, as diffusers' ``train_dreambooth_lora_sdxl.py``: the UNet also gets the pooled prompt embeds
+and each row's time ids (``inputs.SdxlTextConditioner``). Both text encoders are frozen and their
+embeddings cached, or with ``--train_text_encoder`` both trained (LoRA adapters or full weights) as
+one module (``models.SdxlTextEncoders``) that encodes every batch's prompts.
 
 Phases: accelerator -> class images -> dataset, tokenizer(s), models -> memory options ->
 LoRA adapters (``--use_lora``, ``lora.py``) -> optimizer, LR schedule, ``accelerator.prepare`` ->
@@ -43,7 +45,7 @@ from typing import Any
 
 import torch
 
-from jaxbooth import data, output, pipelines, sdxl
+from jaxbooth import data, edm, output, pipelines, sdxl
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
@@ -52,7 +54,7 @@ from jaxbooth.text import load_tokenizer, make_tokenize_fn
 from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim, validation
 from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner
 from jaxbooth.torch_backend.loop import Trainer, log, run_loop
-from jaxbooth.torch_backend.loss import LossOptions
+from jaxbooth.torch_backend.loss import LossOptions, edm_schedule
 
 
 @dataclasses.dataclass
@@ -74,6 +76,10 @@ def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
     pipelines.refuse_untrainable_pipeline(model_dir, "torch", spec.model.model_family)
     if sdxl.is_sdxl_pipeline(model_dir):
         refuse_sdxl_options(spec, model_dir)
+    problems = edm.pipeline_problems(model_dir, spec.sdxl.do_edm_style_training, "torch",
+                                     snr_gamma=spec.optim.snr_gamma)
+    if problems:
+        raise JaxboothError("\n".join(problems))
 
 
 def refuse_sdxl_options(spec: spec_lib.RunSpec, model_dir: Path) -> None:
@@ -139,7 +145,8 @@ def make_accelerator(run: RunInputs) -> Any:
         accelerator = Accelerator(cpu=cpu_only_multiprocess(),
                                   gradient_accumulation_steps=spec.optim.gradient_accumulation_steps,
                                   mixed_precision=spec.precision.mixed_precision,
-                                  log_with=None if report_to == "none" else report_to, project_config=project)
+                                  log_with=None if report_to == "none" else report_to, project_config=project,
+                                  kwargs_handlers=ddp_handlers(run))
     except (ValueError, ImportError, RuntimeError) as error:
         raise JaxboothError(f"accelerate could not start: {error}. Check --mixed_precision="
                             f"{spec.precision.mixed_precision}, --gradient_accumulation_steps="
@@ -149,6 +156,16 @@ def make_accelerator(run: RunInputs) -> Any:
         raise JaxboothError("--mixed_precision=fp16 needs a GPU (torch has no fp16 autocast on CPU, so the "
                             "UNet would see mixed dtypes); on CPU use --mixed_precision=bf16 or no")
     return accelerator
+
+
+def ddp_handlers(run: RunInputs) -> list[Any]:
+    """accelerate kwargs handlers: DDP's unused-parameter search when SDXL's text encoders train, since SDXL
+    reads the first encoder's penultimate layer and its last layer gets no gradient (``models.SdxlTextEncoders``)."""
+    if not (run.spec.model.train_text_encoder and sdxl.is_sdxl_pipeline(run.model_dir)):
+        return []
+    from accelerate import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
 
 
 def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
@@ -192,7 +209,8 @@ def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
 
 
 def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_train_steps: int):
-    """Optimizer and LR schedule, then ``accelerator.prepare``; returns (unet, text_encoder or None, opt, sched)."""
+    """Optimizer and LR schedule, then ``accelerator.prepare``; returns (unet, text encoder or None, opt, sched).
+    The text encoder is the trained one (``models.trained_text_encoder``: SDXL's two as one module)."""
     spec = run.spec
     plugin = memory.deepspeed_plugin(accelerator)
     memory.check_deepspeed(spec, plugin)
@@ -200,13 +218,14 @@ def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_t
         memory.configure_deepspeed(plugin, train_batch_size=spec.optim.train_batch_size,
                                    max_grad_norm=spec.optim.max_grad_norm)
     train_te = spec.model.train_text_encoder
-    groups = optim.param_groups(spec, m.unet, m.text_encoder if train_te else None, accelerator.num_processes)
+    text_encoder = models.trained_text_encoder(m) if train_te else None
+    groups = optim.param_groups(spec, m.unet, text_encoder, accelerator.num_processes)
     optimizer, name = optim.make_optimizer(
         spec, groups, deepspeed_cpu_offload=plugin is not None and memory.offloads_optimizer(plugin))
     lr_scheduler = optim.make_lr_scheduler(spec, optimizer, max_train_steps, accelerator.num_processes)
     log(accelerator, f"optimizer: {name}" + (" under DeepSpeed ZeRO-" + str(plugin.zero_stage) if plugin else ""))
     if train_te:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(m.unet, m.text_encoder, optimizer,
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(m.unet, text_encoder, optimizer,
                                                                           lr_scheduler)
         return unet, text_encoder, optimizer, lr_scheduler
     unet, optimizer, lr_scheduler = accelerator.prepare(m.unet, optimizer, lr_scheduler)
@@ -217,7 +236,8 @@ def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, datas
                           device: torch.device) -> TextConditioner | SdxlTextConditioner:
     """Frozen encoder(s): embeddings cached per prompt; with pre_compute_text_embeddings all are
     computed now (validation prompt and the empty negative prompt too) and the encoders freed.
-    SDXL: both encoders, each with its own tokenizer."""
+    SDXL: both encoders, each with its own tokenizer. A trained encoder is set on it afterwards
+    (``conditioner.text_encoder``): then every batch is encoded live."""
     spec = run.spec
     conditioner: TextConditioner | SdxlTextConditioner
     is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
@@ -248,6 +268,9 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
     from diffusers import DDPMScheduler
 
     scheduler_config = DDPMScheduler.load_config(m.model_dir, subfolder="scheduler")
+    # EDM-style runs sample with the pipeline's own scheduler, as diffusers' SDXL script
+    edm_style = edm.training_scheduler(m.model_dir, spec.sdxl.do_edm_style_training) is not None
+    validation_name = edm.pipeline_scheduler_class(m.model_dir) if edm_style else spec.validation.validation_scheduler
     is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
     dtype = models.weight_dtype(accelerator.mixed_precision)
 
@@ -256,11 +279,13 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
             return
         prompt = spec.validation.validation_prompt
         trained_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
-        scheduler = validation.validation_scheduler(spec.validation.validation_scheduler, scheduler_config)
+        scheduler = validation.validation_scheduler(validation_name, scheduler_config)
         embeds, inputs = None, None
-        if is_sdxl:
+        if is_sdxl:  # the trained encoders when they train (both in one module), else the frozen ones
+            encoders = (tuple(models.trained_components(trained_te).values()) if trained_te is not None
+                        else m.text_encoders)
             pipeline = validation.make_sdxl_pipeline(
-                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoders=m.text_encoders,
+                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoders=encoders,
                 tokenizers=(m.tokenizer, m.tokenizer_2), scheduler=scheduler, model_dir=m.model_dir)
             if m.text_encoder is None:  # pre_compute_text_embeddings freed both encoders
                 inputs = validation.sdxl_prompt_inputs(conditioner, prompt, pipeline)
@@ -270,13 +295,16 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
                 tokenizer=m.tokenizer, scheduler=scheduler)
             if m.text_encoder is None and trained_te is None:
                 embeds = (conditioner.embeddings([prompt]), conditioner.embeddings([""]))
-        was_training = pipeline.unet.training
-        pipeline.unet.eval()
+        sampled = [pipeline.unet] + ([trained_te] if trained_te is not None else [])  # no LoRA dropout in sampling
+        was_training = [model.training for model in sampled]
+        for model in sampled:
+            model.eval()
         images = validation.generate_images(
             pipeline, prompt=prompt, num_images=spec.validation.num_validation_images, seed=run.seed,
             device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds,
             inputs=inputs)
-        pipeline.unet.train(was_training)
+        for model, training in zip(sampled, was_training, strict=True):
+            model.train(training)
         path = validation.save_and_log(images, run.output_dir, step, accelerator.trackers)
         written.append(str(path.relative_to(run.output_dir)))
         log(accelerator, f"validation images for step {step}: {path}")
@@ -286,12 +314,16 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
 
 def save_pipeline(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | None, steps_done: int,
                   validation_images: list[str]) -> Path:
-    """The final output folder: a diffusers pipeline loadable with ``StableDiffusionPipeline.from_pretrained``."""
+    """The final output folder: a diffusers pipeline loadable with ``StableDiffusionPipeline.from_pretrained``
+    (``StableDiffusionXLPipeline`` for SDXL, whose trained encoders are both saved)."""
     spec, out = run.spec, run.output_dir
     saved = output.components_to_save(spec)
     accelerator.unwrap_model(unet).save_pretrained(out / "unet")
     if "text_encoder" in saved:
-        accelerator.unwrap_model(text_encoder).save_pretrained(out / "text_encoder")
+        encoders = models.trained_components(accelerator.unwrap_model(text_encoder))
+        for name, encoder in encoders.items():
+            encoder.save_pretrained(out / name)
+        saved = tuple(dict.fromkeys([*saved, *encoders]))
     return output.write_pipeline(out, base_dir=run.model_dir, trained_components=saved, vae_dir=run.vae_dir,
                                  spec=spec, steps=steps_done, backend="torch",
                                  instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
@@ -303,10 +335,10 @@ def save_lora(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | N
     a model card and the resolved spec; kohya file and merged pipeline when the spec asks."""
     from jaxbooth.lora import outputs
 
-    spec, settings = run.spec, AdapterSettings.from_spec(run.spec)
-    state = lora.export_lora_state(accelerator.unwrap_model(unet),
-                                   accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-                                   settings)
+    spec, settings = run.spec, AdapterSettings.from_spec(run.spec, sdxl=sdxl.is_sdxl_pipeline(run.model_dir))
+    encoders = models.trained_components(accelerator.unwrap_model(text_encoder)) if text_encoder is not None else {}
+    state = lora.export_lora_state(accelerator.unwrap_model(unet), encoders.get("text_encoder"), settings,
+                                   text_encoder_2=encoders.get("text_encoder_2"))
     return outputs.write_lora_output(run.output_dir, state, settings=settings, spec=spec, base_dir=run.model_dir,
                                      vae_dir=run.vae_dir, steps=steps_done, backend="torch",
                                      instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
@@ -360,11 +392,11 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         run.model_dir) else None
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer,
                            tokenizer_2=tokenizer_2)
-    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device)
+    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device, text_encoder_2=m.text_encoder_2)
     dtype = models.weight_dtype(accelerator.mixed_precision)
-    adapters = AdapterSettings.from_spec(spec) if spec.lora.use_lora else None
+    adapters = AdapterSettings.from_spec(spec, sdxl=m.is_sdxl) if spec.lora.use_lora else None
     if adapters is not None:  # only the adapters train; the frozen base is kept in the weight dtype
-        lora.attach(m.unet, m.text_encoder, adapters, seed=run.seed, dtype=dtype)
+        lora.attach(m.unet, m.text_encoder, adapters, seed=run.seed, dtype=dtype, text_encoder_2=m.text_encoder_2)
     unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=device, dtype=dtype)
     conditioner = make_text_conditioner(run, m, make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length),
@@ -387,7 +419,8 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         text=conditioner,
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
-        validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written))
+        validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written),
+        edm=edm_schedule(run.model_dir, spec.sdxl.do_edm_style_training, device))
     if adapters is not None:
         log(accelerator, f"LoRA: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g}"
                          f"{', DoRA' if adapters.use_dora else ''}; trained parameters: "

@@ -7,7 +7,8 @@ seed), from the in-memory models (no reload from disk). Cadence and files
 ``jaxbooth.validation_files``; the images also go to the tensorboard tracker. With
 ``pre_compute_text_embeddings`` the prompt's embeddings were computed before the text
 encoder was freed and are passed to the pipeline instead of the prompt. An SDXL run samples a
-``StableDiffusionXLPipeline`` of the trained UNet and the frozen parts; its precomputed inputs are
+``StableDiffusionXLPipeline`` of the trained UNet (and both encoders, when trained) and the frozen
+parts; its precomputed inputs are
 the prompt's embeds and pooled embeds and the negative ones the pipeline would have made itself
 (zeros under ``force_zeros_for_empty_prompt``, else the empty prompt's). Never imports jax.
 """
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jaxbooth import validation_files
+from jaxbooth import sdxl, validation_files
 from jaxbooth.validation_files import NUM_INFERENCE_STEPS, VALIDATION_DIR, image_grid
 
 __all__ = ["NUM_INFERENCE_STEPS", "VALIDATION_DIR", "generate_images", "image_grid", "make_pipeline",
@@ -58,18 +58,9 @@ def make_sdxl_pipeline(*, unet: Any, vae: Any, text_encoders: tuple, tokenizers:
     pipeline = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
-        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(model_dir))
+        force_zeros_for_empty_prompt=sdxl.force_zeros_for_empty_prompt(model_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def force_zeros_for_empty_prompt(model_dir: Path) -> bool:
-    """The base pipeline's ``force_zeros_for_empty_prompt`` (model_index.json); True, diffusers' default, if unset."""
-    try:
-        index = json.loads((Path(model_dir) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return True
-    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def sdxl_prompt_inputs(conditioner: Any, prompt: str, pipeline: Any) -> dict[str, torch.Tensor]:

@@ -270,11 +270,9 @@ def test_lora_checkpoints_honour_the_limit_load_and_resume_exactly(runs: dict, s
 # --- refusals -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("flag", "named"), [
-    ("--train_text_encoder", "planned"),
     ("--text_encoder_use_attention_mask", "no attention mask"),
     ("--tokenizer_max_length=16", "model_max_length"),
     ("--tokenizer_name=TOKENIZER", "two text encoders and tokenizers"),
-    ("--do_edm_style_training", "do_edm_style_training"),
 ])
 def test_sdxl_options_this_backend_does_not_train_are_refused_before_any_model_loads(
         flag: str, named: str, sdxl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -288,8 +286,7 @@ def test_sdxl_options_this_backend_does_not_train_are_refused_before_any_model_l
     err = capsys.readouterr().err
     key = flag.split("=")[0]
     assert key in err and named in err and "Traceback" not in err
-    if key != "--do_edm_style_training":
-        assert f"Drop {key}" in err and "SDXL" in err
+    assert f"Drop {key}" in err and "SDXL" in err
 
 
 def test_a_vae_with_latent_statistics_trains_on_normalised_latents(sdxl_dir: Path, tmp_path: Path) -> None:

@@ -147,12 +147,10 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     models = T.load_for_training(spec)
     run = T.prepare_inputs(spec, models)
     caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
-    params_host = {"unet": models.unet_params}
-    text_params = {"text_encoder": models.text_params, "text_encoder_2": models.text_params_2}
-    for name in T.trained_text_encoders(spec, models.is_sdxl):
-        params_host[name] = text_params[name]
-    tx, lr_schedule = T.make_optimizer(run, text_encoders=T.trained_text_encoders(spec, models.is_sdxl),
-                                       trainable_mask=T.sdxl_trainable_mask(spec, models))
+    params_host, lora_base = T.initial_params(spec, models, run.seed)
+    if lora_base is not None:
+        raise SystemExit("bench_train.py times full fine-tunes; time LoRA with scripts/bench_lora.py")
+    tx, lr_schedule = T.run_optimizer(run, models)
     state, shardings = T.init_state(params_host, tx, mesh, run.seed)
     step_fn = make_train_step(
         unet_apply=models.unet.apply,

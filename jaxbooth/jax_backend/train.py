@@ -47,7 +47,7 @@ from jaxbooth.lora import AdapterSettings
 
 __all__ = ["COMPUTE_DTYPES", "RunInputs", "TwoPartStep", "adapter_settings", "compile_step", "components_to_save",
            "frozen_shardings", "init_state", "initial_params", "make_optimizer", "prepare_inputs", "run_loop",
-           "save_pipeline", "sdxl_trainable_mask", "step_text_apply", "text_apply_fn", "train",
+           "run_optimizer", "save_pipeline", "sdxl_trainable_mask", "step_text_apply", "text_apply_fn", "train",
            "trained_text_encoders", "validation_text_params"]
 
 
@@ -147,6 +147,12 @@ def make_optimizer(run: RunInputs, *, text_encoders: tuple[str, ...] | None = No
                               gradient_accumulation_steps=o.gradient_accumulation_steps, param_groups=groups,
                               trainable_mask=trainable_mask)
     return tx, schedule
+
+
+def run_optimizer(run: RunInputs, models: LoadedModels):
+    """:func:`make_optimizer` for the loaded pipeline: its trained text encoders, and SDXL's trainable mask."""
+    return make_optimizer(run, text_encoders=trained_text_encoders(run.spec, models.is_sdxl),
+                          trainable_mask=sdxl_trainable_mask(run.spec, models))
 
 
 def initial_params(spec: spec_lib.RunSpec, models: LoadedModels, seed: int) -> tuple[dict, dict | None]:
@@ -360,8 +366,7 @@ def train(spec: spec_lib.RunSpec) -> Path:
     validator = make_validator(spec, models, output_dir=run.output_dir, seed=run.seed, mesh=mesh)
     models.vae_params = None  # latents are cached: the VAE leaves memory (validation keeps a host copy)
     params_host, base_host = initial_params(spec, models, run.seed)
-    tx, lr_schedule = make_optimizer(run, text_encoders=trained_text_encoders(spec, models.is_sdxl),
-                                     trainable_mask=sdxl_trainable_mask(spec, models))
+    tx, lr_schedule = run_optimizer(run, models)
     state, shardings = init_state(params_host, tx, mesh, run.seed)
     log_placement(state, mesh)
     # the state (and frozen["base"]) hold them; a frozen encoder's embeddings are cached

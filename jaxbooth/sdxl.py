@@ -4,8 +4,7 @@ SDXL conditions its UNet on three things beyond the timestep, as diffusers'
 ``train_dreambooth_lora_sdxl.py`` computes them:
 
 - ``prompt_embeds``: the penultimate hidden states (``hidden_states[-2]``, before the final
-  layer norm) of both text encoders, concatenated on the feature axis
-  (:func:`concat_prompt_embeds`);
+  layer norm) of both text encoders, concatenated on the feature axis in encoder order;
 - ``text_embeds``: the pooled projection (``text_embeds``) of the second encoder,
   ``CLIPTextModelWithProjection``;
 - ``time_ids``: original (h, w) + crop top-left (y, x) + target (h, w) of each training row
@@ -65,14 +64,6 @@ def flipped_crop_top_left(crop_top_left: tuple[int, int], resized_width: int, re
     """
     top, left = crop_top_left
     return int(top), int(resized_width - resolution - left)
-
-
-def concat_prompt_embeds(hidden_states: Sequence[np.ndarray]) -> np.ndarray:
-    """Both encoders' penultimate hidden states ``[P, L, D_i]`` -> ``[P, L, sum D_i]`` (encoder order)."""
-    if len(hidden_states) != len(TEXT_ENCODERS):
-        raise ValueError(f"SDXL conditions on {len(TEXT_ENCODERS)} text encoders, got {len(hidden_states)}")
-    return np.concatenate([np.asarray(h) for h in hidden_states], axis=-1)
-
 
 
 def latent_statistics(latents_mean, latents_std, channels: int, source: str) -> tuple[np.ndarray, np.ndarray] | None:

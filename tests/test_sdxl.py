@@ -72,14 +72,6 @@ def test_a_mirrored_crop_is_the_crop_diffusers_records_after_flipping(tmp_path: 
         assert sdxl.flipped_crop_top_left((0, unflipped_left), resized.width, 64) == crop
 
 
-def test_prompt_embeds_concatenate_both_encoders_in_order() -> None:
-    first, second = np.ones((2, 77, 3)), np.zeros((2, 77, 5))
-    joined = sdxl.concat_prompt_embeds([first, second])
-    assert joined.shape == (2, 77, 8) and joined[..., :3].all() and not joined[..., 3:].any()
-    with pytest.raises(ValueError, match="2 text encoders, got 1"):
-        sdxl.concat_prompt_embeds([first])
-
-
 def test_sdxl_pipelines_are_recognised_from_model_index_json(tmp_path: Path) -> None:
     (tmp_path / "xl").mkdir()
     (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))

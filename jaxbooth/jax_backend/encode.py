@@ -73,8 +73,8 @@ def sdxl_conditioning(text_encoders: Sequence, text_params: Sequence,
     """SDXL conditioning from token ids, traceable: (prompt_embeds ``[P, L, D1 + D2]``, pooled ``[P, Dproj]``).
 
     As diffusers' SDXL ``encode_prompt``: each encoder's penultimate hidden states
-    (``sdxl.HIDDEN_STATE_INDEX``), concatenated in encoder order on the feature axis (the layout of
-    ``sdxl.concat_prompt_embeds``), and the projected pooled output (``text_embeds``) of the second;
+    (``sdxl.HIDDEN_STATE_INDEX``), concatenated in encoder order on the feature axis, and the projected
+    pooled output (``text_embeds``) of the second;
     no attention mask, as diffusers' SDXL script passes none. The frozen-encoder cache
     (:func:`encode_sdxl_prompts`) and the train step of trained encoders both call it, so the two
     cannot drift. ``text_params``: each encoder's param tree (not wrapped in ``{"params": ...}``).

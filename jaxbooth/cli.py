@@ -28,7 +28,8 @@ commands:
                takes the flags of diffusers' train_dreambooth*.py; SCRIPT.py (e.g. train_dreambooth_lora.py)
                selects that script's defaults and mode
   generate     images from a trained pipeline or LoRA: jaxbooth generate MODEL_DIR "prompt" -n 4
-  tiny-model   write a random-weight pipeline: jaxbooth tiny-model OUT [--size tiny|small] [--family sd|sdxl]
+  tiny-model   write a random-weight pipeline: jaxbooth tiny-model OUT [--size tiny|small]
+               [--family sd|sdxl|if-stage1|if-stage2]
   spec         print the resolved run spec as YAML (same arguments as train)
 
 jaxbooth <command> --help lists the options of a command.
@@ -118,11 +119,14 @@ def cmd_tiny_model(argv: Sequence[str]) -> int:
     from jaxbooth.tiny import FAMILIES, SIZES, write_tiny_pipeline
 
     parser = argparse.ArgumentParser(prog="jaxbooth tiny-model",
-                                     description="random-weight SD- or SDXL-shaped pipeline in diffusers format")
+                                     description="random-weight SD-, SDXL- or DeepFloyd-IF-shaped pipeline in "
+                                                 "diffusers format")
     parser.add_argument("out")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--family", choices=FAMILIES, default="sd",
-                        help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders)")
+                        help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders); "
+                             "if-stage1: IFPipeline (64 px, T5); if-stage2: IFSuperResolutionPipeline (64 -> 256 "
+                             "px); the if-* families need the torch extra")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(write_tiny_pipeline(args.out, args.size, args.seed, family=args.family))

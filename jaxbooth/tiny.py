@@ -4,7 +4,8 @@
 shapes of the peer harness's pipelines (../shared/peer-bench/make_tiny_pipe.py), so
 benchmarks compare like with like. Weights come from jaxbooth's own Flax initialisers
 and are exported through the same diffusers-layout writer the trainer uses, so building
-one needs no torch. With no ``pretrained_model_name_or_path`` the trainer uses the
+one needs no torch (the DeepFloyd IF families, torch-only like training IF, are
+built by ``jaxbooth.tiny_if`` with stock classes). With no ``pretrained_model_name_or_path`` the trainer uses the
 ``tiny`` pipeline from the user cache (built on first use).
 """
 
@@ -42,7 +43,7 @@ _CLIP = {
     "small": dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4),
 }
 RESOLUTION = {"tiny": 64, "small": 128}
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "if-stage1", "if-stage2")  # if-*: jaxbooth.tiny_if (torch)
 
 # SDXL shapes (the peer harness's sdxl-tiny / sdxl-small): cross_attention_dim is both encoders' hidden
 # sizes concatenated; the added embedding takes 6 time ids x addition_time_embed_dim plus the second
@@ -160,6 +161,10 @@ def write_tiny_pipeline(out_dir: str | os.PathLike, size: str = "tiny", seed: in
         raise JaxboothError(f"tiny-model: size {size!r} is not one of {SIZES}")
     if family not in FAMILIES:
         raise JaxboothError(f"tiny-model: family {family!r} is not one of {FAMILIES}")
+    if family.startswith("if-"):
+        from jaxbooth.tiny_if import write_if_pipeline
+
+        return write_if_pipeline(out_dir, family, size, seed)
     from jaxbooth.jax_backend.tiny_weights import write_random_components  # the one step that needs jax
     from jaxbooth.text import write_tiny_clip_tokenizer
 

@@ -22,7 +22,7 @@ JAX, TORCH = "jax", "torch"
 BOTH = frozenset({JAX, TORCH})
 JAX_ONLY = frozenset({JAX})
 TORCH_ONLY = frozenset({TORCH})
-PLANNED = frozenset()  # accepted by the spec (diffusers' flag names) but trained by no backend yet
+PLANNED = frozenset()  # a row for a key the spec accepts (diffusers' flag name) but no backend trains yet
 
 # `backend: auto` uses JAX on GPUs with at least this much memory (the diffusers guide's
 # ">30GB" for Flax). Decimal GB, so a "32 GB" V100 (34.1e9 bytes) counts.
@@ -77,10 +77,12 @@ CAPABILITIES: tuple[Capability, ...] = (
                "jaxbooth.edm)"),
     Capability("lora_dropout", TORCH_ONLY, note="jax merges the adapters into the weights inside the step, "
                "where dropout on the adapter's input has no place", fix="--lora_dropout=0 (the LoRA scripts' default)"),
-    # Planned: no backend trains these yet; refused by name on both (never a silent full fine-tune).
-    Capability("class_labels_conditioning", PLANNED, note="DeepFloyd IF stage II"),
-    Capability("validation_images", PLANNED, note="DeepFloyd IF stage II validation"),
-    Capability("model_family", PLANNED, values=("deepfloyd_if",), note="DeepFloyd IF training"),
+    # DeepFloyd IF: torch only (the jax backend has no IF UNet); jaxbooth.deepfloyd refuses the stage-II keys
+    # on every other pipeline.
+    Capability("model_family", TORCH_ONLY, values=("deepfloyd_if",),
+               note="DeepFloyd IF stage I and II, full or LoRA, in pixel space; the jax backend has no IF UNet"),
+    Capability("class_labels_conditioning", TORCH_ONLY, note="DeepFloyd IF stage II: the upscaler's noise level"),
+    Capability("validation_images", TORCH_ONLY, note="DeepFloyd IF stage II validation: the images it upscales"),
     Capability("optimizer", TORCH_ONLY, values=("prodigy",), note="prodigyopt"),
     Capability("prodigy_beta3", TORCH_ONLY),
     Capability("prodigy_decouple", TORCH_ONLY),
@@ -147,6 +149,8 @@ def _unsupported(spec: RunSpec, backend: str, model_family: str | None) -> list[
 
 
 def _flag(key: str, value: Any) -> str:
+    if isinstance(value, (tuple, list)):  # list keys, as typed: --validation_images a.png b.png
+        return f"--{key} {' '.join(map(str, value))}"
     return f"--{key}" if value is True else f"--{key}={value}"
 
 
@@ -195,13 +199,16 @@ def _backends_text(backends: frozenset[str]) -> str:
     return ", ".join(sorted(backends)) if len(backends) > 1 else f"{next(iter(backends))} only"
 
 
-def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | None = None
-                   ) -> tuple[str, str]:
+def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | None = None,
+                   family_source: str | None = None) -> tuple[str, str]:
     """(backend, reason) for this spec on this device; the reason is printed for the user.
 
     auto: an option only one backend supports decides; otherwise jax on TPU, CPU and GPUs
     with >= 30 GB, torch on smaller GPUs (it has 8-bit Adam, xFormers and DeepSpeed).
-    An explicit backend is validated with ``check_backend``.
+    An explicit backend is validated with ``check_backend``. ``model_family``: the family the CLI
+    read from the model files (stands in for ``model_family: auto``); ``family_source`` says where
+    (``<dir>/model_index.json names IFPipeline (...)``), so a reason or error names the file, not a
+    flag the user never typed.
     """
     if spec.backend != "auto":
         check_backend(spec, spec.backend, model_family=model_family)
@@ -210,12 +217,20 @@ def choose_backend(spec: RunSpec, device: DeviceInfo, *, model_family: str | Non
     planned = planned_problems(spec, model_family)
     if planned:
         raise JaxboothError("\n".join(planned))
+    detected = family_source if spec.model.model_family == "auto" and model_family is not None else None
     needs_torch = unsupported_options(spec, JAX, model_family=model_family)
     needs_jax = unsupported_options(spec, TORCH, model_family=model_family)
     if needs_torch and needs_jax:
-        raise JaxboothError(f"no backend supports all options: {_names(needs_torch)} need torch and "
+        raise JaxboothError(f"no backend supports all options: {_names(needs_torch, detected)} need torch and "
                             f"{_names(needs_jax)} need jax; drop one side")
     if needs_torch:
+        options = [found for found in needs_torch if not (detected and found[0] == "model_family")]
+        if len(options) < len(needs_torch):  # the model itself decides
+            if device.platform == "tpu":
+                raise JaxboothError(f"{detected}, which only the torch backend trains, and torch does not run on "
+                                    "TPU; train this model on a GPU or CPU host")
+            reason = f"backend auto -> torch: {detected}, which only the torch backend trains"
+            return TORCH, reason + (f"; {_names(options)} {_is(options)} torch-only" if options else "")
         _check_platform(TORCH, device, _names(needs_torch), _fixes(spec, model_family))
         return TORCH, f"backend auto -> torch: {_names(needs_torch)} {_is(needs_torch)} torch-only"
     if needs_jax:
@@ -248,8 +263,10 @@ def _fixes(spec: RunSpec, model_family: str | None) -> str:
     return "use " + "; ".join(fixes) if fixes else ""
 
 
-def _names(found: list[tuple[str, Any, frozenset[str]]]) -> str:
-    return ", ".join(_flag(key, value) for key, value, _ in found)
+def _names(found: list[tuple[str, Any, frozenset[str]]], detected: str | None = None) -> str:
+    """The options as flags; a detected model family (``detected``: where it was read) as its source."""
+    return ", ".join(detected if detected and key == "model_family" else _flag(key, value)
+                     for key, value, _ in found)
 
 
 def _is(found: list) -> str:

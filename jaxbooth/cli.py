@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jaxbooth import log
@@ -60,12 +61,21 @@ def probe_device():
 
 def resolve_backend(spec) -> str:
     """The backend to run: an explicit one as given (``load_spec`` has checked it against the
-    capability table), ``auto`` decided from the options and the device."""
+    capability table; the backend's load refuses a pipeline it does not train), ``auto`` decided
+    from the options, the model's family (its ``model_index.json``, unless ``--model_family`` is
+    set) and the device."""
+    from jaxbooth import pipelines
     from jaxbooth.spec import choose_backend
 
     if spec.backend != "auto":
         return spec.backend
-    backend, reason = choose_backend(spec, probe_device())
+    family = source = None
+    if spec.model.model_family == "auto":
+        detected = pipelines.detected_family(spec)
+        if detected is not None:
+            family, index_dir = detected
+            source = pipelines.family_source(index_dir)
+    backend, reason = choose_backend(spec, probe_device(), model_family=family, family_source=source)
     log.info(reason)
     return backend
 
@@ -139,9 +149,10 @@ def cmd_generate(argv: Sequence[str]) -> int:
         epilog="A LoRA output folder (pytorch_lora_weights.safetensors, no model_index.json) or a LoRA .safetensors "
                "file (diffusers, peft or kohya keys) is merged into its base model first; the base is "
                "--pretrained_model_name_or_path, else the folder's jaxbooth_run.yaml, checkpoint marker or "
-               "README.md base_model.")
-    parser.add_argument("model_dir", help="a diffusers SD or SDXL pipeline folder (or Hub id in the local cache), "
-                                          "a LoRA output folder, or a LoRA .safetensors file")
+               "README.md base_model. SD and SDXL sample on the jax backend, DeepFloyd IF on the torch one "
+               "(diffusers' IFPipeline / IFSuperResolutionPipeline, scheduler switched to fixed_small variance).")
+    parser.add_argument("model_dir", help="a diffusers SD, SDXL or DeepFloyd IF pipeline folder (or Hub id in the "
+                                          "local cache), a LoRA output folder, or a LoRA .safetensors file")
     parser.add_argument("prompt")
     parser.add_argument("-n", "--num_images", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
@@ -159,18 +170,49 @@ def cmd_generate(argv: Sequence[str]) -> int:
                         help="LoRA only: multiplies the adapters, as diffusers' cross_attention_kwargs "
                              "{'scale': SCALE} or fuse_lora(lora_scale=SCALE); 0 samples the base model "
                              "(default: 1.0)")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="DeepFloyd IF stage II (IFSuperResolutionPipeline) only, and required there: the "
+                             "low-resolution image to upscale, e.g. a stage I output")
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         raise JaxboothError("generate: -n and --steps must be at least 1")
-    from jaxbooth.jax_backend.generate import generate_to_dir
+    options = dict(num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance,
+                   negative_prompt=args.negative_prompt, scheduler=args.scheduler, seed=args.seed,
+                   resolution=args.resolution, out_dir=args.out,
+                   pretrained_model_name_or_path=args.pretrained_model_name_or_path, lora_scale=args.lora_scale)
+    if sampled_family(args.model_dir, args.pretrained_model_name_or_path, args.image) == "deepfloyd_if":
+        try:
+            from jaxbooth.torch_backend.generate import generate_to_dir as torch_generate
+        except ImportError as error:
+            raise JaxboothError(f"DeepFloyd IF samples on the torch backend, which is not available here ({error}); "
+                                "install the torch extra: pip install 'jaxbooth[torch]'") from None
+        paths = torch_generate(args.model_dir, args.prompt, image=args.image, **options)
+    else:
+        from jaxbooth.jax_backend.generate import generate_to_dir
 
-    for path in generate_to_dir(args.model_dir, args.prompt, num_images=args.num_images, steps=args.steps,
-                                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                                scheduler=args.scheduler, seed=args.seed, resolution=args.resolution,
-                                out_dir=args.out, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-                                lora_scale=args.lora_scale):
+        paths = generate_to_dir(args.model_dir, args.prompt, **options)
+    for path in paths:
         print(path)
     return 0
+
+
+def sampled_family(model_dir: str, base: str | None, image: str | None) -> str | None:
+    """The family ``generate`` samples (the pipeline's, or a LoRA's base's, from model_index.json); refuses
+    ``--image`` anywhere but on an IF stage II pipeline, which needs it, before any model loads."""
+    from jaxbooth import pipelines
+    from jaxbooth.lora.base_model import sampled_pipeline_class
+
+    name = sampled_pipeline_class(model_dir, base)
+    if name == "IFSuperResolutionPipeline" and image is None:
+        raise JaxboothError(f"{model_dir}: an IFSuperResolutionPipeline (DeepFloyd IF stage II) upscales an image; "
+                            "pass the low-resolution one with --image PATH")
+    if image is not None:
+        if name != "IFSuperResolutionPipeline":
+            raise JaxboothError(f"--image: {model_dir} samples a {name}, which takes no input image (only DeepFloyd "
+                                "IF stage II, IFSuperResolutionPipeline, does); drop --image")
+        if not Path(image).is_file():
+            raise JaxboothError(f"--image {image}: no such file; pass the low-resolution image to upscale")
+    return pipelines.family_of(name)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "tiny-model": cmd_tiny_model, "spec": cmd_spec}

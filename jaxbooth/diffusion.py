@@ -328,6 +328,21 @@ def velocity(x0: Array, noise: Array, timesteps: Array, tables: NoiseTables) -> 
     return sqrt_ac * noise - sqrt_1m_ac * x0
 
 
+def drop_learned_variance(pred: Array, channels: int, channel_axis: int = 1) -> Array:
+    """The noise half of a learned-variance UNet's output: the first ``channels`` channels when ``pred``
+    has ``2 * channels`` (IF's 6 = 3 noise + 3 variance; diffusers' scripts ``chunk(2, dim=1)``), ``pred``
+    unchanged when it has ``channels``; any other count is a ValueError."""
+    axis = channel_axis % pred.ndim
+    found = pred.shape[axis]
+    if found == channels:
+        return pred
+    if found != 2 * channels:
+        raise ValueError(f"the prediction has {found} channels on axis {channel_axis}; expected {channels} "
+                         f"(the input's) or {2 * channels} (with a learned variance)")
+    index = (slice(None),) * axis + (slice(0, channels),)
+    return pred[index]
+
+
 def _check_trainable(prediction_type: str) -> None:
     if prediction_type not in TRAINABLE_PREDICTION_TYPES:
         raise JaxboothError(

@@ -20,9 +20,11 @@ from typing import Any
 
 from jaxbooth.errors import JaxboothError
 
-# The model components a DreamBooth run reads; tokenizers and the scheduler carry no weights.
+# The model components a DreamBooth run reads; tokenizers and the schedulers carry no weights. DeepFloyd IF
+# adds stage II's image_noising_scheduler and the watermarker its pipelines apply (copied into saved pipelines).
 DEFAULT_SUBFOLDERS: tuple[str, ...] = (
     "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+    "image_noising_scheduler", "watermarker",
 )
 # Weight file stems: diffusers models, transformers models.
 WEIGHT_STEMS: tuple[str, ...] = ("diffusion_pytorch_model", "model")
@@ -104,7 +106,8 @@ def vae_component_folder(vae_dir: str | Path) -> Path:
 
 
 def allow_patterns(subfolders: Sequence[str], *, weights: str, variant: str | None = None) -> list[str]:
-    """``snapshot_download`` patterns for configs plus one weight format of ``subfolders``.
+    """``snapshot_download`` patterns for configs (and sentencepiece tokenizers) plus one weight format of
+    ``subfolders``.
 
     ``weights`` is ``"safetensors"`` (plain or ``variant`` files, sharded or not, named
     as diffusers/transformers ``_add_variant`` names them: ``model.fp16.safetensors``,
@@ -115,7 +118,7 @@ def allow_patterns(subfolders: Sequence[str], *, weights: str, variant: str | No
     patterns = ["model_index.json"]
     for sub in subfolders:
         prefix = f"{sub.strip('/')}/" if sub.strip("/") else ""
-        patterns += [f"{prefix}*.json", f"{prefix}*.txt"]
+        patterns += [f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model"]  # *.model: T5's spiece.model
         if weights == "safetensors":
             for stem in WEIGHT_STEMS:
                 patterns += [f"{prefix}{stem}{dot_variant}.safetensors",

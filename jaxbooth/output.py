@@ -19,9 +19,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxbooth import deepfloyd
 from jaxbooth.errors import JaxboothError
 
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2",
+                       "image_noising_scheduler", "watermarker")  # the last two: DeepFloyd IF's
 SPEC_FILENAME = "jaxbooth_run.yaml"
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -98,7 +100,9 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
     """Complete ``out_dir`` into a diffusers pipeline once a backend has written ``trained_components``.
 
     Copies every other component from ``base_dir`` (the VAE from ``vae_dir`` when given), writes
-    ``model_index.json``, ``README.md`` and the resolved spec. With ``skip_save_text_encoder``
+    ``model_index.json``, ``README.md`` and the resolved spec. A scheduler with a learned variance (DeepFloyd
+    IF's) is switched to ``fixed_small``: DreamBooth trains only the noise prediction (diffusers' rule). With
+    ``skip_save_text_encoder``
     the folder has no ``text_encoder/`` and the index names it ``[null, null]``, as diffusers
     saves it: load it with ``StableDiffusionPipeline.from_pretrained(out, text_encoder=...)``.
     ``validation_images``: paths relative to ``out_dir`` shown in the model card. Returns ``out_dir``.
@@ -121,12 +125,14 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
     copy_base_components(base_dir, out_dir, skip=replaced)
     if vae_dir is not None:
         _copy_vae_override(Path(vae_dir), out_dir)
+    deepfloyd.write_fixed_variance(out_dir / "scheduler")
     write_model_index(base_dir, out_dir, without=dropped)
     atomic_write_text(out_dir / "README.md", model_card(
         base_model=spec.model.pretrained_model_name_or_path or str(base_dir), instance_prompt=instance_prompt,
         train_text_encoder=spec.model.train_text_encoder, steps=steps, backend=backend,
         validation_images=validation_images, text_encoder_saved=not skip_text_encoder,
-        pipeline_class=card_pipeline_class(base_dir)))
+        pipeline_class=card_pipeline_class(base_dir), text_encoder_class=deepfloyd.text_encoder_class_name(base_dir),
+        notes=deepfloyd.card_notes(base_dir=base_dir, lora=False, text_encoder_saved=not skip_text_encoder)))
     spec_lib.write_resolved_spec(spec, out_dir / SPEC_FILENAME)
     return out_dir
 
@@ -142,33 +148,48 @@ def card_pipeline_class(base_dir: Path) -> str:
 
 
 def card_license(pipeline_class: str) -> str:
-    """The base family's licence tag, as diffusers' scripts write it (SDXL: openrail++)."""
+    """The base family's licence tag: SDXL openrail++ and SD creativeml-openrail-m as diffusers' scripts write
+    them; DeepFloyd IF the base checkpoints' own licence (diffusers writes SD's there)."""
+    if pipeline_class in deepfloyd.PIPELINE_STAGES:
+        return deepfloyd.LICENSE
     return "openrail++" if pipeline_class == "StableDiffusionXLPipeline" else "creativeml-openrail-m"
+
+
+def card_tags(pipeline_class: str, *kinds: str) -> list[str]:
+    """The Hub tags of a card: text-to-image, the run's ``kinds`` (dreambooth, lora), diffusers, jaxbooth, and
+    IF's ``if``/``if-diffusers`` for an IF base (as diffusers' scripts tag them)."""
+    family = list(deepfloyd.CARD_TAGS) if pipeline_class in deepfloyd.PIPELINE_STAGES else []
+    return ["text-to-image", *kinds, "diffusers", *family, "jaxbooth"]
 
 
 def model_card(*, base_model: str, instance_prompt: str, train_text_encoder: bool, steps: int,
                backend: str, validation_images: Iterable[str] = (), text_encoder_saved: bool = True,
-               pipeline_class: str = "StableDiffusionPipeline") -> str:
-    """README.md with Hub metadata, in the spirit of diffusers' DreamBooth model cards."""
+               pipeline_class: str = "StableDiffusionPipeline", text_encoder_class: str = "CLIPTextModel",
+               notes: str = "") -> str:
+    """README.md with Hub metadata, in the spirit of diffusers' DreamBooth model cards.
+
+    ``text_encoder_class``: the transformers class the snippet loads the base's text encoder with when it
+    was not saved (``T5EncoderModel`` for IF); ``notes``: markdown after the snippet (``deepfloyd.card_notes``).
+    """
     images = "\n".join(f"![sample]({name})" for name in validation_images)
     if text_encoder_saved:
         load = f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'
         encoder = f"Text encoder trained: {train_text_encoder}."
     else:
-        load = (f'text_encoder = CLIPTextModel.from_pretrained("{base_model}", subfolder="text_encoder")\n'
+        load = (f'text_encoder = {text_encoder_class}.from_pretrained("{base_model}", subfolder="text_encoder")\n'
                 f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder", text_encoder=text_encoder)')
         encoder = "The text encoder was not saved (skip_save_text_encoder): pass the base model's, as below."
     imports = f"from diffusers import {pipeline_class}" + (
-        "" if text_encoder_saved else "\nfrom transformers import CLIPTextModel")
+        "" if text_encoder_saved else f"\nfrom transformers import {text_encoder_class}")
+    tags = "\n".join(f"- {tag}" for tag in card_tags(pipeline_class, "dreambooth"))
+    call = deepfloyd.card_call_arguments(pipeline_class)
+    notes = f"\n{notes}\n" if notes else ""
     return f"""---
 license: {card_license(pipeline_class)}
 base_model: {base_model}
 instance_prompt: {instance_prompt}
 tags:
-- text-to-image
-- dreambooth
-- diffusers
-- jaxbooth
+{tags}
 library_name: diffusers
 ---
 
@@ -181,9 +202,9 @@ for {steps} optimizer steps on the instance prompt `{instance_prompt}`.
 ```python
 {imports}
 {load}
-image = pipe("{instance_prompt}", num_inference_steps=50, guidance_scale=7.5).images[0]
+image = pipe("{instance_prompt}"{call}, num_inference_steps=50, guidance_scale=7.5).images[0]
 ```
-
+{notes}
 {images}
 """
 

@@ -1,4 +1,4 @@
-"""Prompt tokenization: the CLIP tokenizer, a cached tokenize function, and a tiny vocab maker.
+"""Prompt tokenization: the pipeline's tokenizer (CLIP, or IF's T5), a cached tokenize function, a tiny vocab maker.
 
 Owns how prompts become `input_ids` / `attention_mask`, with the semantics of diffusers'
 DreamBooth `tokenize_prompt`. transformers is imported lazily inside functions (it works
@@ -49,13 +49,15 @@ def load_tokenizer(
     cache_dir: str | Path | None = None,
     token: str | None = None,
 ) -> Any:
-    """Load a `transformers.CLIPTokenizer` the way diffusers' DreamBooth scripts do.
+    """Load the pipeline's tokenizer the way diffusers' DreamBooth scripts do.
 
     `tokenizer_name` (diffusers' `--tokenizer_name`) wins and is read without a subfolder;
     otherwise `<model>/<subfolder>` (`tokenizer_2` for SDXL's second encoder). A local folder
-    is checked first so a missing file gives a clear error instead of a Hub lookup.
-    `model_max_length` falls back to 77 when the config lacks it (transformers then reports
-    ~1e30, and `padding="max_length"` would try to pad to that).
+    is checked first so a missing file gives a clear error instead of a Hub lookup. A local folder
+    whose config names another class (DeepFloyd IF's `T5Tokenizer`), or that has a sentencepiece
+    `spiece.model` instead of CLIP's vocab.json/merges.txt, loads with `AutoTokenizer`; anything
+    else with `CLIPTokenizer`. `model_max_length` falls back to 77 when the config lacks it
+    (transformers then reports ~1e30, and `padding="max_length"` would try to pad to that).
     """
     source = Path(tokenizer_name) if tokenizer_name is not None else Path(model_dir_or_id)
     sub = None if tokenizer_name is not None else subfolder
@@ -65,25 +67,27 @@ def load_tokenizer(
         kwargs["cache_dir"] = str(cache_dir)
     if token is not None:
         kwargs["token"] = token
+    clip = True
     if source.exists():
         _check_tokenizer_folder(local)
         target, sub = str(local), None
+        clip = _is_clip_folder(local)
     else:
         target = str(tokenizer_name if tokenizer_name is not None else model_dir_or_id)
         if _looks_like_path(target):
             raise JaxboothError(
                 f"model folder {target} does not exist; pass an existing diffusers model folder or a Hub id."
             )
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(target, subfolder=sub or "", **kwargs)
+        tokenizer = (CLIPTokenizer if clip else AutoTokenizer).from_pretrained(target, subfolder=sub or "", **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         where = f"{target} (subfolder {sub!r})" if sub else target
+        files = "tokenizer/vocab.json and tokenizer/merges.txt" if clip else "its tokenizer files"
         raise JaxboothError(
-            f"could not load the CLIP tokenizer from {where}: {str(exc).rstrip('.')}. "
-            "Pass a local diffusers model folder with tokenizer/vocab.json and tokenizer/merges.txt, "
-            "or --tokenizer_name."
+            f"could not load the {'CLIP ' if clip else ''}tokenizer from {where}: {str(exc).rstrip('.')}. "
+            f"Pass a local diffusers model folder with {files}, or --tokenizer_name."
         ) from exc
     if not tokenizer.model_max_length or tokenizer.model_max_length > 10_000:
         tokenizer.model_max_length = CLIP_MAX_LENGTH
@@ -95,14 +99,34 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1
 
 
+def _configured_class(folder: Path) -> str | None:
+    """`tokenizer_class` of the folder's tokenizer_config.json, or None."""
+    try:
+        name = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _is_clip_folder(folder: Path) -> bool:
+    """A CLIP BPE tokenizer folder (SD, SDXL), as opposed to e.g. IF's sentencepiece T5 one."""
+    name = _configured_class(folder)
+    if name is not None:
+        return name.startswith("CLIPTokenizer")
+    return not (folder / "spiece.model").is_file() or (folder / "vocab.json").is_file()
+
+
 def _check_tokenizer_folder(folder: Path) -> None:
     """Fail early, naming the folder and the missing files, for a local model folder."""
     if not folder.is_dir():
         raise JaxboothError(
-            f"tokenizer folder {folder} does not exist; a diffusers model folder has the CLIP "
+            f"tokenizer folder {folder} does not exist; a diffusers model folder has the "
             "tokenizer in its 'tokenizer' subfolder (and 'tokenizer_2' for SDXL), or pass --tokenizer_name."
         )
     has_json = (folder / "tokenizer.json").is_file()
+    if not _is_clip_folder(folder):
+        _check_sentencepiece_folder(folder, has_json)
+        return
     missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
     if missing and not has_json:
         found = sorted(p.name for p in folder.iterdir())
@@ -110,6 +134,34 @@ def _check_tokenizer_folder(folder: Path) -> None:
             f"tokenizer folder {folder} lacks {', '.join(missing)} (found: {', '.join(found) or 'nothing'}); "
             "copy the tokenizer files from the base model."
         )
+
+
+def _check_sentencepiece_folder(folder: Path, has_json: bool) -> None:
+    """A non-CLIP folder needs tokenizer.json, or spiece.model plus what converts it (sentencepiece, protobuf)."""
+    if has_json:
+        return
+    if not (folder / "spiece.model").is_file():
+        found = sorted(p.name for p in folder.iterdir())
+        raise JaxboothError(
+            f"tokenizer folder {folder} has neither tokenizer.json nor spiece.model (found: "
+            f"{', '.join(found) or 'nothing'}); copy the tokenizer files from the base model."
+        )
+    missing = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if not _importable(module)]
+    if missing:
+        raise JaxboothError(
+            f"tokenizer folder {folder} holds only a sentencepiece model (spiece.model, as DeepFloyd IF's), which "
+            f"transformers converts with {' and '.join(missing)}: pip install {' '.join(missing)}"
+        )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a missing parent package (google.*)
+        return False
 
 
 def make_tokenize_fn(

@@ -219,7 +219,7 @@ def torch_loss(spec: spec_lib.RunSpec, env: Env) -> tuple:
         accelerator=SimpleNamespace(device=torch.device("cpu"), process_index=0), seed=0, options=options,
         latents=SimpleNamespace(posterior=lambda batch: (mean, torch.full_like(mean, 0.1))),
         text=SimpleNamespace(embeddings=lambda prompts: torch.zeros(len(prompts), 77, 32)),
-        tables=m.schedule.as_tables().map(torch.from_numpy), edm=None,
+        tables=m.schedule.as_tables().map(torch.from_numpy), edm=None, upscaler=None,
         unet=lambda x, t, context, return_dict=False: (0.5 * x,))
     results = []
     for micro_step in range(4):  # four draws of timesteps and noise

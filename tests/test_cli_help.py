@@ -123,7 +123,8 @@ def test_backend_support_text_comes_from_the_capability_table():
     assert backend_support("seed") == "jax, torch"
     assert backend_support("use_lora") == "jax, torch"
     assert backend_support("lora_dropout") == "torch only"
-    assert backend_support("model_family") == "jax, torch; deepfloyd_if: no backend yet (planned)"
+    assert backend_support("model_family") == "jax, torch; deepfloyd_if: torch only"
+    assert backend_support("class_labels_conditioning") == "torch only"
     assert backend_support("mixed_precision") == "jax, torch; fp16: torch only"
     assert backend_support("cache_latents") == "jax, torch; false: torch only"
 

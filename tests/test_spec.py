@@ -611,8 +611,11 @@ def test_routing_conflicts_and_detected_family():
         S.choose_backend(load("--use_8bit_adam", "--fsdp_parallelism=2"), GPU80)
     with pytest.raises(JaxboothError, match="torch backend, which does not run on TPU"):
         S.choose_backend(load("--use_8bit_adam"), TPU)
-    with pytest.raises(JaxboothError, match="--model_family=deepfloyd_if: DeepFloyd IF training is not supported"):
-        S.choose_backend(load(), GPU80, model_family="deepfloyd_if")
+    # a detected family (the CLI read it from model_index.json) routes as the flag would, the reason naming its source
+    assert S.choose_backend(load(), GPU80, model_family="deepfloyd_if", family_source="m/model_index.json names "
+                            "IFPipeline (DeepFloyd IF stage I)") == (
+        "torch", "backend auto -> torch: m/model_index.json names IFPipeline (DeepFloyd IF stage I), which only the "
+                 "torch backend trains")
     assert S.choose_backend(load("--model_family=sd"), GPU80, model_family="deepfloyd_if")[0] == "jax"
 
 

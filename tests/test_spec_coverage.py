@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,36 @@ LORA_RUN = "tests/test_lora_cli.py::with_options"  # the fixture's run sets ever
 LORA_DROPOUT_TORCH = "tests/torch_backend/test_lora.py::test_lora_dropout_reaches_peft"
 PRODIGY_OPTIONS = {"prodigy_beta3": 0.5, "prodigy_decouple": False, "prodigy_use_bias_correction": False,
                    "prodigy_safeguard_warmup": False}
+# DeepFloyd IF (torch only): the seed's four IF command lines run on tiny IF pipelines
+IF_STAGE2_INPUTS = ("tests/torch_backend/test_deepfloyd_stage2.py::"
+                    "test_training_inputs_match_what_ifsuperresolutionpipeline_feeds_the_unet")
+IF_STAGE2_VALIDATION = ("tests/torch_backend/test_deepfloyd_stage2.py::"
+                        "test_seed_stage2_full_and_lora_outputs_load_and_upscale")
 # lion reads adam_beta2 as its b2: at adam's 0.999 its momentum barely moves in eight steps, so b1 shows only at 0.9
 LION_B2 = {("lion", key): {"adam_beta2": 0.9} for key in ("adam_beta1", "adam_weight_decay", "adam_epsilon")}
 # value, and the jax optimizers that build without the key (optim._make_base_optimizer)
 OPTIMIZER_HYPERS = {"adam_beta1": (0.5, ("adafactor",)), "adam_beta2": (0.9, ("adafactor",)),
                     "adam_weight_decay": (0.5, ("adafactor",)), "adam_epsilon": (1e-2, ("adafactor", "lion"))}
+
+
+def deepfloyd_if_is_the_if_pipelines(env: Env, backend: str) -> None:
+    """model_family=deepfloyd_if names IFPipeline and IFSuperResolutionPipeline: the torch backend takes it
+    for them (and backend auto reads it from model_index.json), and refuses it for any other pipeline by name
+    before anything loads; the IF runs of test_deepfloyd_memory.py (explicit) and the seed runs (detected)
+    train what it names."""
+    from jaxbooth import pipelines
+
+    capabilities.check_backend(make_spec(env, {"model_family": "deepfloyd_if"}), backend)
+    for class_name in ("IFPipeline", "IFSuperResolutionPipeline"):
+        index_only = env.root / f"index-{class_name}"
+        index_only.mkdir(exist_ok=True)
+        (index_only / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        assert pipelines.refuse_untrainable_pipeline(index_only, backend, "deepfloyd_if") == class_name
+        found = pipelines.detected_family(make_spec(env, {"pretrained_model_name_or_path": str(index_only)}))
+        assert found == ("deepfloyd_if", index_only.resolve())
+    with pytest.raises(JaxboothError, match="_class_name=StableDiffusionPipeline .*model_family=deepfloyd_if"):
+        tp.torch_inputs(make_spec(env, {"model_family": "deepfloyd_if"}), env)
+
 
 ACCOUNT: dict[str, dict[str, tuple]] = {
     "backend": both(Meta("the CLI's backend choice", backend_dispatch)),
@@ -150,8 +176,12 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
                          Effect(lambda env: str(env.tokenizer16), tp.torch_trainer)),
     "pretrained_vae_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                       Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
-    "model_family": both(Refused("deepfloyd_if"),
-                         Meta("'sd' and 'sdxl' must match the pipeline class", family_must_match_the_pipeline)),
+    "model_family": on(
+        (Refused("deepfloyd_if"),
+         Meta("'sd' and 'sdxl' must match the pipeline class", family_must_match_the_pipeline)),
+        (Meta("'sd' and 'sdxl' must match the pipeline class", family_must_match_the_pipeline),
+         Meta("deepfloyd_if names the IF pipelines, which torch trains", deepfloyd_if_is_the_if_pipelines),
+         CoveredBy("tests/torch_backend/test_deepfloyd_memory.py::runs"))),
     "train_text_encoder": on(
         (Effect(True, jp.jax_caches), Effect(True, jp.jax_optimizer),
          CoveredBy("tests/jax_backend/test_train.py::test_prior_preservation_text_encoder_training_and_validation")),
@@ -263,7 +293,7 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "num_validation_images": on(Effect(2, jp.jax_validator, VALID), Effect(2, tp.torch_validator, VALID)),
     "validation_steps": on(Effect(5, jp.jax_loop, {**VALID, **LOOP}), Effect(5, tp.torch_loop, {**VALID, **LOOP})),
     "validation_epochs": on(Effect(2, jp.jax_loop, {**VALID, **LOOP}), Effect(2, tp.torch_loop, {**VALID, **LOOP})),
-    "validation_images": both(Refused(("low_res.png",), VALID)),
+    "validation_images": on(Refused(("low_res.png",), VALID), CoveredBy(IF_STAGE2_VALIDATION)),
     "validation_scheduler": on(Effect("DDPMScheduler", jp.jax_validator, VALID),
                                Effect("DDPMScheduler", tp.torch_validator, VALID)),
     # hub
@@ -296,7 +326,7 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "pretrained_vae_model_name_or_path": on(Effect(lambda env: str(env.tiny_copy), jp.jax_paths),
                                             Effect(lambda env: str(env.tiny_copy), tp.torch_inputs)),
     "do_edm_style_training": on(Refused(True), CoveredBy("tests/torch_backend/test_edm.py::runs")),
-    "class_labels_conditioning": both(Refused("timesteps")),
+    "class_labels_conditioning": on(Refused("timesteps"), CoveredBy(IF_STAGE2_INPUTS)),
     # parallelism
     "data_parallelism": on(Meta("fixed by the device count", data_axis_follows_the_devices), Refused(2)),
     "fsdp_parallelism": on(Effect(2, jp.jax_mesh), Refused(2)),

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from jaxbooth import output
+from jaxbooth import deepfloyd, output
 from jaxbooth.lora import kohya
 from jaxbooth.lora.card import lora_model_card
 from jaxbooth.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_safetensors, write_lora_file
@@ -72,7 +72,8 @@ def write_lora_output(out_dir: str | Path, state: LoraState, *, settings: Adapte
         settings=settings, targets=targets, steps=steps, backend=backend,
         pipeline_class=output.card_pipeline_class(base_dir),
         kohya=bool(spec.lora.output_kohya_format), merged=merge, merged_text_encoder=not skip_text_encoder, vae=vae,
-        validation_images=validation_images)
+        validation_images=validation_images,
+        notes=deepfloyd.card_notes(base_dir=base_dir, lora=True, text_encoder_saved=not (merge and skip_text_encoder)))
     output.atomic_write_text(out_dir / "README.md", card)  # after write_pipeline: replaces its full fine-tune card
     return out_dir
 

@@ -46,7 +46,8 @@ class ModelSection:
     pretrained_vae_name_or_path: str | None = _f(
         None, "A VAE to use instead of the pipeline's (train_dreambooth_flax.py's name for it).")
     model_family: Literal["auto", "sd", "sdxl", "deepfloyd_if"] = _f(
-        "auto", "Architecture family; auto reads it from the model's model_index.json at train time.")
+        "auto", "Architecture family; auto reads it from the model's model_index.json (and with backend auto, "
+                "a DeepFloyd IF pipeline picks torch, the backend that trains it).")
     train_text_encoder: bool = _f(False, "Also fine-tune the text encoder (more memory, better faces).")
     tokenizer_max_length: int | None = _f(
         None, "Token length prompts are padded/truncated to; None: the tokenizer's model_max_length.")
@@ -182,7 +183,9 @@ class ValidationSection:
     validation_epochs: int | None = _f(
         None, "Validate every N epochs instead of every validation_steps (the LoRA scripts' way).")
     validation_images: tuple[str, ...] | None = _f(
-        None, "Low-resolution images to upscale at validation (DeepFloyd IF stage II).")
+        None, "DeepFloyd IF stage II only, and required there with validation_prompt: the low-resolution "
+              "images the upscaler is validated on, one upscaled image each per validation "
+              "(num_validation_images is then unused, as in diffusers). Checked before any model loads.")
     validation_scheduler: Literal["DPMSolverMultistepScheduler", "DDPMScheduler"] = _f(
         "DPMSolverMultistepScheduler", "Sampler used for validation images.")
 
@@ -237,7 +240,10 @@ class DeepFloydIFSection:
     """Options that only DeepFloyd IF stages use."""
 
     class_labels_conditioning: Literal["timesteps"] | None = _f(
-        None, "Extra UNet class-label conditioning; 'timesteps' for the IF stage II upscaler.")
+        None, "DeepFloyd IF stage II only, and required there: 'timesteps' passes the noise-augmentation "
+              "level of the low-resolution conditioning image as the UNet's class label, as "
+              "IFSuperResolutionPipeline does at inference (diffusers' script passes the denoising timestep, "
+              "which its pipeline never feeds).")
 
 
 @dataclass(frozen=True)

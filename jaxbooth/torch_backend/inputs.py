@@ -5,6 +5,7 @@ file's content hash plus its crop and flip (``cache_latents``): the encoder is d
 so training on cached posteriors equals encoding every step (up to the ~1e-5 rounding a
 batched VAE call differs by), minus the VAE passes. Each image is encoded alone, so a cached
 value never depends on the batch it first appeared in and a resumed run sees the same one.
+``PixelSource`` is its pixel-space twin (DeepFloyd IF): the batch's pixels are the training input.
 
 ``TextConditioner`` returns encoder hidden states: per prompt, computed once, for a frozen text
 encoder (all prompts up front and the encoder freed with
@@ -82,6 +83,23 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+class PixelSource:
+    """A pixel-space model's training inputs (DeepFloyd IF): the batch's pixels themselves, in the
+    ``LatentCache.posterior`` shape with no std (nothing to sample, nothing to encode or cache)."""
+
+    enabled = False  # cache_latents has nothing to cache here
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def posterior(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, None]:
+        """(pixels float32 [R, C, H, W] in [-1, 1], None)."""
+        return pixels_nchw(batch, self.device, torch.float32), None
+
+    def __len__(self) -> int:
+        return 0
 
 
 class TextConditioner:

@@ -1,9 +1,10 @@
 """The torch training loop: micro-steps under accelerate, then log, checkpoint and validate.
 
 One micro-step draws its randomness from (seed, micro-step, process) (see ``loss.step_seed``),
-runs ``loss.denoising_loss`` (``loss.edm_denoising_loss`` when ``edm`` is set) and
-``accelerator.backward``; at the end of each accumulation window the gradients are clipped and
-the optimizer and LR scheduler step (accelerate skips them inside the window, as in diffusers).
+runs ``loss.denoising_loss`` (``loss.edm_denoising_loss`` when ``edm`` is set; DeepFloyd IF stage II
+also draws its upscaler inputs, ``upscaler``) and ``accelerator.backward``; at the end of each
+accumulation window the gradients are clipped and the optimizer and LR scheduler step (accelerate
+skips them inside the window, as in diffusers).
 The host reads values back only at log steps. Metrics are the shared ``output.metric_record``
 (the JAX backend's names) and go to ``metrics.jsonl`` and accelerate's trackers; validation
 follows the shared cadence (``validation_files.should_validate``). Never imports jax.
@@ -23,8 +24,16 @@ from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.progress import TrainingProgress
 from jaxbooth.torch_backend import checkpoint
-from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner, unet_inputs
-from jaxbooth.torch_backend.loss import LossOptions, denoising_loss, draw_inputs, edm_denoising_loss, make_generator
+from jaxbooth.torch_backend.deepfloyd import UpscalerConditioning
+from jaxbooth.torch_backend.inputs import LatentCache, PixelSource, SdxlTextConditioner, TextConditioner, unet_inputs
+from jaxbooth.torch_backend.loss import (
+    LossOptions,
+    denoising_loss,
+    draw_inputs,
+    draw_upscaler_inputs,
+    edm_denoising_loss,
+    make_generator,
+)
 from jaxbooth.validation_files import should_validate
 
 
@@ -44,7 +53,7 @@ class Trainer:
     optimizer: Any
     lr_scheduler: Any
     iterator: data.BatchIterator
-    latents: LatentCache
+    latents: LatentCache | PixelSource  # PixelSource: a pixel-space model (DeepFloyd IF)
     text: TextConditioner | SdxlTextConditioner
     tables: diffusion.NoiseTables
     options: LossOptions
@@ -53,6 +62,7 @@ class Trainer:
     output_dir: Path
     validate: Callable[[int], None] | None = None
     edm: edm.EdmSchedule | None = None  # EDM-style training (tables on the device), else DDPM with ``tables``
+    upscaler: UpscalerConditioning | None = None  # DeepFloyd IF stage II's conditioning input, else None
 
     @property
     def trained_models(self) -> list[Any]:
@@ -73,8 +83,13 @@ def micro_step_loss(t: Trainer, batch: dict, micro_step: int) -> tuple[torch.Ten
     if t.edm is not None:
         return edm_denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.edm, t.options,
                                   added_cond_kwargs=added)
+    condition = levels = None
+    if t.upscaler is not None:  # stage II: the upscaled low-res crop noised to a level that is its class label
+        shape = tuple(drawn.latents.shape)
+        levels, upscaler_noise = draw_upscaler_inputs(shape, generator, t.upscaler.num_noise_levels)
+        condition = t.upscaler.condition(drawn.latents, levels, upscaler_noise)
     return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options,
-                          added_cond_kwargs=added)
+                          added_cond_kwargs=added, condition=condition, class_labels=levels)
 
 
 def optimizer_step(t: Trainer, micro_step: int) -> dict[str, torch.Tensor]:

@@ -4,6 +4,9 @@ The noise/target/Min-SNR/prior math is the shared code in ``jaxbooth.diffusion``
 functions the JAX step calls), so both backends compute one loss; this module only runs
 the UNet and draws the random inputs. EDM-style training (``--do_edm_style_training``, or a pipeline
 whose scheduler is an EDM one) runs ``edm_denoising_loss`` on the shared ``jaxbooth.edm`` math instead.
+DeepFloyd IF trains in pixel space (``draw_inputs`` without a std), regresses only the noise half of
+its 6-channel output, and its stage II UNet also takes the noised upscaled input (``condition``) and
+its noise level (``class_labels``; drawn by ``draw_upscaler_inputs``).
 Layout is NCHW throughout (diffusers' layout).
 Imports torch and the shared core; never jax or ``jaxbooth.jax_backend``.
 """
@@ -19,26 +22,35 @@ import torch
 from jaxbooth import diffusion, edm
 from jaxbooth.diffusion import LossOptions
 
-__all__ = ["LossOptions", "denoising_loss", "draw_inputs", "edm_denoising_loss", "edm_schedule", "make_generator",
-           "step_seed"]
+__all__ = ["LossOptions", "denoising_loss", "draw_inputs", "draw_upscaler_inputs", "edm_denoising_loss",
+           "edm_schedule", "make_generator", "step_seed"]
 
 
 def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, tables: diffusion.NoiseTables,
-                   options: LossOptions, *, added_cond_kwargs: dict[str, torch.Tensor] | None = None
+                   options: LossOptions, *, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                   condition: torch.Tensor | None = None, class_labels: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
 
-    latents_nchw, noise: float [B, C, H, W] (scaled latents; with prior preservation the
-    instance rows come first, then the class rows); timesteps: int [B]; encoder_hidden_states:
+    latents_nchw, noise: float [B, C, H, W] (scaled latents, or pixels for IF; with prior preservation
+    the instance rows come first, then the class rows); timesteps: int [B]; encoder_hidden_states:
     [B, L, D]; added_cond_kwargs: SDXL's ``{"text_embeds": [B, P], "time_ids": [B, 6]}``, passed to
-    the UNet only when given. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
+    the UNet only when given; condition: [B, C', H, W] appended to the noisy input's channels (IF stage
+    II's upscaled image); class_labels: [B], passed when given (stage II's noise level). A prediction
+    with twice the input's channels (IF's learned variance) is cut to its noise half, as diffusers'
+    scripts do. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
     Mirrors diffusers ``train_dreambooth.py``'s loss block; the JAX twin is
     ``jaxbooth.jax_backend.train_step.denoising_loss`` (parity: tests/test_cross_backend.py).
     """
     noisy = diffusion.add_noise(latents_nchw, noise, timesteps, tables)
-    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    extra: dict[str, Any] = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    if class_labels is not None:
+        extra["class_labels"] = class_labels
+    if condition is not None:
+        noisy = torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
+    pred = diffusion.drop_learned_variance(pred, latents_nchw.shape[1], channel_axis=1)
     return diffusion.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
 
 
@@ -95,14 +107,19 @@ class RandomInputs:
     timesteps: torch.Tensor
 
 
-def draw_inputs(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, num_train_timesteps: int,
+def draw_inputs(mean: torch.Tensor, std: torch.Tensor | None, generator: torch.Generator, num_train_timesteps: int,
                 options: LossOptions) -> RandomInputs:
     """Sample scaled latents from N(mean, std) (diffusers' ``latent_dist.sample()``), noise
-    (plus offset noise, drawn [B, C, 1, 1] as diffusers) and uniform timesteps, in that order."""
+    (plus offset noise, drawn [B, C, 1, 1] as diffusers) and uniform timesteps, in that order.
+    ``std`` None (pixel space, ``inputs.PixelSource``): ``mean`` is the input as is, with no draw and no
+    scale or shift."""
     device = mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
-    latents = mean.float() + std.float() * eps
-    latents = (latents - options.latent_shift_factor) * options.latent_scaling_factor
+    if std is None:
+        latents = mean.float()
+    else:
+        eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
+        latents = mean.float() + std.float() * eps
+        latents = (latents - options.latent_shift_factor) * options.latent_scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
     if options.offset_noise:
         shape = diffusion.offset_noise_shape(tuple(latents.shape), channel_axis=1)
@@ -110,6 +127,17 @@ def draw_inputs(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generato
         noise = diffusion.offset_noise(noise, offsets, channel_axis=1)
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
     return RandomInputs(latents, noise, timesteps.long())
+
+
+def draw_upscaler_inputs(shape: tuple[int, ...], generator: torch.Generator, num_noise_levels: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """IF stage II's extra draws, after ``draw_inputs``'s: (noise levels int64 [B], uniform in
+    [0, num_noise_levels), as Imagen's noise-conditioning augmentation; noise [B, C, H, W] for the
+    upscaled input, ``shape`` the training input's)."""
+    device = generator.device
+    levels = torch.randint(0, num_noise_levels, (shape[0],), generator=generator, device=device).long()
+    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    return levels, noise
 
 
 def encode_prompt(text_encoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

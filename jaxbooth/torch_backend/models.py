@@ -7,8 +7,10 @@ and casting the frozen ones, the weight dtype of a mixed-precision run, and whic
 is which pipeline component (``SdxlTextEncoders``: SDXL's two encoders trained as one module). Trainable
 models always load in float32: mixed precision keeps float32 master weights (diffusers
 refuses to start otherwise). An SDXL VAE stays float32 whatever the precision, as diffusers'
-``train_dreambooth_lora_sdxl.py`` keeps it (against NaN losses). Imports torch, diffusers
-and transformers; never jax.
+``train_dreambooth_lora_sdxl.py`` keeps it (against NaN losses). A DeepFloyd IF pipeline
+(``IFPipeline`` / ``IFSuperResolutionPipeline``) is pixel space: no VAE loads (``Models.vae`` is None,
+as diffusers' scripts set ``vae=None`` when the folder has none) and its T5 text encoder is whatever
+``model_index.json`` names. Imports torch, diffusers and transformers; never jax.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from jaxbooth import diffusion, sdxl
+from jaxbooth import deepfloyd, diffusion, sdxl
 from jaxbooth.errors import JaxboothError
 from jaxbooth.hub import vae_component_folder
 from jaxbooth.torch_backend.inputs import encode_sdxl_prompt
@@ -32,19 +34,21 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 @dataclasses.dataclass
 class Models:
     """The pipeline parts a run uses. The text encoders are None once precomputed embeddings free them;
-    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (``is_sdxl``), None otherwise."""
+    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (``is_sdxl``), None otherwise. ``vae`` and
+    ``vae_dir`` are None for a pixel-space DeepFloyd IF pipeline (``if_stage`` 1 or 2, None otherwise)."""
 
     unet: Any
-    vae: Any
+    vae: Any | None
     text_encoder: Any | None
     tokenizer: Any
     schedule: diffusion.NoiseSchedule
     model_dir: Path
-    vae_dir: Path
+    vae_dir: Path | None
     text_encoder_2: Any | None = None
     tokenizer_2: Any | None = None
     is_sdxl: bool = False
     latent_statistics: tuple[Any, Any] | None = None  # SDXL VAE's latents_mean / latents_std (numpy [C])
+    if_stage: int | None = None  # DeepFloyd IF stage (jaxbooth.deepfloyd.stage): 1, 2, or None
 
     @property
     def text_encoders(self) -> tuple[Any, ...]:
@@ -136,7 +140,8 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     """UNet, VAE and text encoder(s) in float32 on the CPU, plus the training noise schedule.
 
     An SDXL pipeline (``model_index.json``) also loads ``text_encoder_2``; its ``tokenizer_2``
-    must then be given (loaded beside ``tokenizer`` before any weights).
+    must then be given (loaded beside ``tokenizer`` before any weights). A DeepFloyd IF pipeline
+    loads no VAE (``vae``/``vae_dir`` None; its VAE flags were refused before this).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -144,14 +149,16 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     is_sdxl = sdxl.is_sdxl_pipeline(model_dir)
     if is_sdxl and tokenizer_2 is None:
         raise ValueError(f"{model_dir} is an SDXL pipeline: load_models needs its tokenizer_2")
-    vae_dir = vae_dir or model_dir
+    if_stage = deepfloyd.stage(model_dir)
+    vae_dir = None if if_stage is not None else vae_dir or model_dir
     statistics = sdxl_latent_statistics(vae_dir) if is_sdxl else None  # from config.json, before any weight
     kwargs = {"variant": variant} if variant else {}
     try:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **dtype_kwargs(torch.float32),
                                                     **kwargs)
         # a pipeline's vae/, or a standalone VAE folder (config.json at its root), as diffusers' VAE flags
-        vae = AutoencoderKL.from_pretrained(vae_component_folder(vae_dir), **dtype_kwargs(torch.float32), **kwargs)
+        vae = None if vae_dir is None else AutoencoderKL.from_pretrained(
+            vae_component_folder(vae_dir), **dtype_kwargs(torch.float32), **kwargs)
         encoders = [text_encoder_class(model_dir, name).from_pretrained(
             model_dir, subfolder=name, dtype=torch.float32, **kwargs)
             for name in (sdxl.TEXT_ENCODERS if is_sdxl else ("text_encoder",))]
@@ -161,7 +168,7 @@ def load_models(model_dir: Path, *, vae_dir: Path | None = None, variant: str | 
     return Models(unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
                   schedule=diffusion.load_schedule(model_dir), model_dir=model_dir, vae_dir=vae_dir,
                   text_encoder_2=encoders[1] if is_sdxl else None, tokenizer_2=tokenizer_2, is_sdxl=is_sdxl,
-                  latent_statistics=statistics)
+                  latent_statistics=statistics, if_stage=if_stage)
 
 
 def sdxl_latent_statistics(vae_dir: Path) -> tuple[Any, Any] | None:
@@ -187,19 +194,35 @@ def vae_dtype(models: Models, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if models.is_sdxl else dtype
 
 
+def freeze(model: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """A frozen model in eval mode on ``device`` in ``dtype``."""
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    if dtype != torch.float32:  # models load in float32; a no-op cast only earns a diffusers warning
+        model.to(dtype=dtype)
+
+
+def prepare_frozen_text_encoders(models: Models, *, device: torch.device, dtype: torch.dtype) -> None:
+    """Freeze the (not yet freed) text encoders on ``device`` in ``dtype``, as diffusers casts them."""
+    for encoder in models.text_encoders:
+        if encoder is not None:
+            freeze(encoder, device, dtype)
+
+
 def prepare_frozen(models: Models, *, train_text_encoder: bool, device: torch.device, dtype: torch.dtype) -> None:
-    """Freeze the VAE (and the text encoders unless trained), move them to ``device`` in ``dtype``
+    """Freeze the VAE, if any (and the text encoders unless trained), move them to ``device`` in ``dtype``
     (the VAE in ``vae_dtype``)."""
-    encoders = [] if train_text_encoder else [e for e in models.text_encoders if e is not None]
-    for model, model_dtype in [(models.vae, vae_dtype(models, dtype))] + [(e, dtype) for e in encoders]:
-        model.requires_grad_(False)
-        model.eval()
-        model.to(device)
-        if model_dtype != torch.float32:  # they load in float32; a no-op cast only earns a diffusers warning
-            model.to(dtype=model_dtype)
+    if models.vae is not None:
+        freeze(models.vae, device, vae_dtype(models, dtype))
+    if not train_text_encoder:
+        prepare_frozen_text_encoders(models, device=device, dtype=dtype)
 
 
-def latent_factors(vae: Any) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of the VAE config; shift is 0 for SD 1.x/2.x/SDXL."""
+def latent_factors(vae: Any | None) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE config; shift is 0 for SD 1.x/2.x/SDXL. Pixel space
+    (``vae`` None: DeepFloyd IF) trains on the pixels themselves: (1, 0)."""
+    if vae is None:
+        return 1.0, 0.0
     config = vae.config
     return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)

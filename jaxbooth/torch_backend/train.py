@@ -12,9 +12,18 @@ and each row's time ids (``inputs.SdxlTextConditioner``). Both text encoders are
 embeddings cached, or with ``--train_text_encoder`` both trained (LoRA adapters or full weights) as
 one module (``models.SdxlTextEncoders``) that encodes every batch's prompts.
 
-Phases: accelerator -> class images -> dataset, tokenizer(s), models -> memory options ->
-LoRA adapters (``--use_lora``, ``lora.py``) -> optimizer, LR schedule, ``accelerator.prepare`` ->
-resume -> loop (``loop.py``) -> pipeline (or, for LoRA, ``pytorch_lora_weights.safetensors``).
+A DeepFloyd IF pipeline (``IFPipeline``, ``IFSuperResolutionPipeline``) trains in pixel space
+(``inputs.PixelSource``: no VAE), on the noise half of its learned-variance output; stage II's UNet
+also sees the low-resolution crop upscaled and noised to a random level that is its class label, as
+``IFSuperResolutionPipeline`` feeds it (``deepfloyd.UpscalerConditioning``; diffusers' script instead
+passes the denoising timestep and a copy of the noisy input). Options IF does not take are refused by
+``jaxbooth.deepfloyd.option_problems`` before any model loads.
+
+Phases: accelerator -> class images -> dataset, tokenizer(s), models -> with
+``pre_compute_text_embeddings``, every prompt encoded and the text encoders freed (so T5 never shares
+the device with the prepared UNet and its optimizer) -> memory options -> LoRA adapters (``--use_lora``,
+``lora.py``) -> optimizer, LR schedule, ``accelerator.prepare`` -> resume -> loop (``loop.py``) ->
+pipeline (or, for LoRA, ``pytorch_lora_weights.safetensors``; ``finish.py``).
 
 Launching:
 
@@ -45,16 +54,22 @@ from typing import Any
 
 import torch
 
-from jaxbooth import data, edm, output, pipelines, sdxl
+from jaxbooth import data, deepfloyd, edm, output, pipelines, sdxl
+from jaxbooth import log as jaxbooth_log
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
 from jaxbooth.lora import AdapterSettings
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
-from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim, validation
-from jaxbooth.torch_backend.inputs import LatentCache, SdxlTextConditioner, TextConditioner
+from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim
+from jaxbooth.torch_backend.deepfloyd import UpscalerConditioning
+from jaxbooth.torch_backend.finish import make_validator, save_lora, save_pipeline
+from jaxbooth.torch_backend.inputs import LatentCache, PixelSource, SdxlTextConditioner, TextConditioner
 from jaxbooth.torch_backend.loop import Trainer, log, run_loop
 from jaxbooth.torch_backend.loss import LossOptions, edm_schedule
+
+__all__ = ["RunInputs", "build_trainer", "check_supported", "make_validator", "save_lora", "save_pipeline",
+           "start_run", "train"]
 
 
 @dataclasses.dataclass
@@ -71,13 +86,15 @@ class RunInputs:
 
 def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
     """Refuse, naming them, the options (capability table, planned ones included) and the pipeline
-    class (``model_index.json``) the torch backend does not train."""
+    class (``model_index.json``) the torch backend does not train; the DeepFloyd IF keys on every
+    pipeline (stage II's on any other, IF's refusals on IF: ``deepfloyd.option_problems``)."""
     spec_lib.check_backend(spec, "torch")
-    pipelines.refuse_untrainable_pipeline(model_dir, "torch", spec.model.model_family)
+    pipeline_class = pipelines.refuse_untrainable_pipeline(model_dir, "torch", spec.model.model_family)
     if sdxl.is_sdxl_pipeline(model_dir):
         refuse_sdxl_options(spec, model_dir)
-    problems = edm.pipeline_problems(model_dir, spec.sdxl.do_edm_style_training, "torch",
-                                     snr_gamma=spec.optim.snr_gamma)
+    problems = deepfloyd.option_problems(spec, pipeline_class)
+    problems += edm.pipeline_problems(model_dir, spec.sdxl.do_edm_style_training, "torch",
+                                      snr_gamma=spec.optim.snr_gamma)
     if problems:
         raise JaxboothError("\n".join(problems))
 
@@ -259,91 +276,6 @@ def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, datas
     return conditioner
 
 
-def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any, text_encoder: Any | None,
-                   conditioner: TextConditioner, written: list[str]) -> Any:
-    """``validate(step)`` for the loop, or None without a validation_prompt."""
-    spec = run.spec
-    if spec.validation.validation_prompt is None:
-        return None
-    from diffusers import DDPMScheduler
-
-    scheduler_config = DDPMScheduler.load_config(m.model_dir, subfolder="scheduler")
-    # EDM-style runs sample with the pipeline's own scheduler, as diffusers' SDXL script
-    edm_style = edm.training_scheduler(m.model_dir, spec.sdxl.do_edm_style_training) is not None
-    validation_name = edm.pipeline_scheduler_class(m.model_dir) if edm_style else spec.validation.validation_scheduler
-    is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
-    dtype = models.weight_dtype(accelerator.mixed_precision)
-
-    def validate(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        prompt = spec.validation.validation_prompt
-        trained_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
-        scheduler = validation.validation_scheduler(validation_name, scheduler_config)
-        embeds, inputs = None, None
-        if is_sdxl:  # the trained encoders when they train (both in one module), else the frozen ones
-            encoders = (tuple(models.trained_components(trained_te).values()) if trained_te is not None
-                        else m.text_encoders)
-            pipeline = validation.make_sdxl_pipeline(
-                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoders=encoders,
-                tokenizers=(m.tokenizer, m.tokenizer_2), scheduler=scheduler, model_dir=m.model_dir)
-            if m.text_encoder is None:  # pre_compute_text_embeddings freed both encoders
-                inputs = validation.sdxl_prompt_inputs(conditioner, prompt, pipeline)
-        else:
-            pipeline = validation.make_pipeline(
-                unet=accelerator.unwrap_model(unet), vae=m.vae, text_encoder=trained_te or m.text_encoder,
-                tokenizer=m.tokenizer, scheduler=scheduler)
-            if m.text_encoder is None and trained_te is None:
-                embeds = (conditioner.embeddings([prompt]), conditioner.embeddings([""]))
-        sampled = [pipeline.unet] + ([trained_te] if trained_te is not None else [])  # no LoRA dropout in sampling
-        was_training = [model.training for model in sampled]
-        for model in sampled:
-            model.eval()
-        images = validation.generate_images(
-            pipeline, prompt=prompt, num_images=spec.validation.num_validation_images, seed=run.seed,
-            device=accelerator.device, autocast_dtype=None if dtype == torch.float32 else dtype, prompt_embeds=embeds,
-            inputs=inputs)
-        for model, training in zip(sampled, was_training, strict=True):
-            model.train(training)
-        path = validation.save_and_log(images, run.output_dir, step, accelerator.trackers)
-        written.append(str(path.relative_to(run.output_dir)))
-        log(accelerator, f"validation images for step {step}: {path}")
-
-    return validate
-
-
-def save_pipeline(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | None, steps_done: int,
-                  validation_images: list[str]) -> Path:
-    """The final output folder: a diffusers pipeline loadable with ``StableDiffusionPipeline.from_pretrained``
-    (``StableDiffusionXLPipeline`` for SDXL, whose trained encoders are both saved)."""
-    spec, out = run.spec, run.output_dir
-    saved = output.components_to_save(spec)
-    accelerator.unwrap_model(unet).save_pretrained(out / "unet")
-    if "text_encoder" in saved:
-        encoders = models.trained_components(accelerator.unwrap_model(text_encoder))
-        for name, encoder in encoders.items():
-            encoder.save_pretrained(out / name)
-        saved = tuple(dict.fromkeys([*saved, *encoders]))
-    return output.write_pipeline(out, base_dir=run.model_dir, trained_components=saved, vae_dir=run.vae_dir,
-                                 spec=spec, steps=steps_done, backend="torch",
-                                 instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
-
-
-def save_lora(run: RunInputs, accelerator: Any, unet: Any, text_encoder: Any | None, steps_done: int,
-              validation_images: list[str]) -> Path:
-    """The final LoRA output folder: ``pytorch_lora_weights.safetensors`` (``load_lora_weights`` reads it),
-    a model card and the resolved spec; kohya file and merged pipeline when the spec asks."""
-    from jaxbooth.lora import outputs
-
-    spec, settings = run.spec, AdapterSettings.from_spec(run.spec, sdxl=sdxl.is_sdxl_pipeline(run.model_dir))
-    encoders = models.trained_components(accelerator.unwrap_model(text_encoder)) if text_encoder is not None else {}
-    state = lora.export_lora_state(accelerator.unwrap_model(unet), encoders.get("text_encoder"), settings,
-                                   text_encoder_2=encoders.get("text_encoder_2"))
-    return outputs.write_lora_output(run.output_dir, state, settings=settings, spec=spec, base_dir=run.model_dir,
-                                     vae_dir=run.vae_dir, steps=steps_done, backend="torch",
-                                     instance_prompt=spec.data.instance_prompt, validation_images=validation_images)
-
-
 def init_trackers(run: RunInputs, accelerator: Any) -> None:
     if accelerator.is_main_process and run.spec.logging.report_to != "none":
         config = {k: v for k, v in run.spec.flat().items()
@@ -375,6 +307,8 @@ def start_run(spec: spec_lib.RunSpec) -> tuple[RunInputs, Any]:
     check_local_rank(spec.parallelism.local_rank, accelerator.local_process_index)
     set_seed(run.seed)  # global RNGs (dropout, if a model has any); the loss draws its own per step
     if accelerator.is_main_process:
+        for warning in deepfloyd.option_warnings(spec, pipelines.pipeline_class(run.model_dir)):
+            jaxbooth_log.warning(warning)
         run.output_dir.mkdir(parents=True, exist_ok=True)
         clear_incomplete(run.output_dir)
     prepare_class_images(run, accelerator)
@@ -392,15 +326,22 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         run.model_dir) else None
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer,
                            tokenizer_2=tokenizer_2)
-    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device, text_encoder_2=m.text_encoder_2)
     dtype = models.weight_dtype(accelerator.mixed_precision)
+    tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
+    if m.if_stage is not None:  # train on the prompt text the IF pipelines encode at inference
+        tokenize = deepfloyd.sampled_prompts(tokenize)
+    conditioner = None
+    if spec.precision.pre_compute_text_embeddings:  # encode and free the encoders before the UNet is prepared
+        models.prepare_frozen_text_encoders(m, device=device, dtype=dtype)
+        conditioner = make_text_conditioner(run, m, tokenize, dataset, device)
+    in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device, text_encoder_2=m.text_encoder_2)
     adapters = AdapterSettings.from_spec(spec, sdxl=m.is_sdxl) if spec.lora.use_lora else None
     if adapters is not None:  # only the adapters train; the frozen base is kept in the weight dtype
         lora.attach(m.unet, m.text_encoder, adapters, seed=run.seed, dtype=dtype, text_encoder_2=m.text_encoder_2)
     unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=device, dtype=dtype)
-    conditioner = make_text_conditioner(run, m, make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length),
-                                        dataset, device)
+    if conditioner is None:
+        conditioner = make_text_conditioner(run, m, tokenize, dataset, device)
     if text_encoder is not None:
         conditioner.text_encoder = text_encoder
     iterator = make_iterator(spec, dataset, accelerator, run.seed)
@@ -414,13 +355,16 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     trainer = Trainer(
         spec=spec, accelerator=accelerator, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
         lr_scheduler=lr_scheduler, iterator=iterator,
-        latents=LatentCache(m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents,
-                            statistics=m.latent_statistics),
+        latents=PixelSource(device) if m.vae is None else LatentCache(
+            m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents,
+            statistics=m.latent_statistics),
         text=conditioner,
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
         validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written),
-        edm=edm_schedule(run.model_dir, spec.sdxl.do_edm_style_training, device))
+        edm=edm_schedule(run.model_dir, spec.sdxl.do_edm_style_training, device),
+        upscaler=UpscalerConditioning.from_model_dir(run.model_dir, spec.data.resolution, device)
+        if m.if_stage == 2 else None)
     if adapters is not None:
         log(accelerator, f"LoRA: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g}"
                          f"{', DoRA' if adapters.use_dora else ''}; trained parameters: "

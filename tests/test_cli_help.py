@@ -373,7 +373,8 @@ def test_tensorboard_is_checked_on_torch_only(missing):
     preflight.check_packages(spec, "torch")
 
 
-def test_check_packages_only_asks_find_spec(missing):
+def test_check_packages_only_asks_find_spec(missing, monkeypatch):
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)  # another test in this process may have imported it
     preflight.check_packages(load("--report_to=wandb"), "jax")
     assert missing.asked == ["wandb"]
     assert "wandb" not in sys.modules

@@ -78,10 +78,13 @@ def load_tokenizer(
             raise JaxboothError(
                 f"model folder {target} does not exist; pass an existing diffusers model folder or a Hub id."
             )
-    from transformers import AutoTokenizer, CLIPTokenizer
+    if clip:
+        from transformers import CLIPTokenizer as tokenizer_class
+    else:  # importing AutoTokenizer imports torch where installed: only IF's (torch-only) T5 folders need it
+        from transformers import AutoTokenizer as tokenizer_class
 
     try:
-        tokenizer = (CLIPTokenizer if clip else AutoTokenizer).from_pretrained(target, subfolder=sub or "", **kwargs)
+        tokenizer = tokenizer_class.from_pretrained(target, subfolder=sub or "", **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         where = f"{target} (subfolder {sub!r})" if sub else target
         files = "tokenizer/vocab.json and tokenizer/merges.txt" if clip else "its tokenizer files"

@@ -154,3 +154,19 @@ def test_trainer_optimizer_gives_the_text_encoder_its_own_lr_and_weight_decay() 
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["unet"]["w"], 2.0 * (1 - 0.1 * 0.2), rtol=1e-6)
     np.testing.assert_allclose(new["text_encoder"]["w"], 2.0 * (1 - 0.05 * 0.5), rtol=1e-6)
+
+
+def test_loading_a_pipeline_never_imports_torch() -> None:
+    """The JAX path loads the models (tokenizer included) without torch, even where torch is installed:
+    transformers' AutoTokenizer imports torch, so only the torch-only IF (T5) folders may use it."""
+    script = ("import sys\n"
+              "from jaxbooth.spec import load_spec_from_dict\n"
+              "from jaxbooth.jax_backend import loading\n"
+              "from jaxbooth.tiny import builtin_tiny_model\n"
+              "spec = load_spec_from_dict({'instance_prompt': 'a sks dog', 'output_dir': 'unused',\n"
+              "                            'pretrained_model_name_or_path': str(builtin_tiny_model())})\n"
+              "models = loading.load_models(spec, loading.resolve_model_paths(spec))\n"
+              "assert models.tokenizer('a sks dog').input_ids\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -91,3 +91,15 @@ def log_validation_images(writer: Any, images: Sequence[Image.Image], step: int)
     writer.add_images(TENSORBOARD_TAG, stacked, step, dataformats="NHWC")
     if hasattr(writer, "flush"):
         writer.flush()
+
+
+def save_samples(images: Sequence[Any], out_dir: str | os.PathLike, seed: int) -> list[Path]:
+    """``jaxbooth generate``'s files, one naming for both backends: ``sample-seed{seed}-{index:03d}.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = out / f"sample-seed{seed}-{index:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbooth import sdxl
+from jaxbooth import sdxl, validation_files
 from jaxbooth.diffusion import read_scheduler_config
 from jaxbooth.jax_backend import pretrained
 from jaxbooth.jax_backend.models import clip as clip_lib
@@ -103,11 +103,4 @@ def generate_to_dir(model_dir: str, prompt: str, *, num_images: int, steps: int,
         guidance_scale = pipeline_guidance_scale(sampler)
     images = sampler.generate([prompt] * num_images, negative_prompt=negative_prompt, num_inference_steps=steps,
                               guidance_scale=guidance_scale, seed=seed, height=resolution, width=resolution)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images):
-        path = out / f"sample-seed{seed}-{index:03d}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
+    return validation_files.save_samples(images, out_dir, seed)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from jaxbooth import deepfloyd
+from jaxbooth import deepfloyd, validation_files
 from jaxbooth.errors import JaxboothError
 from jaxbooth.lora import files as lora_files
 from jaxbooth.lora.base_model import (
@@ -197,11 +197,4 @@ def generate_to_dir(model_dir: str, prompt: str, *, num_images: int, steps: int,
         call["image"] = low_res
     with torch.no_grad():
         images = pipeline(prompt, **call).images
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, sampled in enumerate(images):
-        path = out / f"sample-seed{seed}-{index:03d}.png"
-        sampled.save(path)
-        paths.append(path)
-    return paths
+    return validation_files.save_samples(images, out_dir, seed)

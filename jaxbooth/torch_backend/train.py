@@ -238,7 +238,8 @@ def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_t
     text_encoder = models.trained_text_encoder(m) if train_te else None
     groups = optim.param_groups(spec, m.unet, text_encoder, accelerator.num_processes)
     optimizer, name = optim.make_optimizer(
-        spec, groups, deepspeed_cpu_offload=plugin is not None and memory.offloads_optimizer(plugin))
+        spec, groups, deepspeed_cpu_offload=plugin is not None and memory.offloads_optimizer(plugin),
+        under_deepspeed=plugin is not None)
     lr_scheduler = optim.make_lr_scheduler(spec, optimizer, max_train_steps, accelerator.num_processes)
     log(accelerator, f"optimizer: {name}" + (" under DeepSpeed ZeRO-" + str(plugin.zero_stage) if plugin else ""))
     if train_te:
@@ -368,7 +369,7 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     if adapters is not None:
         log(accelerator, f"LoRA: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g}"
                          f"{', DoRA' if adapters.use_dora else ''}; trained parameters: "
-                         f"{sum(p.numel() for p in trainer.trained_parameters()):,}")
+                         f"{sum(p.numel() for p in trainer.trained_parameters):,}")
     log(accelerator, f"training {max_train_steps} optimizer steps on {accelerator.num_processes} process(es), "
                      f"device {device}, mixed precision {accelerator.mixed_precision}, attention "
                      f"{in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")

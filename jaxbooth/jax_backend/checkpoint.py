@@ -115,3 +115,39 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise JaxboothError(f"saving a checkpoint failed: {error}") from error
 
+
+class PreemptionWatch:
+    """Whether to checkpoint and stop after an optimizer step, agreed by every process.
+
+    One process: a SIGTERM handler (``StopOnSignal``). Several: the signal may reach one host
+    only, and a host that stopped alone would leave the others waiting in the next collective
+    (or the checkpoint save) forever. JAX's preemption sync manager, started by
+    ``jax.distributed.initialize``, catches SIGTERM on any host, and
+    ``multihost_utils.reached_preemption_sync_point(step)`` turns true on every host at the same
+    step; no Python handler is installed then, as it would replace the one that notifies the peers.
+    Call ``requested(step)`` after every optimizer step, on every process, from the same start.
+    """
+
+    def __init__(self) -> None:
+        self.multi_process = jax.process_count() > 1
+        self._signal = None if self.multi_process else StopOnSignal()
+
+    def __enter__(self) -> PreemptionWatch:
+        if self._signal is not None:
+            self._signal.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._signal is not None:
+            self._signal.__exit__(*exc)
+
+    def requested(self, step: int) -> bool:
+        if self._signal is not None:
+            return self._signal.requested
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            _log(f"a host received SIGTERM: every process saves a checkpoint after step {step}")
+            return True
+        return False
+

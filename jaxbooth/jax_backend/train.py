@@ -78,6 +78,8 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # random bits independent of how arrays are sharded (the default since JAX 0.5; pinned for older ones)
+    jax.config.update("jax_threefry_partitionable", True)
 
 
 def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels, instances: data.Dataset | None = None) -> RunInputs:
@@ -390,6 +392,7 @@ def train(spec: spec_lib.RunSpec) -> Path:
     frozen_host = caches.frozen if base_host is None else {**caches.frozen, "base": base_host}
     frozen = jax.device_put(frozen_host, frozen_shardings(frozen_host, mesh))
     del caches, frozen_host, base_host  # the host copies; the device holds them now
+    jax.clear_caches()  # the VAE / text-encoder cache builders' executables are never run again (~50 MB on SDXL-small)
     release_freed_memory()  # the caches' scratch and the host copies, before the compile stacks on top
     compiled, compile_seconds, batch_shardings = compile_step(step_fn, state, shardings, frozen,
                                                               rows(iterator, 0, 0), mesh)
@@ -430,7 +433,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
     log_every = max(1, spec.logging.log_every_steps)
     save_every = spec_lib.checkpoint_every_steps(spec)
     export, model_params = _exporter(spec, models), _model_params(spec, frozen)
-    with checkpoint.StopOnSignal() as stop:
+    with checkpoint.PreemptionWatch() as preemption:
         while micro < total_micro:
             if micro % accumulation == 0:
                 epoch_before = iterator.epoch  # an epoch may end inside an accumulation window
@@ -448,10 +451,11 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             if validator is not None and validator.should_run(step, epochs_done):
                 params = model_params(state.params)
                 validator.run(step, params["unet"], validation_text_params(params), writer=progress.tensorboard)
-            if (save_every and step % save_every == 0) or stop.requested:
+            stop = preemption.requested(step)
+            if (save_every and step % save_every == 0) or stop:
                 writer.save(step, state, iterator.state_dict(), spec, seed=run.seed, export=export,
                             gather=trained_params_host)
-            if stop.requested:
+            if stop:
                 writer.wait()
                 progress.display.close()
                 log(f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")

@@ -663,30 +663,6 @@ def test_resolved_spec_never_contains_the_hub_token(tmp_path):
     assert S.spec_to_dict(load("--hub_token=hf_secret"))["hub"]["hub_token"] == "hf_secret"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "tpu_configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_tpu_configs_load(path, spec_warnings):
-    spec = load("--config", str(path))
-    # a config may set the validation cadence for when --validation_prompt is given; it says so
-    assert [w for w in spec_warnings if "has no effect without --validation_prompt" not in w] == []
-    assert spec.backend == "jax"
-    assert spec.optim.max_train_steps is not None and not spec.optim.num_train_epochs != 1  # steps only
-    S.check_backend(spec, "jax")
-
-
-def test_tpu_configs_override_base_with_a_reason_each():
-    files = [p for p in (REPO / "tpu_configs").glob("*.yaml") if p.name != "base.yaml"]
-    assert {p.name for p in files} >= {"v4-8.yaml", "v5e-8.yaml", "v5p-32.yaml", "v6e-8.yaml"}
-    base = load("--config", str(REPO / "tpu_configs" / "base.yaml")).flat()
-    for path in files:
-        lines = path.read_text().splitlines()
-        assert "extends: base.yaml" in lines
-        changed = {k for k, v in load("--config", str(path)).flat().items() if v != base[k]}
-        assert 1 <= len(changed) <= 5, (path.name, changed)
-        for key in changed:  # a comment right above each override (or on its line) says why
-            i = next(n for n, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
-            assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), (path.name, key)
-
-
 @pytest.mark.parametrize("first", ["jaxbooth.capabilities", "jaxbooth.spec.schema", "jaxbooth.spec.loading",
                                    "jaxbooth.spec"])
 def test_spec_and_capabilities_import_in_either_order(first):

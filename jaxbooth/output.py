@@ -4,8 +4,9 @@ Framework-free (stdlib, yaml, json; never jax or torch): the backends write thei
 components (``components_to_save``: ``unet/``, ``text_encoder/``) in diffusers' PyTorch layout,
 then ``write_pipeline`` copies the untouched components from the base pipeline (and the VAE
 override's ``vae/``), writes ``model_index.json``, the model card and the resolved run spec.
-The metric record both backends log (``metric_record``), ``metrics.jsonl`` and the Hub push
-live here too. Nothing is downloaded at save time.
+The metric record both backends log (``metric_record``), ``metrics.jsonl``, the training figures
+model cards take from it, and the entry to the Hub push (``hub_push``) live here too. Nothing is
+downloaded at save time.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from jaxbooth import deepfloyd
 from jaxbooth.errors import JaxboothError
@@ -132,7 +136,8 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
         train_text_encoder=spec.model.train_text_encoder, steps=steps, backend=backend,
         validation_images=validation_images, text_encoder_saved=not skip_text_encoder,
         pipeline_class=card_pipeline_class(base_dir), text_encoder_class=deepfloyd.text_encoder_class_name(base_dir),
-        notes=deepfloyd.card_notes(base_dir=base_dir, lora=False, text_encoder_saved=not skip_text_encoder)))
+        notes=deepfloyd.card_notes(base_dir=base_dir, lora=False, text_encoder_saved=not skip_text_encoder),
+        figures=training_figures(out_dir)))
     spec_lib.write_resolved_spec(spec, out_dir / SPEC_FILENAME)
     return out_dir
 
@@ -155,21 +160,131 @@ def card_license(pipeline_class: str) -> str:
     return "openrail++" if pipeline_class == "StableDiffusionXLPipeline" else "creativeml-openrail-m"
 
 
+# The family tags diffusers' DreamBooth scripts write (train_dreambooth.py: stable-diffusion / if; the SDXL LoRA
+# script: stable-diffusion-xl), plus a short ``sdxl``; a pipeline class not listed gets none.
+FAMILY_TAGS = {"StableDiffusionPipeline": ("stable-diffusion", "stable-diffusion-diffusers"),
+               "StableDiffusionXLPipeline": ("sdxl", "stable-diffusion-xl", "stable-diffusion-xl-diffusers")}
+
+
 def card_tags(pipeline_class: str, *kinds: str) -> list[str]:
-    """The Hub tags of a card: text-to-image, the run's ``kinds`` (dreambooth, lora), diffusers, jaxbooth, and
-    IF's ``if``/``if-diffusers`` for an IF base (as diffusers' scripts tag them)."""
-    family = list(deepfloyd.CARD_TAGS) if pipeline_class in deepfloyd.PIPELINE_STAGES else []
+    """The Hub tags of a card: text-to-image, the run's ``kinds`` (dreambooth, lora), diffusers, the base family's
+    tags (``FAMILY_TAGS``; IF's ``if``/``if-diffusers``) and jaxbooth."""
+    if pipeline_class in deepfloyd.PIPELINE_STAGES:
+        family: tuple[str, ...] = deepfloyd.CARD_TAGS
+    else:
+        family = FAMILY_TAGS.get(pipeline_class, ())
     return ["text-to-image", *kinds, "diffusers", *family, "jaxbooth"]
+
+
+_CACHED_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
+
+
+def card_base_model(name: str) -> str | None:
+    """The base model as the Hub's card metadata takes it: a repo id, or None for a local folder.
+
+    The Hub refuses a commit whose README.md ``base_model`` is not a model id (a local path fails the push), so a
+    local base stays in the card's text only; a folder of the Hub cache (``models--owner--name/snapshots/...``)
+    is named by its repo id. A name is a Hub id as the loaders take it: no such local path, ``owner/name`` form.
+    """
+    from jaxbooth.hub import looks_like_hub_id
+
+    cached = _CACHED_SNAPSHOT.search(str(name).replace(os.sep, "/"))
+    if cached:
+        return cached.group("repo").replace("--", "/")
+    if Path(name).expanduser().exists() or not looks_like_hub_id(str(name)):
+        return None
+    return str(name)
+
+
+def card_front_matter(*, pipeline_class: str, base_model: str, instance_prompt: str, kinds: Iterable[str],
+                      **extra: Any) -> str:
+    """The card's YAML header (dumped, so any prompt is valid YAML): licence, Hub base model, prompt, tags."""
+    meta: dict[str, Any] = {"license": card_license(pipeline_class)}
+    hub_base = card_base_model(base_model)
+    if hub_base is not None:
+        meta["base_model"] = hub_base
+    meta.update({"instance_prompt": instance_prompt, "tags": card_tags(pipeline_class, *kinds),
+                 "library_name": "diffusers", **extra})
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def training_figures(out_dir: Path) -> dict[str, float] | None:
+    """What a card reports of training, read from ``out_dir/metrics.jsonl`` (both backends log to it through
+    ``MetricsLog``): the last logged step and its loss, the training loop's seconds and its mean steps per second.
+
+    A record covers the steps since the previous one in ``steps / perf/steps_per_sec`` wall seconds of the loop
+    (validation and checkpoint saves in between included). A record whose step is not past the previous one starts
+    a resumed run, whose first window is counted from the last earlier logged step below it. None without a record
+    (metrics off, or nothing logged).
+    """
+    try:
+        lines = (Path(out_dir) / METRICS_FILENAME).read_text().splitlines()
+    except OSError:
+        return None
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a half-written last line of a killed run
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "train/loss" in record:
+            records.append(record)
+    if not records:
+        return None
+    seconds, steps, previous, logged = 0.0, 0, 0, []
+    for record in records:
+        step = record["step"]
+        if step <= previous:
+            previous = max((earlier for earlier in logged if earlier < step), default=0)
+        rate = float(record.get("perf/steps_per_sec", 0.0))
+        if rate > 0 and math.isfinite(rate):
+            seconds += (step - previous) / rate
+            steps += step - previous
+        logged.append(step)
+        previous = step
+    return {"step": records[-1]["step"], "final_loss": float(records[-1]["train/loss"]),
+            "steps_per_sec": steps / seconds if seconds > 0 else math.nan, "train_seconds": seconds}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def training_section(figures: Mapping[str, float] | None) -> str:
+    """The card's "Training figures" table (``training_figures``); empty without figures."""
+    if not figures:
+        return ""
+    rate = figures["steps_per_sec"]
+    speed = f"{rate:.3g} optimizer steps/s" if math.isfinite(rate) else "not measured"
+    return f"""
+## Training figures
+
+| | |
+|---|---|
+| final loss (step {int(figures["step"])}) | {figures["final_loss"]:.4f} |
+| mean speed | {speed} |
+| time in the training loop | {_duration(figures["train_seconds"])} |
+
+From `{METRICS_FILENAME}` in this folder (one record per log step: loss, learning rate, gradient norm, speed); the
+loop's time counts its steps and what ran between them (validation, checkpoints), not loading or compiling.
+"""
 
 
 def model_card(*, base_model: str, instance_prompt: str, train_text_encoder: bool, steps: int,
                backend: str, validation_images: Iterable[str] = (), text_encoder_saved: bool = True,
                pipeline_class: str = "StableDiffusionPipeline", text_encoder_class: str = "CLIPTextModel",
-               notes: str = "") -> str:
+               notes: str = "", figures: Mapping[str, float] | None = None) -> str:
     """README.md with Hub metadata, in the spirit of diffusers' DreamBooth model cards.
 
     ``text_encoder_class``: the transformers class the snippet loads the base's text encoder with when it
-    was not saved (``T5EncoderModel`` for IF); ``notes``: markdown after the snippet (``deepfloyd.card_notes``).
+    was not saved (``T5EncoderModel`` for IF); ``notes``: markdown after the snippet (``deepfloyd.card_notes``);
+    ``figures``: ``training_figures`` of the run, shown as a table.
     """
     images = "\n".join(f"![sample]({name})" for name in validation_images)
     if text_encoder_saved:
@@ -181,18 +296,11 @@ def model_card(*, base_model: str, instance_prompt: str, train_text_encoder: boo
         encoder = "The text encoder was not saved (skip_save_text_encoder): pass the base model's, as below."
     imports = f"from diffusers import {pipeline_class}" + (
         "" if text_encoder_saved else f"\nfrom transformers import {text_encoder_class}")
-    tags = "\n".join(f"- {tag}" for tag in card_tags(pipeline_class, "dreambooth"))
+    front = card_front_matter(pipeline_class=pipeline_class, base_model=base_model, instance_prompt=instance_prompt,
+                              kinds=("dreambooth",))
     call = deepfloyd.card_call_arguments(pipeline_class)
     notes = f"\n{notes}\n" if notes else ""
-    return f"""---
-license: {card_license(pipeline_class)}
-base_model: {base_model}
-instance_prompt: {instance_prompt}
-tags:
-{tags}
-library_name: diffusers
----
-
+    return f"""{front}
 # DreamBooth - {Path(str(base_model)).name or base_model}
 
 Fine-tuned with [jaxbooth](https://pypi.org/project/jaxbooth/) ({backend} backend) from `{base_model}`
@@ -204,7 +312,7 @@ for {steps} optimizer steps on the instance prompt `{instance_prompt}`.
 {load}
 image = pipe("{instance_prompt}"{call}, num_inference_steps=50, guidance_scale=7.5).images[0]
 ```
-{notes}
+{notes}{training_section(figures)}
 {images}
 """
 
@@ -273,16 +381,7 @@ class MetricWindow:
 
 
 def push_to_hub(out_dir: Path, *, repo_id: str | None, token: str | None) -> str:
-    """Upload the output folder; the repo id defaults to the folder name, as diffusers does."""
-    from huggingface_hub import create_repo, upload_folder
+    """Upload the output folder to the Hub (``hub_push.push_folder``); returns the repo id."""
+    from jaxbooth import hub_push
 
-    repo_id = repo_id or out_dir.name
-    try:
-        repo = create_repo(repo_id, exist_ok=True, token=token).repo_id
-        upload_folder(repo_id=repo, folder_path=str(out_dir), token=token, commit_message="jaxbooth: end of training",
-                      ignore_patterns=["step_*", "epoch_*", "checkpoint-*", "*.tmp*"])
-    except Exception as error:  # network, auth: the trained model is on disk either way
-        raise JaxboothError(f"push_to_hub: uploading {out_dir} to {repo_id!r} failed ({error}); the trained "
-                            f"pipeline is saved locally; retry with `huggingface-cli upload {repo_id} {out_dir}`"
-                            ) from None
-    return repo
+    return hub_push.push_folder(Path(out_dir), repo_id=repo_id, token=token)

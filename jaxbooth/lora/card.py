@@ -6,29 +6,28 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
 from jaxbooth.deepfloyd import card_call_arguments
 from jaxbooth.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from jaxbooth.lora.settings import AdapterSettings
-from jaxbooth.output import card_license, card_tags
+from jaxbooth.output import card_front_matter, training_section
 
 
 def lora_model_card(*, base_model: str, instance_prompt: str, settings: AdapterSettings,
                     targets: Mapping[str, Sequence[str]], steps: int, backend: str,
                     pipeline_class: str = "StableDiffusionPipeline", kohya: bool = False, merged: bool = False,
                     merged_text_encoder: bool = True, vae: str | None = None,
-                    validation_images: Iterable[str] = (), notes: str = "") -> str:
+                    validation_images: Iterable[str] = (), notes: str = "",
+                    figures: Mapping[str, float] | None = None) -> str:
     """The card: what was trained, on what, and the lines that load it with stock diffusers.
 
     ``targets``: per adapted component, the target names that matched its modules. ``notes``: markdown
     after the loading snippet (``deepfloyd.card_notes``: IF's fixed-variance switch, stage II's image).
+    ``figures``: ``output.training_figures`` of the run, shown as a table. Tagged ``dora`` too for DoRA (as
+    diffusers tags it).
     """
-    front = yaml.safe_dump({
-        "license": card_license(pipeline_class), "base_model": base_model, "instance_prompt": instance_prompt,
-        "tags": card_tags(pipeline_class, "lora", "dreambooth"), "library_name": "diffusers",
-        "inference": True,
-    }, sort_keys=False, allow_unicode=True)
+    kinds = ("lora", "dora", "dreambooth") if settings.use_dora else ("lora", "dreambooth")
+    front = card_front_matter(pipeline_class=pipeline_class, base_model=base_model, instance_prompt=instance_prompt,
+                              kinds=kinds, inference=True)
     kind = "DoRA" if settings.use_dora else "LoRA"
     unet_targets = ", ".join(targets.get("unet", ()))
     if "text_encoder_2" in targets:
@@ -62,9 +61,7 @@ pipe = {pipeline_class}.from_pretrained("path/to/this/folder")
 {encoder_note}"""
     images = "\n".join(f"![sample]({name})" for name in validation_images)
     notes = f"\n{notes}\n" if notes else ""
-    return f"""---
-{front}---
-
+    return f"""{front}
 # {kind} DreamBooth - {Path(str(base_model)).name or base_model}
 
 {kind} adapters trained with [jaxbooth](https://pypi.org/project/jaxbooth/) ({backend} backend) on
@@ -80,6 +77,6 @@ pipe = {pipeline_class}.from_pretrained("{base_model}")
 pipe.load_lora_weights("path/to/this/folder")
 image = pipe({prompt}{card_call_arguments(pipeline_class)}, num_inference_steps=50, guidance_scale=7.5).images[0]
 ```
-{notes}{vae_line}{merged_part}
+{notes}{vae_line}{merged_part}{training_section(figures)}
 {images}
 """

@@ -72,7 +72,7 @@ def write_lora_output(out_dir: str | Path, state: LoraState, *, settings: Adapte
         settings=settings, targets=targets, steps=steps, backend=backend,
         pipeline_class=output.card_pipeline_class(base_dir),
         kohya=bool(spec.lora.output_kohya_format), merged=merge, merged_text_encoder=not skip_text_encoder, vae=vae,
-        validation_images=validation_images,
+        validation_images=validation_images, figures=output.training_figures(out_dir),
         notes=deepfloyd.card_notes(base_dir=base_dir, lora=True, text_encoder_saved=not (merge and skip_text_encoder)))
     output.atomic_write_text(out_dir / "README.md", card)  # after write_pipeline: replaces its full fine-tune card
     return out_dir

@@ -100,6 +100,7 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("coordinator_address", JAX_ONLY, note="jax.distributed; torch uses accelerate launch"),
     Capability("num_processes", JAX_ONLY),
     Capability("process_id", JAX_ONLY),
+    Capability("multi_host", JAX_ONLY, note="jax.distributed discovery; torch uses accelerate launch"),
     Capability("local_rank", TORCH_ONLY, note="set by torch launchers; jax numbers processes with --process_id",
                fix="--process_id with --coordinator_address and --num_processes"),
 )

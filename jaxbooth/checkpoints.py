@@ -133,6 +133,19 @@ def clear_incomplete(output_dir: Path) -> list[Path]:
     return removed
 
 
+class TrainingStopped(Exception):
+    """A signal stopped training after saving the checkpoint of optimizer step ``step``.
+
+    Raised by both backends' loops instead of ``SystemExit``: ``jaxbooth train`` exits 0 on it (a
+    preemption is no failure; the scheduler relaunches with ``--resume_from_checkpoint=latest``), and
+    ``jaxbooth.train`` turns it into a ``JaxboothError`` naming the resume, so Python callers never see an exit.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
+        self.step = step
+
+
 class StopOnSignal:
     """SIGTERM (TPU preemption, ``kill``) asks a training loop to checkpoint after this step and exit 0."""
 

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jaxbooth import log
+from jaxbooth import api, log
+from jaxbooth.api import probe_device, resolve_backend  # noqa: F401 (cli.resolve_backend: tests and scripts use it)
+from jaxbooth.checkpoints import TrainingStopped
 from jaxbooth.errors import JaxboothError
-from jaxbooth.preflight import check_packages
-from jaxbooth.run_defaults import fill_defaults
+from jaxbooth.run_defaults import fill_defaults  # noqa: F401 (cli.fill_defaults: tests use it)
 
 if TYPE_CHECKING:
     from jaxbooth.spec import RunSpec
@@ -32,52 +33,11 @@ commands:
   tiny-model   write a random-weight pipeline: jaxbooth tiny-model OUT [--size tiny|small]
                [--family sd|sdxl|if-stage1|if-stage2]
   spec         print the resolved run spec as YAML (same arguments as train)
+  doctor       devices, versions, mesh, compilation cache, backend choice and the checks that fail
+               late (Hub token, output folder, disk): jaxbooth doctor [TRAIN FLAGS...]
 
 jaxbooth <command> --help lists the options of a command.
 """
-
-
-def probe_device():
-    """What the default JAX device is, for ``backend: auto`` (torch's view if jax is absent)."""
-    from jaxbooth.spec import DeviceInfo
-
-    try:
-        import jax
-
-        devices = jax.devices()
-        memory = None
-        if devices[0].platform == "gpu":
-            stats = devices[0].memory_stats() or {}
-            memory = stats.get("bytes_limit")
-        return DeviceInfo(platform=devices[0].platform, memory_bytes=memory, count=len(devices))
-    except ImportError:
-        import torch
-
-        if torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(0).total_memory
-            return DeviceInfo(platform="gpu", memory_bytes=memory, count=torch.cuda.device_count())
-        return DeviceInfo(platform="cpu", memory_bytes=None, count=1)
-
-
-def resolve_backend(spec) -> str:
-    """The backend to run: an explicit one as given (``load_spec`` has checked it against the
-    capability table; the backend's load refuses a pipeline it does not train), ``auto`` decided
-    from the options, the model's family (its ``model_index.json``, unless ``--model_family`` is
-    set) and the device."""
-    from jaxbooth import pipelines
-    from jaxbooth.spec import choose_backend
-
-    if spec.backend != "auto":
-        return spec.backend
-    family = source = None
-    if spec.model.model_family == "auto":
-        detected = pipelines.detected_family(spec)
-        if detected is not None:
-            family, index_dir = detected
-            source = pipelines.family_source(index_dir)
-    backend, reason = choose_backend(spec, probe_device(), model_family=family, family_source=source)
-    log.info(reason)
-    return backend
 
 
 def load_or_help(argv: Sequence[str], prog: str) -> tuple[RunSpec, set[str]] | None:
@@ -92,24 +52,11 @@ def load_or_help(argv: Sequence[str], prog: str) -> tuple[RunSpec, set[str]] | N
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    """Parse, then the run ``jaxbooth.train`` does too (``api.run``: backend, packages, defaults, dispatch)."""
     loaded = load_or_help(argv, "jaxbooth train")
     if loaded is None:
         return 0
-    spec, given = loaded
-    backend = resolve_backend(spec)
-    check_packages(spec, backend)  # before any model loads: every missing package at once
-    spec = fill_defaults(spec, given)
-    if backend == "jax":
-        from jaxbooth.jax_backend.train import train
-
-        train(spec)
-    else:
-        try:
-            from jaxbooth.torch_backend.train import train as torch_train
-        except ImportError as error:
-            raise JaxboothError(f"backend torch is not available here ({error}); install the torch extra: "
-                                "pip install 'jaxbooth[torch]'") from None
-        torch_train(spec)
+    api.run(*loaded)
     return 0
 
 
@@ -215,7 +162,14 @@ def sampled_family(model_dir: str, base: str | None, image: str | None) -> str |
     return pipelines.family_of(name)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "tiny-model": cmd_tiny_model, "spec": cmd_spec}
+def cmd_doctor(argv: Sequence[str]) -> int:
+    from jaxbooth.doctor import cmd_doctor as doctor
+
+    return doctor(argv)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "tiny-model": cmd_tiny_model, "spec": cmd_spec,
+            "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxboothError as error:
         print(f"jaxbooth {command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped:  # a preemption saved its checkpoint: no failure, the relaunch resumes
+        return 0
     except KeyboardInterrupt:
         print(f"jaxbooth {command}: interrupted", file=sys.stderr)
         return 130

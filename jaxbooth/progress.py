@@ -1,7 +1,8 @@
-"""The training progress display both backends share: a tqdm bar on a terminal, log lines elsewhere.
+"""The training progress display both backends share: a tqdm bar on a terminal or in a notebook, log lines elsewhere.
 
-A bar on a terminal (as diffusers' scripts show one) with loss, lr and steps/s; in a log
-file or CI a bar is noise, so there it is one line per log step. Values arrive only at log
+A bar on a terminal (as diffusers' scripts show one) with loss, lr and steps/s; in a Jupyter/IPython
+kernel (Colab, Kaggle) ``tqdm.auto`` draws its notebook bar, although stderr is no TTY there; in a
+log file or CI a bar is noise, so there it is one line per log step. Values arrive only at log
 steps (the JAX backend reads the device only then); the bar advances every step.
 """
 
@@ -16,7 +17,7 @@ class TrainingProgress:
                  bar: bool | None = None):
         self.total, self.enabled = total, enabled
         self.stream = stream or sys.stderr
-        use_bar = enabled and (self.stream.isatty() if bar is None else bar)
+        use_bar = enabled and ((self.stream.isatty() or in_notebook()) if bar is None else bar)
         self.bar = None
         if use_bar:
             from tqdm.auto import tqdm
@@ -52,3 +53,16 @@ class TrainingProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter/IPython kernel (a notebook, Colab, Kaggle, VS Code): an IPython
+    shell with a kernel. IPython is only looked up, never imported: a process without it is no kernel."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # a half-initialised or stand-in IPython module: no kernel to draw in
+        return False
+    return getattr(shell, "kernel", None) is not None

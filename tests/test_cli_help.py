@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxbooth import cli, preflight
+from jaxbooth import cli, preflight, run_defaults
 from jaxbooth import spec as S
 from jaxbooth.capabilities import backend_support
 from jaxbooth.errors import JaxboothError
@@ -386,6 +386,6 @@ def test_train_checks_packages_after_choosing_the_backend_and_before_loading(mis
     def must_not_run(*args, **kwargs):
         raise AssertionError("fill_defaults ran before the package check")
 
-    monkeypatch.setattr(cli, "fill_defaults", must_not_run)
+    monkeypatch.setattr(run_defaults, "fill_defaults", must_not_run)
     status, _, err = run_main(["train", "--backend=jax", "--report_to=wandb"], capsys)
     assert status == 2 and "pip install wandb" in err

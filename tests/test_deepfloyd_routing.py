@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxbooth import cli, pipelines
+from jaxbooth import api, cli, pipelines
 from jaxbooth import spec as S
 from jaxbooth.errors import JaxboothError
 from tests.test_spec import ENV, GUIDE_COMMANDS, jaxbooth_argv
@@ -41,7 +41,7 @@ def trainers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, S.RunSpec]]:
         module = types.ModuleType(f"jaxbooth.{backend}_backend.train")
         module.train = lambda spec, backend=backend: ran.append((backend, spec))
         monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setattr(cli, "probe_device", lambda: CPU)  # on a CPU, auto alone would pick jax
+    monkeypatch.setattr(api, "probe_device", lambda: CPU)  # on a CPU, auto alone would pick jax
     return ran
 
 

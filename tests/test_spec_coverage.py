@@ -334,6 +334,7 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
                               Refused("10.0.0.2:4321", MULTIHOST)),
     "num_processes": on(Effect(4, jp.jax_configure, MULTIHOST), Refused(4, MULTIHOST)),
     "process_id": on(Effect(1, jp.jax_configure, MULTIHOST), Refused(1, MULTIHOST)),
+    "multi_host": on(Effect(True, jp.jax_configure), Refused(True)),
     "local_rank": on(Refused(3), Effect(3, tp.torch_start)),
 }
 

@@ -28,6 +28,7 @@ from jaxbooth.checkpoints import (
     MARKER,
     PREFIX,
     StopOnSignal,
+    TrainingStopped,  # noqa: F401 (re-exported: the loop raises checkpoint.TrainingStopped)
     checkpoint_record,
     clear_incomplete,
     list_checkpoints,

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxbooth import distributed
+from jaxbooth import spec as spec_lib
 from jaxbooth.errors import JaxboothError
 
 DATA_AXIS = "data"
@@ -29,16 +31,29 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """Join a multi-host run. TPU pods and SLURM find their peers themselves; elsewhere pass all three."""
-    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise JaxboothError("multi-host: set all of --coordinator_address, --num_processes and --process_id "
-                            "(or none of them on a TPU pod, where they are discovered)")
-    if all(given):
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+def initialize_distributed(spec: spec_lib.RunSpec) -> None:
+    """Join a multi-host run, before anything asks JAX for devices; once per process.
+
+    Explicit peers (``--coordinator_address/--num_processes/--process_id``, validated together by the
+    spec) are passed on; a detected TPU pod slice or SLURM job, or ``--multi_host``, calls
+    ``jax.distributed.initialize()`` with no arguments so JAX discovers the peers itself
+    (``jaxbooth.distributed`` says why). A single host does nothing.
+    """
+    mode = distributed.multi_host_mode(spec)
+    if mode is None or jax.distributed.is_initialized():
+        return
+    kind, why = mode
+    par = spec.parallelism
+    try:
+        if kind == "explicit":
+            jax.distributed.initialize(coordinator_address=par.coordinator_address, num_processes=par.num_processes,
+                                       process_id=par.process_id)
+        else:
+            jax.distributed.initialize()
+    except RuntimeError as error:
+        hint = ("check that every host runs the same command and can reach the coordinator"
+                if kind == "explicit" else "pass --coordinator_address, --num_processes and --process_id")
+        raise JaxboothError(f"joining the multi-host run ({why}) failed: {error}; {hint}") from None
 
 
 def make_mesh(shape: tuple[int, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

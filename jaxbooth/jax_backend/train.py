@@ -70,8 +70,7 @@ def log(message: str) -> None:
 
 def configure_jax(spec: spec_lib.RunSpec) -> None:
     """Multi-host start-up and the persistent compilation cache (a relaunch skips compiling)."""
-    par = spec.parallelism
-    mesh_lib.initialize_distributed(par.coordinator_address, par.num_processes, par.process_id)
+    mesh_lib.initialize_distributed(spec)  # a no-op when the CLI's backend choice already joined
     from jaxbooth.tiny import default_cache_dir
 
     cache_dir = spec.precision.compilation_cache_dir or str(default_cache_dir() / "xla")
@@ -459,7 +458,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 writer.wait()
                 progress.display.close()
                 log(f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
-                raise SystemExit(0)
+                raise checkpoint.TrainingStopped(step)
     progress.display.close()
     return state
 

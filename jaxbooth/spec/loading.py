@@ -43,7 +43,12 @@ def load_spec(argv: Sequence[str], *, preset: str | None = None) -> RunSpec:
 def load_spec_with_keys(argv: Sequence[str], *, preset: str | None = None, prog: str = "jaxbooth train"
                         ) -> tuple[RunSpec, set[str]]:
     """``load_spec`` plus the keys the command line set itself (see ``given_keys``), parsing once."""
-    items = command_line_items(argv, preset=preset, prog=prog)
+    return spec_from_items(command_line_items(argv, preset=preset, prog=prog))
+
+
+def spec_from_items(items: Sequence[Item]) -> tuple[RunSpec, set[str]]:
+    """The validated spec of typed (key, value, where) items over the defaults, later items winning, and the
+    keys they set; what a command line and ``jaxbooth.train``'s keyword arguments both come down to."""
     values, sources = default_flat(), {}
     for name, value, where in items:
         values[name], sources[name] = value, where

@@ -256,6 +256,8 @@ class ParallelismSection:
         None, "host:port of process 0 for jax.distributed; None: auto-detect (Cloud TPU, SLURM).")
     num_processes: int | None = _f(None, "Number of hosts/processes; set with coordinator_address.")
     process_id: int | None = _f(None, "This process's index in [0, num_processes).")
+    multi_host: bool = _f(False, "Join a multi-host run whose peers jax.distributed discovers (GKE, Open MPI, a TPU "
+                                 "VM...); TPU pod slices and SLURM jobs are detected without it.")
     local_rank: int = _f(-1, "Set by torch launchers; -1 outside distributed runs.")
 
 

@@ -27,6 +27,7 @@ from jaxbooth.checkpoints import (
     MARKER,
     PREFIX,
     StopOnSignal,
+    TrainingStopped,
     checkpoint_record,
     clear_incomplete,
     prune_checkpoints,
@@ -40,8 +41,8 @@ from jaxbooth.torch_backend.models import trained_components
 
 STATE_DIR = "state"
 
-__all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "checkpoint_record", "clear_incomplete", "maybe_resume",
-           "register_state_hooks", "save_checkpoint"]
+__all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "TrainingStopped", "checkpoint_record", "clear_incomplete",
+           "maybe_resume", "register_state_hooks", "save_checkpoint"]
 
 
 def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = None) -> None:

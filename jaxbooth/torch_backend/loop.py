@@ -150,7 +150,7 @@ class Progress:
 def run_loop(t: Trainer, start_step: int) -> int:
     """Optimizer steps from ``start_step`` to ``max_train_steps``; returns the last step done.
 
-    SIGTERM saves a checkpoint after the current step and exits with status 0.
+    SIGTERM saves a checkpoint after the current step and raises ``TrainingStopped`` (the CLI exits 0).
     """
     spec, accelerator = t.spec, t.accelerator
     validation = spec_lib.validation_schedule(spec)
@@ -182,6 +182,6 @@ def run_loop(t: Trainer, start_step: int) -> int:
                 progress.display.close()
                 log(accelerator, f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")
                 accelerator.end_training()
-                raise SystemExit(0)
+                raise checkpoint.TrainingStopped(step)
     progress.display.close()
     return step

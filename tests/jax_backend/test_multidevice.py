@@ -30,8 +30,8 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def train_args(tiny: Path, out: Path, per_device_batch: int, *extra: str) -> list[str]:
-    return ["train", "--backend=jax", f"--pretrained_model_name_or_path={tiny}", f"--output_dir={out}",
+def train_args(tiny: Path, out: Path, per_device_batch: int, *extra: str, backend: str = "jax") -> list[str]:
+    return ["train", f"--backend={backend}", f"--pretrained_model_name_or_path={tiny}", f"--output_dir={out}",
             "--resolution=64", f"--train_batch_size={per_device_batch}", f"--max_train_steps={STEPS}",
             "--learning_rate=1e-4", "--seed=0", "--report_to=none", "--log_every_steps=1",
             "--checkpointing_steps=1000", *extra]
@@ -83,11 +83,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_hosts_match_one_device(tiny_model_dir, tmp_path, single_device_losses) -> None:
+def test_two_hosts_with_backend_auto_match_one_device(tiny_model_dir, tmp_path, single_device_losses) -> None:
     out = tmp_path / "hosts"
     port = _free_port()
+    # backend auto probes the devices: it must join the run first (JAX refuses initialize after a device query)
     procs = [launch(train_args(tiny_model_dir, out, GLOBAL_BATCH // 8, f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={pid}"), devices=4)
+                               "--num_processes=2", f"--process_id={pid}", backend="auto"), devices=4)
              for pid in range(2)]
     for proc in procs:
         finish(proc)

@@ -22,6 +22,7 @@ Randomness: with one seed, example b of a batch starts from noise drawn with `fo
 so an image depends only on (seed, its position), not on the batch size, the padding or the mesh.
 With one seed per example (class images), example b draws `fold_in(key(seeds[b]), 0)`: exactly the
 noise a batch of one with seed `seeds[b]` starts from, so an image does not depend on its batch.
+With one key per example (`keys`; the Flax pipeline API's per-device seeds), example b draws `keys[b]` itself.
 """
 
 from __future__ import annotations
@@ -91,11 +92,13 @@ def apply_guidance(uncond: jax.Array, cond: jax.Array, guidance_scale: jax.Array
 
 
 def _denoise(unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, rng: jax.Array | None,
-             seeds: jax.Array | None, guidance_scale: jax.Array, *, unet_apply: UNetApply, sampler: Sampler,
-             latent_shape: tuple[int, ...], latents_sharding: NamedSharding | None) -> jax.Array:
+             seeds: jax.Array | None, guidance_scale: jax.Array, keys: jax.Array | None = None, *,
+             unet_apply: UNetApply, sampler: Sampler, latent_shape: tuple[int, ...],
+             latents_sharding: NamedSharding | None) -> jax.Array:
     """The traced denoising loop behind `generate_latents` (guidance when uncond is given)."""
     guided = uncond_embeddings is not None
-    keys = _example_keys(rng, seeds, latent_shape[0])
+    if keys is None:
+        keys = _example_keys(rng, seeds, latent_shape[0])
     x = _noise_from_keys(keys, latent_shape[1:], sampler.init_noise_sigma)
     if latents_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, latents_sharding)
@@ -127,7 +130,7 @@ _denoise_jit = jax.jit(_denoise,
 def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: Any, uncond_embeddings: Any, *,
                      sampler: Sampler, rng: jax.Array | None = None, latent_shape: Sequence[int],
                      guidance_scale: float, latents_sharding: NamedSharding | None = None,
-                     seeds: Any = None) -> jax.Array:
+                     seeds: Any = None, keys: jax.Array | None = None) -> jax.Array:
     """Denoise fresh noise into float32 NHWC latents [B, h, w, c] (`latent_shape`), in one jit.
 
     `text_embeddings` / `uncond_embeddings`: the conditioning for the prompts and the negative
@@ -137,10 +140,12 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
     the same `sampler` object; the guidance scale is traced, so changing it does not recompile.
     `latents_sharding` (e.g. the batch sharding of a mesh) places the noise and the loop.
     Noise: give either `rng` (one key; example b from `fold_in(rng, b)`) or `seeds` (integers [B],
-    see `seed_array`; example b from its own seed, as `make_seeded_noise`).
+    see `seed_array`; example b from its own seed, as `make_seeded_noise`), or `keys` (PRNG keys [B];
+    example b draws from `keys[b]` as is).
     """
-    if (rng is None) == (seeds is None):
-        raise ValueError("generate_latents needs exactly one of rng (a key) and seeds (one integer per example)")
+    if sum(noise is not None for noise in (rng, seeds, keys)) != 1:
+        raise ValueError("generate_latents needs exactly one of rng (a key), seeds (one integer per example) "
+                         "and keys (one PRNG key per example)")
     latent_shape = tuple(int(n) for n in latent_shape)
     guided = guidance_scale > 1.0
     if guided and uncond_embeddings is None:
@@ -154,21 +159,33 @@ def generate_latents(unet_apply: UNetApply, unet_params: Any, text_embeddings: A
         seeds = jax.device_put(seed_array(seeds))
     if seeds is not None and seeds.shape != latent_shape[:1]:
         raise ValueError(f"seeds have shape {seeds.shape} but latent_shape is {latent_shape}")
+    if keys is not None and keys.shape[:1] != latent_shape[:1]:
+        raise ValueError(f"keys have shape {keys.shape} but latent_shape is {latent_shape}")
     return _denoise_jit(unet_params, text_embeddings, uncond_embeddings if guided else None, rng, seeds,
-                        jax.device_put(np.float32(guidance_scale)), unet_apply=unet_apply, sampler=sampler,
+                        jax.device_put(np.float32(guidance_scale)), keys, unet_apply=unet_apply, sampler=sampler,
                         latent_shape=latent_shape, latents_sharding=latents_sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("vae_decode",))
-def _decode(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, statistics: Any, *,
-            vae_decode: VAEDecode) -> jax.Array:
+def _unit_image(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, statistics: Any,
+                vae_decode: VAEDecode) -> jax.Array:
+    """Traced: the decoded image as float32 in [0, 1], clip(x / 2 + 0.5, 0, 1)."""
     if statistics is None:
         latents = latents / scaling_factor
     else:  # SDXL pipelines with latents_mean/std (diffusers: latents * std / scaling_factor + mean)
         mean, std = statistics
         latents = latents * std / scaling_factor + mean
     image = vae_decode(vae_params, latents).astype(jnp.float32)
-    return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return jnp.clip(image / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("vae_decode",))
+def _decode(vae_params: Any, latents: jax.Array, scaling_factor: jax.Array, statistics: Any, *,
+            vae_decode: VAEDecode) -> jax.Array:
+    image = _unit_image(vae_params, latents, scaling_factor, statistics, vae_decode)
+    return jnp.round(image * 255).astype(jnp.uint8)
+
+
+_decode_float = jax.jit(_unit_image, static_argnames=("vae_decode",))
 
 
 def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array, scaling_factor: float,
@@ -181,6 +198,16 @@ def decode_latents(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array, s
         jax.device_put(np.asarray(v, np.float32)) for v in latent_statistics)
     return _decode(vae_params, latents, jax.device_put(np.float32(scaling_factor)), statistics,
                    vae_decode=vae_decode)
+
+
+def decode_latents_float(vae_decode: VAEDecode, vae_params: Any, latents: jax.Array, scaling_factor: float,
+                         latent_statistics: tuple[np.ndarray, np.ndarray] | None = None) -> jax.Array:
+    """`decode_latents` before its uint8 rounding: float32 NHWC images in [0, 1], what diffusers' old Flax
+    pipelines returned; `round(x * 255)` of it is `decode_latents`'s uint8 image."""
+    statistics = None if latent_statistics is None else tuple(
+        jax.device_put(np.asarray(v, np.float32)) for v in latent_statistics)
+    return _decode_float(vae_params, latents, jax.device_put(np.float32(scaling_factor)), statistics,
+                         vae_decode=vae_decode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +260,15 @@ def _to_host(images: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(images, tiled=True))
     return np.asarray(jax.device_get(images))
+
+
+def _pad_rows(tree: Any, pad: int) -> Any:
+    """Each leaf with its last row repeated `pad` times (host arrays stay on the host)."""
+    def pad_leaf(x: Any) -> Any:
+        xp = jnp if isinstance(x, jax.Array) else np
+        return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)])
+
+    return tree if pad == 0 else jax.tree.map(pad_leaf, tree)
 
 
 def _per_prompt_seeds(seed: int | Sequence[int], count: int) -> list[int] | None:
@@ -335,24 +371,25 @@ class StableDiffusionSampler:
             return default
         return params if self.mesh is None else _onto_mesh(params, self.mesh)
 
-    def _encode(self, prompts: list[str], text_params: Any, sharding: NamedSharding | None) -> Any:
-        ids, mask = jax.tree.map(np.asarray, self.tokenize(prompts))
+    def _encode(self, tokens: Any, text_params: Any, sharding: NamedSharding | None) -> Any:
+        ids, mask = jax.tree.map(np.asarray, tokens)
         embeddings = self.encode_text(text_params, ids, mask)
         return embeddings if sharding is None else _put(embeddings, sharding)
 
-    def _conditioning(self, prompts: list[str], negatives: list[str] | None, text_params: Any, height: int,
+    def _conditioning(self, tokens: Any, negative_tokens: Any, text_params: Any, height: int,
                       width: int, sharding: NamedSharding | None, *, zero_uncond: bool) -> tuple[Any, Any]:
-        """(conditioning, unconditional conditioning) of the (padded) prompts and negatives; the latter
-        zeros with `zero_uncond`, else None without negatives (no guidance)."""
-        cond = self._encode(prompts, text_params, sharding)
+        """(conditioning, unconditional conditioning) of the (padded) tokenized prompts and negatives; the
+        latter zeros with `zero_uncond`, else None without negatives (no guidance)."""
+        cond = self._encode(tokens, text_params, sharding)
         uncond = None
         if zero_uncond:  # placed as the conditioning is
             zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), cond)
             uncond = jax.device_put(zeros) if sharding is None else _put(zeros, sharding)
-        elif negatives is not None:
-            uncond = self._encode(negatives, text_params, sharding)
+        elif negative_tokens is not None:
+            uncond = self._encode(negative_tokens, text_params, sharding)
         if self.size_conditioning:  # sdxl.add_time_ids' layout, with the pipeline's (height, width) target
-            ids = np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (len(prompts), 1))
+            count = len(jax.tree.leaves(tokens)[0])
+            ids = np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (count, 1))
             ids = jax.device_put(ids) if sharding is None else _put(ids, sharding)
             cond = {**cond, "time_ids": ids}
             uncond = None if uncond is None else {**uncond, "time_ids": ids}
@@ -370,26 +407,37 @@ class StableDiffusionSampler:
             raise JaxboothError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         negatives = _negative_prompts(negative_prompt, len(prompts))
         seeds = _per_prompt_seeds(seed, len(prompts))
-        shards = math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh)) if self.mesh else 1
-        padded = -(-len(prompts) // shards) * shards
-        pad = padded - len(prompts)  # padding repeats the last prompt (and seed); its images are dropped
-        prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
         guided = guidance_scale > 1.0  # else no unconditional pass (diffusers' do_classifier_free_guidance)
         zero_uncond = guided and negative_prompt is None and self.zero_empty_negative
+        return self.latents_from_tokens(
+            self.tokenize(prompts), self.tokenize(negatives) if guided and not zero_uncond else None,
+            zero_uncond=zero_uncond, noise={"rng": _seed_key(seed)} if seeds is None else {"seeds": seed_array(seeds)},
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            unet_params=unet_params, text_params=text_params)
+
+    def latents_from_tokens(self, tokens: Any, negative_tokens: Any, *, zero_uncond: bool, noise: dict[str, Any],
+                            num_inference_steps: int, guidance_scale: float, height: int | None, width: int | None,
+                            unet_params: Any = None, text_params: Any = None) -> jax.Array:
+        """`generate_latents` from prompts already tokenized (`tokenize`'s (ids, mask) of n prompts), for callers
+        that hold token ids (the Flax pipeline API). `negative_tokens`: the negatives' tokens, or None for no
+        unconditional pass (`guidance_scale <= 1`) or, with `zero_uncond`, a zero one. `noise`: {"rng": key},
+        {"seeds": `seed_array` [n]} or {"keys": PRNG keys [n]} (`generate_latents`). Padded as `generate_latents`."""
+        count = len(jax.tree.leaves(tokens)[0])
+        shards = math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh)) if self.mesh else 1
+        pad = -(-count // shards) * shards - count  # padding repeats the last example; its images are dropped
+        tokens, negative_tokens = _pad_rows(tokens, pad), _pad_rows(negative_tokens, pad)
         sharding = NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh))) if self.mesh else None
         height, width = height or self.default_size, width or self.default_size
-        cond, uncond = self._conditioning(prompts, negatives if guided and not zero_uncond else None,
-                                          self._params(text_params, self.text_params), height, width, sharding,
-                                          zero_uncond=zero_uncond)
-        if seeds is None:
-            noise = {"rng": _seed_key(seed)}
-        else:
-            host_seeds = seed_array(seeds + seeds[-1:] * pad)
-            noise = {"seeds": jax.device_put(host_seeds) if sharding is None else _put(host_seeds, sharding)}
+        cond, uncond = self._conditioning(tokens, negative_tokens, self._params(text_params, self.text_params),
+                                          height, width, sharding, zero_uncond=zero_uncond)
+        if "rng" not in noise:  # one entry per example: padded and placed as the batch
+            ((name, rows),) = noise.items()
+            rows = _pad_rows(rows, pad)
+            noise = {name: jax.device_put(rows) if sharding is None else _put(rows, sharding)}
         return generate_latents(
             self.unet_apply, self._params(unet_params, self.unet_params), cond, uncond,
             sampler=self.sampler(num_inference_steps),
-            latent_shape=(padded, *self._latent_size(height, width), self.latent_channels),
+            latent_shape=(count + pad, *self._latent_size(height, width), self.latent_channels),
             guidance_scale=guidance_scale, latents_sharding=sharding, **noise)
 
     def generate(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,

@@ -1,5 +1,4 @@
-"""Sharded training gives the same losses on 1 device, 8 devices (data or data x fsdp) and 2 hosts x 4 devices;
-SIGTERM to one host of two stops both at one step with one checkpoint, and the resumed run equals an unbroken one.
+"""Sharded training gives the same losses on 1 device, 8 devices (data or data x fsdp) and 2 hosts x 4 devices.
 
 Each configuration runs `jaxbooth train` in its own process, because the CPU device count
 is fixed when jax starts.
@@ -9,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 GLOBAL_BATCH = 8
-STEPS = 6  # long enough for a preemption to land mid-run
+STEPS = 2
 
 RUNNER = """
 import sys
@@ -30,9 +28,10 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def train_args(tiny: Path, out: Path, per_device_batch: int, *extra: str, backend: str = "jax") -> list[str]:
+def train_args(tiny: Path, out: Path, per_device_batch: int, *extra: str, backend: str = "jax",
+               steps: int = STEPS) -> list[str]:
     return ["train", f"--backend={backend}", f"--pretrained_model_name_or_path={tiny}", f"--output_dir={out}",
-            "--resolution=64", f"--train_batch_size={per_device_batch}", f"--max_train_steps={STEPS}",
+            "--resolution=64", f"--train_batch_size={per_device_batch}", f"--max_train_steps={steps}",
             "--learning_rate=1e-4", "--seed=0", "--report_to=none", "--log_every_steps=1",
             "--checkpointing_steps=1000", *extra]
 
@@ -96,40 +95,3 @@ def test_two_hosts_with_backend_auto_match_one_device(tiny_model_dir, tmp_path, 
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-
-def _wait_for_line(proc: subprocess.Popen, text: str) -> list[str]:
-    """Read a launched run's stderr until a line holding ``text``; the lines read."""
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"the run ended before logging {text!r}:\n{''.join(lines)[-3000:]}")
-
-
-def test_sigterm_to_one_host_stops_both_at_one_step_and_the_resume_equals_an_unbroken_run(
-        tiny_model_dir, tmp_path, single_device_losses) -> None:
-    out = tmp_path / "preempted"
-    port = _free_port()
-
-    def host(pid: int, *extra: str) -> subprocess.Popen:
-        return launch(train_args(tiny_model_dir, out, GLOBAL_BATCH // 8, f"--coordinator_address=127.0.0.1:{port}",
-                                 "--num_processes=2", f"--process_id={pid}", *extra), devices=4)
-
-    procs = [host(0), host(1)]
-    head = _wait_for_line(procs[0], "params + optimizer state")  # before the first step: mid-run, surely
-    procs[1].send_signal(signal.SIGTERM)  # host 1 only, as a preemption notice may reach one VM of a slice
-    logs = [finish(proc) for proc in procs]  # both exit 0: neither waits forever in a collective
-    stopped = [line for line in "".join(head) .splitlines() + logs[0].splitlines() if "stopped by signal" in line]
-    assert len(stopped) == 1, logs[0][-3000:]
-    step = int(stopped[0].split("after step ")[1].split(";")[0])
-    assert 1 <= step < STEPS
-    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert checkpoints == [f"checkpoint-{step}"] and (out / checkpoints[0] / "jaxbooth_checkpoint.json").is_file()
-    assert not (out / "unet").exists()  # stopped, not finished
-
-    port = _free_port()
-    for proc in [host(0, "--resume_from_checkpoint=latest"), host(1, "--resume_from_checkpoint=latest")]:
-        finish(proc)
-    np.testing.assert_allclose(losses(out), single_device_losses, rtol=2e-4)
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -188,21 +188,29 @@ def resolve_backend(spec: RunSpec) -> str:
     capability table; the backend's load refuses a pipeline it does not train), ``auto`` decided
     from the options, the model's family (its ``model_index.json``, unless ``--model_family`` is
     set) and the device."""
-    from jaxbooth import pipelines
     from jaxbooth.spec import choose_backend
 
     if spec.backend != "auto":
         return spec.backend
-    family = source = None
-    if spec.model.model_family == "auto":
-        detected = pipelines.detected_family(spec)
-        if detected is not None:
-            family, index_dir = detected
-            source = pipelines.family_source(index_dir)
+    family, source = detected_model_family(spec)
     join_multi_host_run(spec)  # JAX forbids asking for devices before jax.distributed.initialize
     backend, reason = choose_backend(spec, probe_device(), model_family=family, family_source=source)
     log.info(reason)
     return backend
+
+
+def detected_model_family(spec: RunSpec) -> tuple[str | None, str | None]:
+    """(family, where it was read) from the model's ``model_index.json`` with ``model_family: auto``; else
+    (None, None): the spec's own ``model_family`` decides."""
+    from jaxbooth import pipelines
+
+    if spec.model.model_family != "auto":
+        return None, None
+    detected = pipelines.detected_family(spec)
+    if detected is None:
+        return None, None
+    family, index_dir = detected
+    return family, pipelines.family_source(index_dir)
 
 
 def join_multi_host_run(spec: RunSpec) -> None:

@@ -62,13 +62,13 @@ def package_versions(version: Callable[[str], str] = metadata.version) -> dict[s
     return found
 
 
-def jax_devices(spec: spec_lib.RunSpec, report: Report) -> Any:
-    """JAX's view (after joining a multi-host run); the DeviceInfo ``backend: auto`` decides with, or None."""
+def jax_devices(spec: spec_lib.RunSpec, report: Report) -> None:
+    """JAX's view, after joining a multi-host run as ``jaxbooth train`` would."""
     try:
         from jaxbooth.jax_backend import mesh
     except ImportError:
         report.add("jax devices", "jax is not installed")
-        return None
+        return
     import jax
 
     mode = distributed.multi_host_mode(spec)
@@ -81,9 +81,6 @@ def jax_devices(spec: spec_lib.RunSpec, report: Report) -> Any:
     report.add("processes", f"{jax.process_count()} (this is {jax.process_index()})")
     memory = device_memory(jax.local_devices()[0])
     report.add("memory per device", "unknown" if memory is None else size_text(memory))
-    from jaxbooth.spec import DeviceInfo
-
-    return DeviceInfo(platform=devices[0].platform, memory_bytes=memory, count=len(devices))
 
 
 def device_memory(device: Any) -> int | None:
@@ -205,7 +202,7 @@ def local_model_dir(spec: spec_lib.RunSpec) -> Path | None:
 
 def diagnose(argv: Sequence[str]) -> Report:
     """The report for a ``jaxbooth train`` command line (no flags: the defaults, the built-in tiny model)."""
-    from jaxbooth import api, pipelines
+    from jaxbooth import api
     from jaxbooth.spec import choose_backend, load_spec_with_keys
 
     spec, _ = load_spec_with_keys(list(argv), prog="jaxbooth doctor")
@@ -218,20 +215,15 @@ def diagnose(argv: Sequence[str]) -> Report:
     missing = [n for n, v in versions.items() if v is None]
     if missing:
         report.add("not installed", ", ".join(missing))
-    device = jax_devices(spec, report) if spec.backend != "torch" else None
+    if spec.backend != "torch":
+        jax_devices(spec, report)
     torch_devices(report, versions)
-    if device is None:
-        device = api.probe_device()
+    device = api.probe_device()  # what `jaxbooth train`'s backend: auto decides with
     report.add("mesh (jax)", mesh_line(spec, device.count, report))
     cache = cache_dir(spec)
     size, files = folder_size(cache)
     report.add("compilation cache", f"{cache} ({size_text(size)} in {files} files)")
-    family = source = None
-    if spec.model.model_family == "auto":
-        detected = pipelines.detected_family(spec)
-        if detected is not None:
-            family, index_dir = detected
-            source = pipelines.family_source(index_dir)
+    family, source = api.detected_model_family(spec)
     try:
         backend, reason = choose_backend(spec, device, model_family=family, family_source=source)
         report.add("backend", reason)

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jaxbooth import api, log
-from jaxbooth.api import probe_device, resolve_backend  # noqa: F401 (cli.resolve_backend: tests and scripts use it)
 from jaxbooth.checkpoints import TrainingStopped
 from jaxbooth.errors import JaxboothError
-from jaxbooth.run_defaults import fill_defaults  # noqa: F401 (cli.fill_defaults: tests use it)
 
 if TYPE_CHECKING:
     from jaxbooth.spec import RunSpec

@@ -127,7 +127,7 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     """
     import jax
 
-    from jaxbooth import cli, data
+    from jaxbooth import data, run_defaults
     from jaxbooth import spec as spec_lib
     from jaxbooth.jax_backend import caches as caches_lib
     from jaxbooth.jax_backend import mesh as mesh_lib
@@ -135,7 +135,7 @@ def train_step_cost(args, model_dir: Path, instance_dir: Path, cache: Path, work
     from jaxbooth.jax_backend.train_step import make_train_step
 
     argv = train_args(args, model_dir, instance_dir, args.n1, work / "out-cost", cache)
-    spec = cli.fill_defaults(spec_lib.load_spec(argv))
+    spec = run_defaults.fill_defaults(spec_lib.load_spec(argv))
     try:  # the matmul peak already compiled with no cache folder set; let the cache pick the folder up
         from jax._src import compilation_cache
 
@@ -230,14 +230,14 @@ def phase_profile(args, model_dir: Path, instance_dir: Path, work: Path) -> dict
     """
     import jax
 
-    from jaxbooth import cli
+    from jaxbooth import run_defaults
     from jaxbooth import spec as spec_lib
     from jaxbooth.jax_backend import train as T
 
     cache = work / "xla-phases"
     shutil.rmtree(cache, ignore_errors=True)
     argv = train_args(args, model_dir, instance_dir, args.n1, work / "out-phases", cache)
-    spec = cli.fill_defaults(spec_lib.load_spec(argv))
+    spec = run_defaults.fill_defaults(spec_lib.load_spec(argv))
     seconds: dict[str, float] = {}
     step_times: list[float] = []
     originals = {name: getattr(T, name) for name in PHASES if hasattr(T, name)}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxbooth import cli, tiny
+from jaxbooth import run_defaults, tiny
 from jaxbooth.spec import given_keys, load_spec
 
 
@@ -25,13 +25,13 @@ def builtin(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> Path:
 
 def test_builtin_model_trains_at_its_own_resolution_unless_given(builtin: Path) -> None:
     argv = ["--max_train_steps=1"]
-    spec = cli.fill_defaults(load_spec(argv), given_keys(argv))
+    spec = run_defaults.fill_defaults(load_spec(argv), given_keys(argv))
     assert spec.model.pretrained_model_name_or_path == str(builtin)
     assert spec.data.resolution == tiny.RESOLUTION["tiny"]
     argv = ["--max_train_steps=1", "--resolution=128"]
-    assert cli.fill_defaults(load_spec(argv), given_keys(argv)).data.resolution == 128
+    assert run_defaults.fill_defaults(load_spec(argv), given_keys(argv)).data.resolution == 128
 
 
 def test_a_given_model_keeps_the_diffusers_default_resolution(tiny_model_dir: Path) -> None:
     argv = [f"--pretrained_model_name_or_path={tiny_model_dir}"]
-    assert cli.fill_defaults(load_spec(argv), given_keys(argv)).data.resolution == 512
+    assert run_defaults.fill_defaults(load_spec(argv), given_keys(argv)).data.resolution == 512

@@ -109,7 +109,7 @@ def test_backend_jax_refuses_an_if_pipeline_at_load(tmp_path, class_name) -> Non
 
     model = index_only(tmp_path / "model", class_name)
     spec = S.load_spec(["--backend=jax", f"--pretrained_model_name_or_path={model}"])
-    assert cli.resolve_backend(spec) == "jax"  # explicit: kept, and refused by the backend's load
+    assert api.resolve_backend(spec) == "jax"  # explicit: kept, and refused by the backend's load
     with pytest.raises(JaxboothError) as info:
         loading.resolve_model_paths(spec)
     message = str(info.value)

@@ -58,7 +58,7 @@ def resolve_model_paths(spec: spec_lib.RunSpec) -> ModelPaths:
     m = spec.model
     if m.pretrained_model_name_or_path is None:
         raise JaxboothError("pretrained_model_name_or_path must be set (the CLI fills in the built-in tiny model; "
-                            "call jaxbooth.cli.fill_defaults)")
+                            "call jaxbooth.run_defaults.fill_defaults)")
     hub = {"revision": m.revision, "token": spec.hub.hub_token, "cache_dir": spec.data.cache_dir}
     index_dir = resolve_model_dir(m.pretrained_model_name_or_path, subfolders=[], **hub)
     refuse_untrainable_pipeline(index_dir, m.model_family)

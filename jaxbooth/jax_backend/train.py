@@ -84,7 +84,7 @@ def configure_jax(spec: spec_lib.RunSpec) -> None:
 def prepare_inputs(spec: spec_lib.RunSpec, models: LoadedModels, instances: data.Dataset | None = None) -> RunInputs:
     """Class images (the shortfall, generated with the loaded models), then the dataset and step count.
 
-    The CLI has already filled in the built-in defaults (``cli.fill_defaults``).
+    The CLI has already filled in the built-in defaults (``run_defaults.fill_defaults``).
     """
     prior = spec.prior
     seed = spec.optim.seed if spec.optim.seed is not None else 0

@@ -84,6 +84,24 @@ class DataSection:
                                         "images once for the latent cache).")
     skip_bad_images: bool = _f(
         False, "Skip unreadable images with a warning instead of failing the run before training.")
+    caption_extension: str | None = _f(
+        None, "Read each image's caption from the file of this extension beside it (kohya: .txt or .caption), "
+              "falling back to instance_prompt where none exists; None: instance_prompt for every image, as diffusers.")
+    caption_dropout_rate: float = _f(0.0, "Probability of training a row on the empty caption (kohya).")
+    shuffle_caption: bool = _f(False, "Shuffle the caption's caption_separator-separated tags each time a row is "
+                                      "drawn, keeping the first keep_tokens in place (kohya).")
+    keep_tokens: int = _f(0, "With shuffle_caption: how many leading tags stay in place (kohya).")
+    caption_separator: str = _f(",", "What separates the tags of a caption for shuffle_caption (kohya).")
+    dataset_config: str | None = _f(
+        None, "A dataset config file (YAML, or kohya's dataset_config TOML): subsets, each with its folder, captions, "
+              "num_repeats, is_reg (class images), resolution and flip; replaces instance_data_dir/class_data_dir.")
+    enable_bucket: bool = _f(False, "Aspect-ratio buckets: each image trains at the bucket shape nearest its aspect "
+                                    "ratio (about resolution^2 pixels), cropped minimally, one shape a batch (kohya).")
+    min_bucket_reso: int = _f(256, "Smallest bucket side in pixels (enable_bucket).")
+    max_bucket_reso: int = _f(1024, "Largest bucket side in pixels (enable_bucket).")
+    bucket_reso_steps: int = _f(64, "Bucket sides are multiples of this (enable_bucket).")
+    bucket_no_upscale: bool = _f(False, "Never upscale an image to reach its bucket; small images get smaller buckets "
+                                        "(enable_bucket).")
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,20 @@ class OptimSection:
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy: exclude LR from the D estimate during warmup.")
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None: off.")
     offset_noise: bool = _f(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise levels added to the training noise; "
+                                           "0: off (kohya; 6-10 typical).")
+    multires_noise_discount: float = _f(0.3, "Weight decay per pyramid level of multires noise (kohya).")
+    zero_terminal_snr: bool = _f(False, "Rescale the betas to zero terminal SNR (arXiv 2305.08891); use with "
+                                        "v-prediction models.")
+    debiased_estimation_loss: bool = _f(False, "Weight the loss by 1/sqrt(SNR) (debiased estimation, kohya).")
+    loss_type: Literal["l2", "huber", "smooth_l1"] = _f("l2", "Loss between prediction and target (kohya).")
+    huber_schedule: Literal["constant", "exponential", "snr"] = _f(
+        "snr", "How huber_c varies over timesteps for the huber and smooth_l1 losses (kohya).")
+    huber_c: float = _f(0.1, "Huber loss parameter (kohya).")
+    masked_loss: bool = _f(False, "Weight the loss by each image's mask: its alpha channel (kohya).")
+    use_ema: bool = _f(False, "Keep an exponential moving average of the trained weights, used for validation and "
+                              "saved as the output.")
+    ema_decay: float = _f(0.9999, "EMA decay per optimizer step.")
 
 
 @dataclass(frozen=True)
@@ -151,10 +183,19 @@ class PrecisionSection:
     attention: Literal["auto", "xla", "dot_product", "flash", "chunked"] = _f(
         "auto", "JAX attention kernel: xla einsum, jax.nn.dot_product_attention, cuDNN 'flash', or "
                 "'chunked' (query chunks, recomputed softmax; fastest on CPU); auto picks per platform.")
+    remat_policy: Literal["full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"] = _f(
+        "full", "What gradient_checkpointing keeps (jax.checkpoint policies): full recomputes each block; the others "
+                "save matmul outputs for speed at more memory.")
     cache_latents: bool = _f(True, "Encode every image with the VAE once, then train on cached latents.")
     pre_compute_text_embeddings: bool = _f(
         False, "Encode prompts once and free the text encoder (incompatible with train_text_encoder; jax always "
                "caches the embeddings of a frozen encoder).")
+    cache_latents_to_disk: bool = _f(False, "Keep the VAE latents of every image crop in encoding_cache_dir, keyed by "
+                                            "image content, crop and VAE weights: a second run encodes nothing.")
+    cache_text_embeddings_to_disk: bool = _f(
+        False, "Keep frozen text encoders' prompt embeddings in encoding_cache_dir, keyed by prompt and encoder "
+               "weights.")
+    encoding_cache_dir: str | None = _f(None, "Folder of the disk caches; None: jaxbooth's cache folder/encodings.")
     compilation_cache_dir: str | None = _f(None, "Persistent XLA compilation cache folder (jax).")
 
 
@@ -171,6 +212,10 @@ class CheckpointingSection:
         None, "train_dreambooth_flax.py's name for checkpointing_steps; when set it wins.")
     skip_save_text_encoder: bool = _f(
         False, "Leave the text encoder out of the saved pipeline (saves space for T5).")
+    save_single_file: bool = _f(False, "Also write the pipeline as one .safetensors in the original Stable Diffusion "
+                                       "key layout (A1111, ComfyUI).")
+    save_precision: Literal["fp16", "bf16", "fp32"] | None = _f(
+        None, "Dtype of the single-file checkpoint; None: fp16 (as A1111 checkpoints).")
 
 
 @dataclass(frozen=True)
@@ -188,6 +233,11 @@ class ValidationSection:
               "(num_validation_images is then unused, as in diffusers). Checked before any model loads.")
     validation_scheduler: Literal["DPMSolverMultistepScheduler", "DDPMScheduler"] = _f(
         "DPMSolverMultistepScheduler", "Sampler used for validation images.")
+    sample_prompts: str | None = _f(
+        None, "A file of prompts, one per line, with kohya's per-prompt options (--n negative, --w/--h size, "
+              "--s steps, --l guidance, --d seed), sampled into a grid image every sample_every_n_steps.")
+    sample_every_n_steps: int | None = _f(None, "Sample the sample_prompts every N optimizer steps.")
+    sample_every_n_epochs: int | None = _f(None, "Sample the sample_prompts every N epochs.")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,14 @@ def refuse_sdxl_options(spec: spec_lib.RunSpec) -> None:
         raise JaxboothError("SDXL pipeline on the jax backend:\n" + "\n".join(problems))
 
 
+def remat_setting(spec: spec_lib.RunSpec) -> bool | str:
+    """What the modules' ``gradient_checkpointing`` gets: False, True (``--remat_policy=full``, diffusers'
+    gradient checkpointing) or the ``--remat_policy`` name (``models.blocks.REMAT_POLICIES``)."""
+    if not spec.precision.gradient_checkpointing:
+        return False
+    return True if spec.precision.remat_policy == "full" else spec.precision.remat_policy
+
+
 def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
     """Every module, host param tree, config and the tokenizer(s) of the run, each loaded once.
 
@@ -94,7 +102,8 @@ def load_models(spec: spec_lib.RunSpec, paths: ModelPaths) -> LoadedModels:
     pipeline also loads ``text_encoder_2`` (CLIP with projection) and ``tokenizer_2``.
     """
     dtype = COMPUTE_DTYPES[spec.precision.mixed_precision]
-    kernel, remat, variant = spec.precision.attention, spec.precision.gradient_checkpointing, spec.model.variant
+    kernel, variant = spec.precision.attention, spec.model.variant
+    remat = remat_setting(spec)
     model_dir = paths.model_dir
     unet_config, unet_dict, unet_params = pretrained.load_pretrained(model_dir, "unet", variant=variant,
                                                                      dtype=jnp.float32)

@@ -67,12 +67,29 @@ def group_norm(groups: int, eps: float, *, name: str | None = None, dtype: Dtype
     )
 
 
-def maybe_remat(module_cls: type[nn.Module], enabled: bool, static_argnums: tuple[int, ...]) -> Any:
+# ``--remat_policy``: what a rematerialised block keeps for the backward pass. "full" keeps only the block's
+# inputs (diffusers' gradient checkpointing); the dots policies also keep matmul outputs, trading memory for
+# not recomputing them.
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def maybe_remat(module_cls: type[nn.Module], enabled: bool | str, static_argnums: tuple[int, ...] = ()) -> Any:
     """``nn.remat(module_cls)`` when gradient checkpointing is on; same param names either way.
 
-    ``static_argnums`` counts ``self`` as 0 and must cover the Python-bool ``deterministic``.
+    ``enabled``: False (off), True (``"full"``) or a :data:`REMAT_POLICIES` name. ``static_argnums`` counts
+    ``self`` as 0 and must cover the Python-bool ``deterministic``.
     """
-    return nn.remat(module_cls, static_argnums=static_argnums) if enabled else module_cls
+    if not enabled:
+        return module_cls
+    name = "full" if enabled is True else enabled
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {name!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    return nn.remat(module_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[name])
 
 
 def random_params(abstract: Any, rng: jax.Array | int) -> Any:
@@ -405,7 +422,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     dropout: float = 0.0
     attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -27,6 +27,7 @@ from flax import struct
 
 from jaxbooth.errors import JaxboothError
 from jaxbooth.jax_backend.models.attention import attend
+from jaxbooth.jax_backend.models.blocks import maybe_remat
 
 # transformers 5 ``CLIPTextModel.save_pretrained`` writes keys without the ``text_model.``
 # prefix (its loader strips it from older files), while every published SD/SDXL
@@ -176,7 +177,7 @@ class _CLIPModule(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # or a blocks.REMAT_POLICIES name
 
     def settings(self) -> dict[str, Any]:
         return {"config": self.config, "dtype": self.dtype, "param_dtype": self.param_dtype,
@@ -235,7 +236,7 @@ class _CLIPLayers(_CLIPModule):
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
         """Returns the input and every layer's output (``num_hidden_layers + 1`` arrays)."""
         # remat per layer: only layer inputs are kept; the backward pass recomputes the rest.
-        layer_cls = nn.remat(CLIPEncoderLayer) if self.gradient_checkpointing else CLIPEncoderLayer
+        layer_cls = maybe_remat(CLIPEncoderLayer, self.gradient_checkpointing)
         states = [hidden_states]
         for i in range(self.config.num_hidden_layers):
             states.append(layer_cls(**self.settings(), name=str(i))(states[-1], mask))

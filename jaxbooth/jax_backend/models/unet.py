@@ -56,7 +56,8 @@ class FlaxUNet2DConditionModel(nn.Module):
         attention_kernel: ``"auto"``, ``"xla"``, ``"dot_product"``, ``"flash"`` or ``"chunked"``
             (see ``attention.attend``).
         gradient_checkpointing: remat every resnet and transformer block (as diffusers'
-            ``enable_gradient_checkpointing``): less activation memory, one extra forward in backprop.
+            ``enable_gradient_checkpointing``): less activation memory, one extra forward in backprop;
+            a ``blocks.REMAT_POLICIES`` name picks what each block keeps (``--remat_policy``).
 
     Use ``model.apply({"params": params}, sample_nhwc, timesteps, encoder_hidden_states, ...)``;
     pass ``rngs={"dropout": key}`` with ``train=True`` when the config has ``dropout > 0``.
@@ -66,7 +67,7 @@ class FlaxUNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
 
     @nn.compact
     def __call__(

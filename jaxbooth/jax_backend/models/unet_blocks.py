@@ -30,7 +30,7 @@ class _UNetBlock(nn.Module):
     config: UNetConfig
     index: int = 0
     attention_kernel: str = "xla"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

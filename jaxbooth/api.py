@@ -125,11 +125,15 @@ def _keyword_item(name: str, value: Any) -> tuple[str, Any, str]:
 def run(spec: RunSpec, given: Set[str] = frozenset()) -> TrainResult:
     """Train a loaded spec: backend, packages, open keys, then the backend's ``train``. ``given`` are the keys
     the user set (``spec.given_keys``), so ``fill_defaults`` never mistakes a default for a choice."""
+    from jaxbooth import single_file
     from jaxbooth.preflight import check_packages
     from jaxbooth.run_defaults import fill_defaults
+    from jaxbooth.sample_prompts import spec_sample_prompts
 
     backend = resolve_backend(spec)
     check_packages(spec, backend)  # before any model loads: every missing package at once
+    single_file.check_spec(spec)  # a DeepFloyd IF run has no single-file form: say so before training
+    spec_sample_prompts(spec)  # a bad --sample_prompts file too, naming its line
     spec = fill_defaults(spec, given)
     out = Path(spec.checkpointing.output_dir).absolute()
     metrics_file = _metrics_path(out)

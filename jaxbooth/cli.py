@@ -1,4 +1,4 @@
-"""`jaxbooth train | generate | tiny-model | spec`: parse, pick the backend, hand over.
+"""`jaxbooth train | generate | tiny-model | spec | doctor | export`: parse, pick the backend, hand over.
 
 Kept thin on purpose: the work is in libraries that tests call directly. Backends are
 imported lazily, so the JAX path never imports torch and vice versa. Every
@@ -33,6 +33,8 @@ commands:
   spec         print the resolved run spec as YAML (same arguments as train)
   doctor       devices, versions, mesh, compilation cache, backend choice and the checks that fail
                late (Hub token, output folder, disk): jaxbooth doctor [TRAIN FLAGS...]
+  export       one .safetensors in the original Stable Diffusion layout (AUTOMATIC1111, ComfyUI) from a
+               pipeline, an output folder or a checkpoint-N: jaxbooth export --single-file PATH [--out FILE]
 
 jaxbooth <command> --help lists the options of a command.
 """
@@ -160,6 +162,29 @@ def sampled_family(model_dir: str, base: str | None, image: str | None) -> str |
     return pipelines.family_of(name)
 
 
+def cmd_export(argv: Sequence[str]) -> int:
+    from jaxbooth import single_file
+
+    parser = argparse.ArgumentParser(
+        prog="jaxbooth export",
+        description="write a Stable Diffusion 1.x/2.x or SDXL model as one .safetensors in the original Stable "
+                    "Diffusion key layout, the one AUTOMATIC1111 and ComfyUI load (and diffusers' from_single_file)",
+        epilog="PATH may be a diffusers pipeline folder, a jaxbooth train output folder, or one of its checkpoint-N "
+               "folders (which hold only the trained components: the rest comes from the base model the run "
+               "recorded). A LoRA output or checkpoint is merged into its base model first; for the LoRA alone in "
+               "A1111's form, train with --output_kohya_format. DeepFloyd IF has no single-file form.")
+    parser.add_argument("--single-file", "--single_file", dest="single_file", required=True, metavar="PATH",
+                        help="the pipeline, output folder or checkpoint-N folder to convert")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="the .safetensors to write (or a folder for it); default: <output folder>/<its "
+                             "name>.safetensors, or <checkpoint-N>/<run name>-step<N>.safetensors")
+    parser.add_argument("--save_precision", "--save-precision", choices=single_file.PRECISIONS, default=None,
+                        help=f"dtype of the weights in the file (default: {single_file.DEFAULT_PRECISION})")
+    args = parser.parse_args(argv)
+    print(single_file.export(args.single_file, args.out, args.save_precision))
+    return 0
+
+
 def cmd_doctor(argv: Sequence[str]) -> int:
     from jaxbooth.doctor import cmd_doctor as doctor
 
@@ -167,7 +192,7 @@ def cmd_doctor(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "tiny-model": cmd_tiny_model, "spec": cmd_spec,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

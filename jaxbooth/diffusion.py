@@ -438,57 +438,38 @@ def dreambooth_loss(
     instance example by its own weight (the first B/2 entries), as the Min-SNR paper does.
     """
     pred, target = _float32(pred), _float32(target)
-    batch = pred.shape[0]
+    return reduce_dreambooth_loss((pred - target) ** 2, with_prior_preservation=with_prior_preservation,
+                                  prior_loss_weight=prior_loss_weight, snr_weights=snr_weights)
+
+
+def reduce_dreambooth_loss(errors: Array, *, with_prior_preservation: bool, prior_loss_weight: float = 1.0,
+                           snr_weights: Array | None = None) -> tuple[Array, Array, Array]:
+    """`dreambooth_loss`'s reduction of per-element float32 errors [B, ...] (squared, or huber: `loss_options`)."""
+    batch = errors.shape[0]
     if snr_weights is not None and tuple(snr_weights.shape) != (batch,):
         raise ValueError(f"snr_weights has shape {tuple(snr_weights.shape)}, expected ({batch},)")
     if with_prior_preservation:
         if batch % 2:
             raise ValueError(f"prior preservation needs instance+class halves; batch {batch} is odd")
         half = batch // 2
-        prior_loss = ((pred[half:] - target[half:]) ** 2).mean()
-        pred, target = pred[:half], target[:half]
+        prior_loss = errors[half:].mean()
+        errors = errors[:half]
         snr_weights = None if snr_weights is None else snr_weights[:half]
-    squared_error = (pred - target) ** 2
     if snr_weights is None:
-        instance_loss = squared_error.mean()
+        instance_loss = errors.mean()
     else:
-        per_example = squared_error.reshape(pred.shape[0], -1).mean(1)
+        per_example = errors.reshape(errors.shape[0], -1).mean(1)
         instance_loss = (per_example * _float32(snr_weights)).mean()
     if not with_prior_preservation:
         return instance_loss, instance_loss, _xp(instance_loss).zeros_like(instance_loss)
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    """The run-spec fields the DreamBooth loss needs; one definition for both backends.
+def __getattr__(name: str) -> Any:
+    """`LossOptions` and `loss_from_prediction` moved to `jaxbooth.loss_options` (with kohya's loss options);
+    still importable from here."""
+    if name in ("LossOptions", "loss_from_prediction"):
+        from jaxbooth import loss_options
 
-    Hashable, so the JAX backend can bind it statically into its jitted step.
-    """
-
-    prediction_type: str = "epsilon"
-    snr_gamma: float | None = None
-    offset_noise: bool = False
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
-    text_encoder_use_attention_mask: bool = False
-    latent_scaling_factor: float = 0.18215
-    latent_shift_factor: float = 0.0
-
-
-def loss_from_prediction(pred: Array, x0: Array, noise: Array, timesteps: Array, tables: NoiseTables,
-                         options: LossOptions) -> tuple[Array, dict[str, Array]]:
-    """Target, Min-SNR weights and the train_dreambooth.py loss for a model prediction.
-
-    Both backends call this after their own forward pass of ``add_noise(x0, noise, t)``;
-    returns (loss, {"instance_loss", "prior_loss"}) in float32.
-    """
-    target = training_target(x0, noise, timesteps, tables, options.prediction_type)
-    weights = None
-    if options.snr_gamma is not None:
-        weights = min_snr_loss_weights(compute_snr(timesteps, tables), options.snr_gamma, options.prediction_type)
-    loss, instance_loss, prior_loss = dreambooth_loss(
-        pred, target, with_prior_preservation=options.with_prior_preservation,
-        prior_loss_weight=options.prior_loss_weight, snr_weights=weights)
-    return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+        return getattr(loss_options, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

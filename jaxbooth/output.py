@@ -109,7 +109,9 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
     ``skip_save_text_encoder``
     the folder has no ``text_encoder/`` and the index names it ``[null, null]``, as diffusers
     saves it: load it with ``StableDiffusionPipeline.from_pretrained(out, text_encoder=...)``.
-    ``validation_images``: paths relative to ``out_dir`` shown in the model card. Returns ``out_dir``.
+    ``validation_images``: paths relative to ``out_dir`` shown in the model card. With ``save_single_file`` the
+    folder also gets ``<name>.safetensors`` in the original SD layout (``single_file.write_for_run``). Returns
+    ``out_dir``.
     """
     from jaxbooth import spec as spec_lib
 
@@ -130,16 +132,36 @@ def write_pipeline(out_dir: Path, *, base_dir: Path, trained_components: Iterabl
     if vae_dir is not None:
         _copy_vae_override(Path(vae_dir), out_dir)
     deepfloyd.write_fixed_variance(out_dir / "scheduler")
+    if getattr(spec.optim, "zero_terminal_snr", False):  # sample as trained: rescaled betas, trailing timesteps
+        from jaxbooth.loss_options import save_zero_terminal_snr_scheduler
+
+        save_zero_terminal_snr_scheduler(out_dir / "scheduler")
     write_model_index(base_dir, out_dir, without=dropped)
+    single = getattr(spec.checkpointing, "save_single_file", False)
+    notes = deepfloyd.card_notes(base_dir=base_dir, lora=False, text_encoder_saved=not skip_text_encoder)
+    if single:
+        notes = "\n\n".join(filter(None, [notes, single_file_note(out_dir, spec.checkpointing.save_precision)]))
     atomic_write_text(out_dir / "README.md", model_card(
         base_model=spec.model.pretrained_model_name_or_path or str(base_dir), instance_prompt=instance_prompt,
         train_text_encoder=spec.model.train_text_encoder, steps=steps, backend=backend,
         validation_images=validation_images, text_encoder_saved=not skip_text_encoder,
         pipeline_class=card_pipeline_class(base_dir), text_encoder_class=deepfloyd.text_encoder_class_name(base_dir),
-        notes=deepfloyd.card_notes(base_dir=base_dir, lora=False, text_encoder_saved=not skip_text_encoder),
-        figures=training_figures(out_dir)))
+        notes=notes, figures=training_figures(out_dir)))
     spec_lib.write_resolved_spec(spec, out_dir / SPEC_FILENAME)
+    if single:  # last: it reads the complete folder (a component it lacks is the base's)
+        from jaxbooth import single_file
+
+        single_file.write_for_run(out_dir, base_dir=base_dir, spec=spec, steps=steps)
     return out_dir
+
+
+def single_file_note(out_dir: Path, precision: str | None) -> str:
+    """The card's line on the ``--save_single_file`` checkpoint beside the pipeline."""
+    from jaxbooth import single_file
+
+    return (f"`{single_file.run_file_name(out_dir)}` is the same model as one file in the original Stable Diffusion "
+            f"layout ({precision or single_file.DEFAULT_PRECISION}), for AUTOMATIC1111 and ComfyUI (put it in their "
+            "checkpoints folder) or `from_single_file` in diffusers.")
 
 
 def card_pipeline_class(base_dir: Path) -> str:

@@ -61,7 +61,9 @@ def fill_defaults(spec, given: Set[str] = frozenset()):
 
     check_output_dir(spec.checkpointing.output_dir, spec.checkpointing.resume_from_checkpoint)
     overrides: dict = {}
-    if spec.data.instance_data_dir is None and spec.data.dataset_name is None:
+    if spec.data.dataset_config is not None:
+        pass  # the config file's subsets are the images; its run settings are applied below
+    elif spec.data.instance_data_dir is None and spec.data.dataset_name is None:
         overrides["instance_data_dir"] = str(data.example_instance_dir())
         if spec.data.instance_prompt is None:
             overrides["instance_prompt"] = data.EXAMPLE_INSTANCE_PROMPT
@@ -81,4 +83,5 @@ def fill_defaults(spec, given: Set[str] = frozenset()):
             note = f" at its {RESOLUTION['tiny']} px (--resolution to change)"
         log.info(f"no --pretrained_model_name_or_path: using the built-in tiny model{note} at "
                  f"{overrides['pretrained_model_name_or_path']}")
+    overrides.update(data.spec_overrides(spec, given))  # --dataset_config: its resolution, batch size, is_reg
     return replace_flat(spec, **overrides) if overrides else spec

@@ -42,25 +42,29 @@ def is_sdxl_pipeline(model_dir: str | Path) -> bool:
 
 
 def add_time_ids(original_sizes: np.ndarray | Sequence, crops_top_left: np.ndarray | Sequence,
-                 resolution: int) -> np.ndarray:
+                 resolution: int | np.ndarray | Sequence) -> np.ndarray:
     """``[R, 6]`` float32: (orig_h, orig_w, crop_y, crop_x, target_h, target_w) per row.
 
     diffusers' ``compute_time_ids``: ``original_size + crops_coords_top_left + target_size``
-    with target (resolution, resolution), the square the DreamBooth scripts train on.
+    with target (resolution, resolution), the square the DreamBooth scripts train on; or, with
+    aspect-ratio buckets, ``resolution`` as one (h, w) or per-row ``[R, 2]`` target sizes (the
+    rows' bucket, what the pixels are, as kohya's SDXL trainer records it).
     """
     original = np.asarray(original_sizes, np.float32).reshape(-1, 2)
     crops = np.asarray(crops_top_left, np.float32).reshape(-1, 2)
     if len(original) != len(crops):
         raise ValueError(f"add_time_ids: {len(original)} original sizes but {len(crops)} crop offsets")
-    target = np.full((len(original), 2), float(resolution), np.float32)
-    return np.concatenate([original, crops, target], axis=1)
+    target = np.asarray(resolution, np.float32)
+    target = np.broadcast_to(target if target.ndim else np.stack([target, target]), (len(original), 2))
+    return np.concatenate([original, crops, target.astype(np.float32)], axis=1)
 
 
 def flipped_crop_top_left(crop_top_left: tuple[int, int], resized_width: int, resolution: int) -> tuple[int, int]:
     """The crop offset of a mirrored crop, in the mirrored image (what diffusers records: it flips, then crops).
 
     The mirror of the crop at x in the resized image is the crop at ``width - resolution - x``
-    of the mirrored image; the row offset is unchanged.
+    of the mirrored image (``resolution``: the crop's width, a bucket's width with buckets); the row
+    offset is unchanged.
     """
     top, left = crop_top_left
     return int(top), int(resized_width - resolution - left)

@@ -51,20 +51,23 @@ def image_path(output_dir: Path, step: int, k: int) -> Path:
 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images (all one size) tiled row by row into a ceil(sqrt(n))-column grid; empty cells black
-    (diffusers' ``make_image_grid`` shape)."""
+    """Images tiled row by row into a ceil(sqrt(n))-column grid; empty cells black (diffusers'
+    ``make_image_grid`` shape). Images of different sizes (sample prompts' ``--w`` / ``--h``) each sit
+    centred in a cell the size of the largest, on black."""
     if not images:
         raise ValueError("image_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
+    width, height = max(image.size[0] for image in images), max(image.size[1] for image in images)
     grid = Image.new("RGB", (cols * width, rows * height))
     for k, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((k % cols) * width, (k // cols) * height))
+        left = (k % cols) * width + (width - image.size[0]) // 2
+        top = (k // cols) * height + (height - image.size[1]) // 2
+        grid.paste(image.convert("RGB"), (left, top))
     return grid
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
     """Through a hidden temporary name, so a reader (or a kill) never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -78,9 +81,9 @@ def _save_png(image: Image.Image, path: Path) -> None:
 def save_validation_images(images: Sequence[Image.Image], output_dir: Path, step: int) -> Path:
     """Write the step's grid and each image (names in the module docstring); returns the grid's path."""
     for k, image in enumerate(images):
-        _save_png(image.convert("RGB"), image_path(output_dir, step, k))
+        save_png(image.convert("RGB"), image_path(output_dir, step, k))
     path = grid_path(output_dir, step)
-    _save_png(image_grid(images), path)
+    save_png(image_grid(images), path)
     return path
 
 

@@ -86,13 +86,14 @@ def xla_memory(compiled) -> dict:
                                                        "temp_size_in_bytes") if hasattr(stats, key)}
 
 
-def matmul_peak(n: int = 2048, iters: int = 10) -> dict:
-    """Measured f32 matmul rate (the MFU denominator on machines with no published peak): median of ``iters``."""
+def matmul_peak(n: int = 2048, iters: int = 10, dtype: str = "float32") -> dict:
+    """Measured matmul rate in ``dtype`` (the MFU denominator on machines with no published peak): median of
+    ``iters``."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), getattr(jnp, dtype))
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), getattr(jnp, dtype))
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     times = []
@@ -101,7 +102,7 @@ def matmul_peak(n: int = 2048, iters: int = 10) -> dict:
         dot(a, b).block_until_ready()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"n": n, "iters": iters, "median_s": median, "flops_per_s": 2 * n**3 / median,
+    return {"n": n, "dtype": dtype, "iters": iters, "median_s": median, "flops_per_s": 2 * n**3 / median,
             "best_flops_per_s": 2 * n**3 / min(times)}
 
 

@@ -378,7 +378,8 @@ def torch_finish(spec: spec_lib.RunSpec, env: Env) -> tuple:
     train = _train()
     spec = spec_lib.replace_flat(spec, output_dir=str(env.root / "finish-torch"), report_to="none")
     run, accelerator = _run_and_accelerator(spec)
-    trainer = SimpleNamespace(iterator=SimpleNamespace(close=lambda: None), unet=None, text_encoder=None)
+    trainer = SimpleNamespace(iterator=SimpleNamespace(close=lambda: None), unet=None, text_encoder=None,
+                              latents=None, text=None, ema=None)
     with mock.patch.object(train, "start_run", lambda spec: (run, accelerator)), \
             mock.patch.object(train, "build_trainer", lambda *a: (trainer, 0)), \
             mock.patch.object(train, "run_loop", lambda *a: 2), \

@@ -4,6 +4,10 @@ Each run is ``jaxbooth train`` in a subprocess, as a user runs it, with ``HF_END
 ``--hub_token`` given and another token in ``HF_TOKEN`` (the flag wins; neither may leak). The JAX run pushes a
 full fine-tune; the torch LoRA run's commit is refused once, so it must exit with the retry command, keep its
 output, and that command, run as printed, must upload the folder.
+
+Each backend's push is the resumed half of a run that also generates class images, validates, checkpoints
+every step and writes TensorBoard logs: every byte those runs wrote (outputs, class images, HF_HOME) and
+printed, and what ``jaxbooth spec`` prints for the same flags, is searched for both tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +48,29 @@ def train(hub: HubStandIn, root: Path, *flags: str) -> subprocess.CompletedProce
                           cwd=root, env=hub_env(hub, root), capture_output=True, text=True, timeout=600)
 
 
+def two_halves(hub: HubStandIn, root: Path, *flags: str, push: tuple[str, ...]) -> tuple:
+    """Step 1 with a checkpoint, then resumed to step 2 with ``push``: (first run, resumed run)."""
+    busy = ["--checkpointing_steps=1", "--validation_prompt=a photo of sks toy", "--validation_steps=2",
+            "--num_validation_images=1", "--with_prior_preservation", f"--class_data_dir={root / 'class'}",
+            "--class_prompt=a photo of a toy", "--num_class_images=1", "--sample_batch_size=1", *flags]
+    first = train(hub, root, *busy, "--max_train_steps=1")
+    assert first.returncode == 0, first.stderr[-4000:]
+    return first, train(hub, root, *busy, "--max_train_steps=2", "--resume_from_checkpoint=latest", *push)
+
+
+def printed_spec(root: Path, *flags: str) -> subprocess.CompletedProcess:
+    """What ``jaxbooth spec`` prints for a run's flags (the resolved spec never holds the token)."""
+    env = {**os.environ, "HF_TOKEN": ENV_TOKEN, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "jaxbooth", "spec", *TINY, *flags, f"--hub_token={TOKEN}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def leaked(root: Path, *runs: subprocess.CompletedProcess) -> list[str]:
+    files = [f"{name}: {s}" for name, path in local_files(root).items() for s in SECRETS if s.encode() in
+             path.read_bytes()]
+    return files + [f"printed: {s}" for run in runs for s in SECRETS if s in run.stdout + run.stderr]
+
+
 def local_files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
 
@@ -61,12 +88,13 @@ def front_matter(card: str) -> dict:
 @pytest.fixture(scope="module")
 def jax_push(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hub-jax")
+    flags = ("--backend=jax", f"--pretrained_model_name_or_path={tiny_model_dir}", f"--output_dir={root / 'out'}")
     with HubStandIn(TOKEN) as hub:
-        run = train(hub, root, "--backend=jax", f"--pretrained_model_name_or_path={tiny_model_dir}",
-                    f"--output_dir={root / 'out'}", "--max_train_steps=2", "--checkpointing_steps=2", "--push_to_hub",
-                    "--hub_model_id=me/dog")
+        first, run = two_halves(hub, root, *flags, push=("--push_to_hub", "--hub_model_id=me/dog"))
     assert run.returncode == 0, run.stderr[-4000:]
-    return SimpleNamespace(root=root, out=root / "out", run=run, hub=hub)
+    printed = printed_spec(root, *flags)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    return SimpleNamespace(root=root, out=root / "out", run=run, hub=hub, first=first, printed=printed)
 
 
 def test_push_creates_the_repo_and_commits_every_output_file(jax_push) -> None:
@@ -116,13 +144,12 @@ def test_the_token_travels_only_in_the_authorization_header(jax_push) -> None:
     assert not any(ENV_TOKEN in r.headers.get("authorization", "") for r in requests)
 
 
-def test_no_file_or_output_of_the_pushed_run_holds_the_token(jax_push) -> None:
-    files = local_files(jax_push.root)  # the output with checkpoints, logs, spec, card; HF_HOME
-    assert any(name.startswith("out/checkpoint-") for name in files) and len(files) > 20
-    leaks = [name for name, path in files.items() for s in SECRETS if s.encode() in path.read_bytes()]
-    assert leaks == []
-    for secret in SECRETS:
-        assert secret not in jax_push.run.stdout + jax_push.run.stderr
+def test_no_file_or_output_of_the_runs_holds_the_token(jax_push) -> None:
+    files = local_files(jax_push.root)  # output (checkpoints, logs, spec, card, validation), class images, HF_HOME
+    assert all(any(name.startswith(f"out/checkpoint-{n}/") for name in files) for n in (1, 2)) and len(files) > 20
+    assert [name for name in files if name.startswith("class/")] and \
+        [name for name in files if name.startswith("out/validation/") and name.endswith(".png")], "it wrote too little"
+    assert leaked(jax_push.root, jax_push.first, jax_push.run, jax_push.printed) == []
 
 
 def test_the_card_carries_tags_figures_and_a_header_the_hub_accepts(jax_push, tiny_model_dir: Path) -> None:
@@ -148,8 +175,9 @@ def torch_lora_push(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     out = root / "dog-lora"  # no --hub_model_id: the folder's name under the token's account
     with HubStandIn(TOKEN) as hub:
         hub.fail_commits = 1
-        run = train(hub, root, "--backend=torch", "--use_lora", f"--pretrained_model_name_or_path={tiny_model_dir}",
-                    f"--output_dir={out}", "--max_train_steps=1", "--checkpointing_steps=1", "--push_to_hub")
+        flags = ("--backend=torch", "--use_lora", f"--pretrained_model_name_or_path={tiny_model_dir}",
+                 f"--output_dir={out}")
+        first, run = two_halves(hub, root, *flags, push=("--push_to_hub",))
         after_failure = {name: path.read_bytes() for name, path in local_files(out).items()}
         command = next((line.strip() for line in run.stderr.splitlines() if line.strip().startswith("hf upload")), "")
         argv = shlex.split(command)
@@ -158,8 +186,9 @@ def torch_lora_push(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
             argv[0] = str(Path(sys.executable).with_name("hf"))
             retry = subprocess.run(argv, cwd=root, env=hub_env(hub, root, token=TOKEN), capture_output=True,
                                    text=True, timeout=300)
+    printed = printed_spec(root, *flags)
     return SimpleNamespace(root=root, out=out, run=run, hub=hub, after_failure=after_failure, command=command,
-                           retry=retry)
+                           retry=retry, first=first, printed=printed)
 
 
 @pytest.mark.requires_torch
@@ -169,14 +198,12 @@ def test_a_failed_upload_keeps_the_output_and_prints_a_token_free_retry(torch_lo
     assert "push_to_hub: uploading" in run.stderr and "500" in run.stderr
     assert f"The trained output is kept in {out}" in run.stderr
     assert torch_lora_push.command.startswith(f"hf upload me/dog-lora {out} . --exclude 'checkpoint-*'")
-    for secret in SECRETS:
-        assert secret not in run.stdout + run.stderr
     kept = torch_lora_push.after_failure
     assert {"pytorch_lora_weights.safetensors", "README.md", output.SPEC_FILENAME, output.METRICS_FILENAME} <= \
-        set(kept) and "checkpoint-1/pytorch_lora_weights.safetensors" in kept
-    leaks = [name for name, path in local_files(torch_lora_push.root).items()
-             for s in SECRETS if s.encode() in path.read_bytes()]
-    assert leaks == []
+        set(kept) and "checkpoint-2/pytorch_lora_weights.safetensors" in kept
+    assert [name for name in kept if name.startswith("validation/") and name.endswith(".png")]
+    assert torch_lora_push.printed.returncode == 0, torch_lora_push.printed.stderr[-3000:]
+    assert leaked(torch_lora_push.root, torch_lora_push.first, run, torch_lora_push.printed) == []
 
 
 @pytest.mark.requires_torch
@@ -192,7 +219,7 @@ def test_the_printed_retry_command_uploads_the_lora_folder(torch_lora_push) -> N
     card = committed["README.md"].content.decode()
     meta = front_matter(card)
     assert meta["tags"] == ["text-to-image", "lora", "dreambooth", "diffusers", *SD_TAGS, "jaxbooth"]
-    assert "base_model" not in meta and "(torch backend)" in card and "| final loss (step 1) |" in card
+    assert "base_model" not in meta and "(torch backend)" in card and "| final loss (step 2) |" in card
 
 
 # ---------------------------------------------------------------------- card and message pieces, no run

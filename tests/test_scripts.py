@@ -22,7 +22,7 @@ def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.Comple
                           env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", ["bench_unet.py", "bench_train.py", "bench_torch_memory.py"])
+@pytest.mark.parametrize("name", ["bench_unet.py", "bench_train.py", "bench_torch_memory.py", "bench_device.py"])
 def test_help(name: str) -> None:
     proc = run_script(name, "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -116,6 +116,8 @@ OPT = {"learning_rate": 1e-3}  # so weight decay and epsilon show in float32 upd
 SCHEDULE = {"max_train_steps": 10, "lr_warmup_steps": 0}
 HUB = {"pretrained_model_name_or_path": jp.HUB_MODEL_ID}
 DATASET = {"dataset_name": lambda env: str(env.hf_dataset), "instance_data_dir": None}
+DATASET_CONFIG_JAX = "tests/test_dataset_config_train.py::test_jax_trains_the_kohya_config_with_its_captions"
+DATASET_CONFIG_TORCH = "tests/test_dataset_config_train.py::test_torch_trains_the_kohya_config_with_its_captions"
 LOOP = {"max_train_steps": 12}
 VALID = {"validation_prompt": "a photo of sks toy on a beach"}
 LORA = {"use_lora": True}
@@ -138,6 +140,11 @@ IF_STAGE2_INPUTS = ("tests/torch_backend/test_deepfloyd_stage2.py::"
                     "test_training_inputs_match_what_ifsuperresolutionpipeline_feeds_the_unet")
 IF_STAGE2_VALIDATION = ("tests/torch_backend/test_deepfloyd_stage2.py::"
                         "test_seed_stage2_full_and_lora_outputs_load_and_upscale")
+# --sample_prompts: one short run per backend (jax every n steps, torch every n epochs), the other cadence each
+SAMPLES_JAX = "tests/test_sample_prompts.py::test_jax_run_samples_the_prompt_file_every_n_steps"
+SAMPLES_TORCH = "tests/test_sample_prompts.py::test_torch_run_samples_the_prompt_file_every_n_epochs"
+SAMPLES_JAX_EPOCHS = "tests/test_sample_prompts.py::test_jax_validator_samples_every_n_epochs"
+SAMPLES_TORCH_STEPS = "tests/test_sample_prompts.py::test_torch_hook_samples_every_n_steps"
 # lion reads adam_beta2 as its b2: at adam's 0.999 its momentum barely moves in eight steps, so b1 shows only at 0.9
 LION_B2 = {("lion", key): {"adam_beta2": 0.9} for key in ("adam_beta1", "adam_weight_decay", "adam_epsilon")}
 # value, and the jax optimizers that build without the key (optim._make_base_optimizer)
@@ -301,11 +308,11 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "hub_token": on((Effect("hf_not_a_real_token", jp.jax_hub, HUB),
                      Effect("hf_not_a_real_token", jp.jax_finish, {"push_to_hub": True}),
                      Effect("hf_not_a_real_token", jp.jax_tokenizer_hub, HUB_TOKENIZER),
-                     CoveredBy("tests/test_no_secrets.py::test_no_token_in_any_written_file_or_output")),
+                     CoveredBy("tests/test_hub_push.py::train")),  # jax_push: no token in any file or output
                     (Effect("hf_not_a_real_token", tp.torch_hub, HUB),
                      Effect("hf_not_a_real_token", tp.torch_finish, {"push_to_hub": True}),
                      Effect("hf_not_a_real_token", tp.torch_tokenizer_hub, HUB_TOKENIZER),
-                     CoveredBy("tests/test_no_secrets.py::test_no_token_in_any_written_file_or_output"))),
+                     CoveredBy("tests/test_hub_push.py::train"))),  # torch_lora_push: the same for torch
     "hub_model_id": on(Effect("me/my-dreambooth", jp.jax_finish, {"push_to_hub": True}),
                        Effect("me/my-dreambooth", tp.torch_finish, {"push_to_hub": True})),
     # logging
@@ -337,36 +344,51 @@ ACCOUNT: dict[str, dict[str, tuple]] = {
     "multi_host": on(Effect(True, jp.jax_configure), Refused(True)),
     "local_rank": on(Refused(3), Effect(3, tp.torch_start)),
     # planned (issues 21 and 23): refused by both backends until wired
-    "caption_extension": both(Refused(".txt")),
-    "caption_dropout_rate": both(Refused(0.1)),
-    "shuffle_caption": both(Refused(True)),
-    "keep_tokens": both(Refused(1)),
-    "caption_separator": both(Refused(";")),
-    "dataset_config": both(Refused("d.toml")),
-    "enable_bucket": both(Refused(True)),
-    "min_bucket_reso": both(Refused(128)),
-    "max_bucket_reso": both(Refused(2048)),
-    "bucket_reso_steps": both(Refused(32)),
-    "bucket_no_upscale": both(Refused(True)),
-    "multires_noise_iterations": both(Refused(6)),
-    "multires_noise_discount": both(Refused(0.5)),
-    "zero_terminal_snr": both(Refused(True)),
-    "debiased_estimation_loss": both(Refused(True)),
-    "loss_type": both(Refused("huber")),
-    "huber_schedule": both(Refused("constant")),
-    "huber_c": both(Refused(0.2)),
+    # kohya captions and dataset configs: one training run per backend sets them all (through the TOML and flags)
+    "caption_extension": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "caption_dropout_rate": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "shuffle_caption": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "keep_tokens": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "caption_separator": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "dataset_config": on(CoveredBy(DATASET_CONFIG_JAX), CoveredBy(DATASET_CONFIG_TORCH)),
+    "enable_bucket": on(CoveredBy("tests/test_buckets_train.py::test_jax_one_compile_per_bucket_and_exact_resume"),
+                         CoveredBy("tests/test_buckets_train.py::test_torch_batches_in_bucket_shapes")),
+    "min_bucket_reso": on(CoveredBy("tests/test_buckets_train.py::test_jax_one_compile_per_bucket_and_exact_resume"),
+                           CoveredBy("tests/test_buckets_train.py::test_torch_batches_in_bucket_shapes")),
+    "max_bucket_reso": on(CoveredBy("tests/test_buckets_train.py::test_jax_one_compile_per_bucket_and_exact_resume"),
+                           CoveredBy("tests/test_buckets_train.py::test_torch_batches_in_bucket_shapes")),
+    "bucket_reso_steps": on(CoveredBy("tests/test_buckets_train.py::test_jax_one_compile_per_bucket_and_exact_resume"),
+                             CoveredBy("tests/test_buckets_train.py::test_torch_batches_in_bucket_shapes")),
+    "bucket_no_upscale": on(CoveredBy("tests/test_buckets_train.py::test_jax_no_upscale_caches"),
+                             CoveredBy("tests/test_buckets_train.py::test_torch_batches_in_bucket_shapes")),
+    "multires_noise_iterations": on(Effect(6, jp.jax_loss), Effect(6, tp.torch_loss)),
+    "multires_noise_discount": on(Effect(0.5, jp.jax_loss, {"multires_noise_iterations": 6}),
+                                  Effect(0.5, tp.torch_loss, {"multires_noise_iterations": 6})),
+    "zero_terminal_snr": on(CoveredBy("tests/test_ema_train.py::jax_ema_run"),
+                            CoveredBy("tests/test_ema_train.py::torch_ema_run")),
+    "debiased_estimation_loss": on(Effect(True, jp.jax_loss), Effect(True, tp.torch_loss)),
+    "loss_type": on((Effect("huber", jp.jax_loss), Effect("smooth_l1", jp.jax_loss)),
+                    (Effect("huber", tp.torch_loss), Effect("smooth_l1", tp.torch_loss))),
+    "huber_schedule": on(Effect("constant", jp.jax_loss, {"loss_type": "huber"}),
+                         Effect("constant", tp.torch_loss, {"loss_type": "huber"})),
+    "huber_c": on(Effect(0.2, jp.jax_loss, {"loss_type": "huber"}), Effect(0.2, tp.torch_loss, {"loss_type": "huber"})),
     "masked_loss": both(Refused(True)),
-    "use_ema": both(Refused(True)),
-    "ema_decay": both(Refused(0.99)),
-    "remat_policy": both(Refused("dots_saveable")),
-    "cache_latents_to_disk": both(Refused(True)),
-    "cache_text_embeddings_to_disk": both(Refused(True)),
-    "encoding_cache_dir": both(Refused("enc")),
-    "save_single_file": both(Refused(True)),
-    "save_precision": both(Refused("bf16")),
-    "sample_prompts": both(Refused("prompts.txt")),
-    "sample_every_n_steps": both(Refused(5)),
-    "sample_every_n_epochs": both(Refused(1)),
+    "use_ema": on(CoveredBy("tests/test_ema_train.py::jax_ema_run"),
+                  CoveredBy("tests/test_ema_train.py::torch_ema_run")),
+    "ema_decay": on(CoveredBy("tests/test_ema_train.py::jax_ema_run"),
+                    CoveredBy("tests/test_ema_train.py::torch_ema_run")),
+    "remat_policy": on(Effect("dots_saveable", jp.jax_loaded, {"gradient_checkpointing": True}),
+                       Refused("dots_saveable", {"gradient_checkpointing": True})),
+    "cache_latents_to_disk": both(CoveredBy("tests/test_encoding_cache_train.py::cache_runs")),
+    "cache_text_embeddings_to_disk": both(CoveredBy("tests/test_encoding_cache_train.py::cache_runs")),
+    "encoding_cache_dir": both(CoveredBy("tests/test_encoding_cache_train.py::cache_runs")),
+    "save_single_file": on(CoveredBy("tests/test_single_file.py::jax_run"),
+                           CoveredBy("tests/test_single_file.py::torch_run")),
+    "save_precision": on(CoveredBy("tests/test_single_file.py::jax_run"),
+                         CoveredBy("tests/test_single_file.py::torch_run")),
+    "sample_prompts": on(CoveredBy(SAMPLES_JAX), CoveredBy(SAMPLES_TORCH)),
+    "sample_every_n_steps": on(CoveredBy(SAMPLES_JAX), CoveredBy(SAMPLES_TORCH_STEPS)),
+    "sample_every_n_epochs": on(CoveredBy(SAMPLES_JAX_EPOCHS), CoveredBy(SAMPLES_TORCH)),
 }
 
 
@@ -389,13 +411,31 @@ GATED: dict[str, tuple[Any, Mapping[str, Any]]] = {
     "validation_steps": (50, {}),
     "validation_epochs": (1, {}),
     "validation_scheduler": ("DDPMScheduler", {}),
+    "sample_prompts": ("prompts.txt", {}),
+    "sample_every_n_steps": (5, {}),
+    "sample_every_n_epochs": (1, {}),
     "hub_model_id": ("me/my-dreambooth", {}),
     "dataset_config_name": ("other", {}),
     "image_column": ("image_b", {}),
     "caption_column": ("text_b", {}),
     "prodigy_beta3": (0.5, {}),
+    "save_precision": ("bf16", {}),
     "num_train_epochs": (3, {"max_train_steps": 10}),
     "logging_dir": ("tb", {"report_to": "none"}),
+    "min_bucket_reso": (128, {}),
+    "max_bucket_reso": (2048, {}),
+    "bucket_reso_steps": (32, {}),
+    "bucket_no_upscale": (True, {}),
+    "multires_noise_discount": (0.5, {}),
+    "huber_schedule": ("constant", {}),
+    "huber_c": (0.2, {}),
+    "ema_decay": (0.99, {}),
+    "keep_tokens": (1, {}),  # shuffle_caption off
+    "caption_separator": (";", {}),
+    "remat_policy": ("dots_saveable", {}),
+    "encoding_cache_dir": ("enc", {}),
+    "cache_latents_to_disk": (True, {"cache_latents": False}),
+    "cache_text_embeddings_to_disk": (True, {"train_text_encoder": True}),
 }
 WARNED_TODAY = set(GATED)  # all of them, since _check_inert got its gate table
 

@@ -16,14 +16,29 @@ from typing import Any
 import numpy as np
 
 from jaxbooth import log as jaxbooth_log
+from jaxbooth.data import captions
+from jaxbooth.data.buckets import BucketPlan, Shape
 from jaxbooth.data.dataset import Dataset
-from jaxbooth.data.images import DEFAULT_INTERPOLATION, load_image_with_info, resize_filter
+from jaxbooth.data.images import DEFAULT_INTERPOLATION, load_bucketed, load_image_with_info, resize_filter
 from jaxbooth.errors import JaxboothError
 
 Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 _STATE_VERSION = 1
 _INSTANCE_STREAM, _CLASS_STREAM = 0, 1
+_BUCKET_ORDER_TAG = 0x62756B74  # "bukt": the batch order of a bucketed epoch, apart from its item order
+
+
+def row_caption(caption: str, subset: Any, rng: np.random.Generator) -> str:
+    """A row's caption: ``captions.row_caption`` (dropout, shuffle with keep_tokens), drawn from the row's
+    generator after its flip and crop, so runs without caption options draw exactly what they drew before."""
+    return captions.row_caption(caption, subset, rng)
+
+
+def subset_flips(subset: Any, default: bool) -> bool:
+    """Whether rows of ``subset`` are flipped at random: its own ``random_flip`` when it sets one, else the run's."""
+    own = getattr(subset, "random_flip", None)
+    return default if own is None else bool(own)
 
 
 class BatchIterator:
@@ -57,9 +72,19 @@ class BatchIterator:
       example_index  int32   [R]               index into `dataset.examples`
       original_size  int32   [R, 2]            (h, w) before resizing (SDXL time ids)
       crop_top_left  int32   [R, 2]            (y, x) in the resized image (SDXL time ids)
+      target_size    int32   [R, 2]            (h, w) of the pixels: (res, res), or the batch's bucket
+      resized_size   int32   [R, 2]            buckets only: the (h, w) each image was resized to before its crop
       flipped        bool    [R]
       content_hash   str     [R]               host-only (numpy unicode), for encoding caches
-      caption        str     [R]               host-only (numpy unicode)
+      caption        str     [R]               host-only (numpy unicode): the row's caption (dropout, shuffle)
+
+    Aspect-ratio buckets (``buckets``, a :class:`~jaxbooth.data.buckets.BucketPlan`): every global batch is
+    one bucket shape, the pixels ``[R, h, w, 3]`` of that bucket. Epoch e takes the same permutation of
+    the items, groups it by the bucket of each item's instance image (in permutation order), fills each
+    group to whole batches by repeating within it (``drop_last``: floors it, at least one batch a bucket),
+    and visits those batches in an order drawn from (seed, "bukt", e). Every host takes its share of
+    the same global batch, so each step all hosts hold rows of one bucket, and (epoch, position) still
+    determines a batch. Class rows take the batch's bucket (resized to cover it, cropped).
     """
 
     def __init__(
@@ -78,6 +103,7 @@ class BatchIterator:
         num_workers: int = 0,
         prefetch: int = 2,
         interpolation: str = DEFAULT_INTERPOLATION,
+        buckets: BucketPlan | None = None,
     ) -> None:
         if batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
             raise JaxboothError(
@@ -94,8 +120,16 @@ class BatchIterator:
         self.tokenize, self.center_crop, self.random_flip = tokenize, center_crop, random_flip
         self.interpolation = interpolation
         self.process_index, self.process_count, self.drop_last = process_index, process_count, drop_last
+        self.buckets = buckets
         n = len(dataset)
-        self.num_batches_per_epoch = max(1, n // batch_size) if drop_last else math.ceil(n / batch_size)
+        if buckets is None:
+            self.num_batches_per_epoch = max(1, n // batch_size) if drop_last else math.ceil(n / batch_size)
+        else:
+            self._item_bucket = self._item_buckets()
+            self.num_batches_per_epoch = int(sum(self._bucket_batches(count) for count in
+                                                 np.bincount(self._item_bucket, minlength=len(buckets.shapes))
+                                                 if count))
+        self._batch_shapes: dict[int, np.ndarray] = {}
         self.epoch, self.position = 0, 0
         self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -112,16 +146,48 @@ class BatchIterator:
         """Optimizer steps per epoch, as diffusers: ceil(batches / accumulation steps)."""
         return math.ceil(self.num_batches_per_epoch / gradient_accumulation_steps)
 
+    def _item_buckets(self) -> np.ndarray:
+        """The bucket (index into ``buckets.shapes``) of every dataset item: its instance image's."""
+        inst = self.dataset.instance_items
+        return np.array([self.buckets.bucket_of[inst[i % len(inst)]] for i in range(len(self.dataset))], np.int64)
+
+    def _bucket_batches(self, count: int) -> int:
+        return max(1, count // self.batch_size) if self.drop_last else math.ceil(count / self.batch_size)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Dataset item of every global slot of `epoch` (length num_batches * batch_size)."""
         with self._lock:
             order = self._orders.get(epoch)
             if order is None:
                 perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-                order = np.resize(perm, self.num_batches_per_epoch * self.batch_size)
+                if self.buckets is None:
+                    order = np.resize(perm, self.num_batches_per_epoch * self.batch_size)
+                else:
+                    order, self._batch_shapes[epoch] = self._bucketed_order(epoch, perm)
                 self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._batch_shapes = {e: b for e, b in self._batch_shapes.items() if e >= epoch - 1}
                 self._orders[epoch] = order
             return order
+
+    def _bucketed_order(self, epoch: int, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(items of every slot, bucket of every batch) of a bucketed epoch: see the class docstring."""
+        blocks, shapes = [], []
+        for bucket in range(len(self.buckets.shapes)):
+            items = perm[self._item_bucket[perm] == bucket]
+            if len(items):
+                count = self._bucket_batches(len(items))
+                blocks.extend(np.resize(items, count * self.batch_size).reshape(count, self.batch_size))
+                shapes.extend([bucket] * count)
+        visit = np.random.default_rng([self.seed, _BUCKET_ORDER_TAG, epoch]).permutation(len(blocks))
+        return np.concatenate([blocks[i] for i in visit]), np.asarray(shapes, np.int64)[visit]
+
+    def batch_bucket(self, epoch: int, position: int) -> Shape | None:
+        """The (h, w) bucket of the batch at (epoch, position), None without buckets (``resolution`` squares)."""
+        if self.buckets is None:
+            return None
+        self.epoch_order(epoch)
+        with self._lock:
+            return self.buckets.shapes[int(self._batch_shapes[epoch][position])]
 
     def _row_plan(self, epoch: int, position: int) -> list[tuple[int, int, int]]:
         """(example index, global slot, stream) per local row: instance rows, then class rows."""
@@ -149,42 +215,55 @@ class BatchIterator:
         """The generator behind one row's flip and crop: independent of host count, reproducible."""
         return np.random.default_rng([self.seed, epoch, slot, stream])
 
-    def row_flip(self, epoch: int, slot: int, stream: int) -> bool:
+    def flips(self, example_index: int) -> bool:
+        """Whether rows of this example are flipped at random (its subset's ``random_flip``, else the run's)."""
+        example = self.dataset.examples[example_index]
+        return subset_flips(self.dataset.subsets[example.subset], self.random_flip)
+
+    def row_flip(self, epoch: int, slot: int, stream: int, example_index: int | None = None) -> bool:
         """Whether a row is flipped (the first draw of its generator, as ``load_batch`` makes it)."""
-        return bool(self.random_flip and self.row_rng(epoch, slot, stream).random() < 0.5)
+        flips = self.random_flip if example_index is None else self.flips(example_index)
+        return bool(flips and self.row_rng(epoch, slot, stream).random() < 0.5)
 
     def load_batch(self, epoch: int, position: int) -> dict[str, np.ndarray]:
         """The batch at (epoch, position), without tokens: a pure function of its arguments."""
-        pixels, sizes, crops, flips = [], [], [], []
+        pixels, sizes, crops, flips, captions, resized = [], [], [], [], [], []
         plan = self._row_plan(epoch, position)
+        shape = self.batch_bucket(epoch, position)
         for example_index, slot, stream in plan:
             rng = self.row_rng(epoch, slot, stream)
-            flip = bool(self.random_flip and rng.random() < 0.5)
-            px, size, crop = load_image_with_info(
-                self.dataset.examples[example_index].path,
-                self.resolution,
-                center_crop=self.center_crop,
-                flip=flip,
-                crop_rng=rng,
-                interpolation=self.interpolation,
-            )
+            example = self.dataset.examples[example_index]
+            flip = bool(self.flips(example_index) and rng.random() < 0.5)
+            if shape is None:
+                px, size, crop = load_image_with_info(example.path, self.resolution, center_crop=self.center_crop,
+                                                      flip=flip, crop_rng=rng, interpolation=self.interpolation)
+            else:
+                resized.append(self.buckets.resized_for(example_index, shape))
+                px, size, crop = load_bucketed(example.path, resized[-1], shape, center_crop=self.center_crop,
+                                               flip=flip, crop_rng=rng, interpolation=self.interpolation)
             pixels.append(px)
             sizes.append(size)
             crops.append(crop)
             flips.append(flip)
+            captions.append(row_caption(example.caption, self.dataset.subsets[example.subset], rng))
         examples = [self.dataset.examples[i] for i, _, _ in plan]
+        target = (self.resolution, self.resolution) if shape is None else shape
+        extra = {} if shape is None else {"resized_size": np.array(resized, np.int32).reshape(-1, 2)}
         return {
             "pixel_values": np.stack(pixels),
             "is_class": np.array([stream == _CLASS_STREAM for _, _, stream in plan]),
             "example_index": np.array([i for i, _, _ in plan], np.int32),
             "original_size": np.array(sizes, np.int32).reshape(-1, 2),
             "crop_top_left": np.array(crops, np.int32).reshape(-1, 2),
+            "target_size": np.tile(np.asarray(target, np.int32), (len(plan), 1)),
             "flipped": np.array(flips, bool),
             "content_hash": np.array([e.content_hash for e in examples]),
-            "caption": np.array([e.caption for e in examples]),
+            "caption": np.array(captions),
+            **extra,
         }
 
-    def _next_key(self, key: tuple[int, int]) -> tuple[int, int]:
+    def next_key(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The (epoch, position) after ``key``."""
         epoch, position = key
         return (epoch, position + 1) if position + 1 < self.num_batches_per_epoch else (epoch + 1, 0)
 
@@ -196,7 +275,7 @@ class BatchIterator:
             self._drop_pending()
         ahead = self._pending[-1][0] if self._pending else None
         while len(self._pending) < self._prefetch + 1:
-            ahead = key if ahead is None else self._next_key(ahead)
+            ahead = key if ahead is None else self.next_key(ahead)
             self._pending.append((ahead, self._pool.submit(self.load_batch, *ahead)))
         return self._pending.popleft()[1].result()
 
@@ -215,12 +294,12 @@ class BatchIterator:
             ids, mask = self.tokenize([str(c) for c in batch["caption"]])
             batch["input_ids"] = np.asarray(ids, np.int32)
             batch["attention_mask"] = np.asarray(mask, np.int32)
-        self.epoch, self.position = self._next_key(key)
+        self.epoch, self.position = self.next_key(key)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position of the *next* batch, plus what defines the order."""
-        return {
+        state = {
             "version": _STATE_VERSION,
             "epoch": self.epoch,
             "position": self.position,
@@ -229,6 +308,9 @@ class BatchIterator:
             "dataset_len": len(self.dataset),
             "fingerprint": self.dataset.fingerprint,
         }
+        if self.buckets is not None:
+            state["buckets"] = self.buckets.settings.describe()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state_dict()` was taken; warns if the data or order changed."""
@@ -241,7 +323,7 @@ class BatchIterator:
         changed = [
             f"{k}: {state[k]!r} -> {v!r}"
             for k, v in self.state_dict().items()
-            if k in ("seed", "batch_size", "dataset_len", "fingerprint") and k in state and state[k] != v
+            if k in ("seed", "batch_size", "dataset_len", "fingerprint", "buckets") and k in state and state[k] != v
         ]
         if changed:
             jaxbooth_log.warning(

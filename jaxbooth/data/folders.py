@@ -19,6 +19,9 @@ from jaxbooth.errors import JaxboothError
 EXAMPLE_INSTANCE_PROMPT = "a photo of sks toy"
 EXAMPLE_CLASS_PROMPT = "a photo of a toy"
 CAPTION_EXTENSION = ".txt"
+# Sidecar caption extensions kohya users have (kohya's own default is .caption): never images, and
+# when captions are off but such files sit beside the images, the run suggests --caption_extension.
+KNOWN_CAPTION_EXTENSIONS = (".txt", ".caption")
 # OS metadata files that land in image folders and are never training data.
 _IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 SKIP_BAD_HINT = "set skip_bad_images (--skip_bad_images) to skip them with a warning"
@@ -77,7 +80,7 @@ def report_bad_images(where: str, bad: Mapping[str, str], total: int, *, skip_ba
 
 def _candidate_files(folder: Path, caption_extension: str) -> tuple[list[Path], list[str]]:
     """Files that should be images (sorted), and the names of skipped subfolders."""
-    skip_suffixes = {CAPTION_EXTENSION, caption_extension.lower()}
+    skip_suffixes = {*KNOWN_CAPTION_EXTENSIONS, caption_extension.lower()}
     files, subdirs = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name.lower() in _IGNORED_NAMES:
@@ -135,3 +138,8 @@ def read_caption_file(image: Path, caption_extension: str) -> str | None:
             f"caption file {side} cannot be read as UTF-8 text ({exc}); re-save it as UTF-8."
         ) from exc
     return lines[0].strip() if lines and lines[0].strip() else None
+
+
+def sidecar_extensions(images: list[Path]) -> list[str]:
+    """The known caption extensions (.txt, .caption) that have a file beside at least one of `images`."""
+    return [ext for ext in KNOWN_CAPTION_EXTENSIONS if any(p.with_suffix(ext).is_file() for p in images)]

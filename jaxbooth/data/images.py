@@ -158,21 +158,64 @@ def load_resized(path: str | Path, resolution: int, *,
     return _resize_short_side(img, int(resolution), resample), (img.height, img.width)
 
 
-def crop_pixels(img: Image.Image, resolution: int, *, center_crop: bool,
+def crop_pixels(img: Image.Image, resolution: int | tuple[int, int], *, center_crop: bool,
                 crop_rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """A ``resolution`` square of a resized image as float32 HWC in [-1, 1], and its top-left (y, x):
-    torchvision's CenterCrop or RandomCrop (offsets from ``crop_rng``), ToTensor, Normalize(0.5, 0.5)."""
-    excess_h, excess_w = img.height - resolution, img.width - resolution
+    """A ``resolution`` square (or an (h, w) bucket) of a resized image as float32 HWC in [-1, 1], and its
+    top-left (y, x): torchvision's CenterCrop or RandomCrop (offsets from ``crop_rng``, top then left),
+    ToTensor, Normalize(0.5, 0.5)."""
+    height, width = (resolution, resolution) if isinstance(resolution, (int, np.integer)) else resolution
+    excess_h, excess_w = img.height - height, img.width - width
     if center_crop:  # torchvision CenterCrop rounding
         top, left = int(round(excess_h / 2.0)), int(round(excess_w / 2.0))
     else:  # torchvision RandomCrop: offsets uniform over [0, excess] inclusive
         rng = crop_rng if crop_rng is not None else np.random.default_rng()
         top, left = int(rng.integers(0, excess_h + 1)), int(rng.integers(0, excess_w + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+    img = img.crop((left, top, left + width, top + height))
     # ToTensor then Normalize([0.5], [0.5]), in float32 like torch.
     pixels = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     pixels = (pixels - np.float32(0.5)) / np.float32(0.5)
     return pixels, (top, left)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(h, w) of an image as training sees it (after its EXIF orientation), read from the header only:
+    what aspect-ratio buckets assign by, without decoding every image."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 5-8 turn the image by 90 degrees
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise JaxboothError(f"cannot load image {path}: {exc}; remove or re-save the file.") from exc
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def load_resized_to(path: str | Path, size: tuple[int, int], *,
+                    interpolation: str = DEFAULT_INTERPOLATION) -> tuple[Image.Image, tuple[int, int]]:
+    """Decoded RGB image resized to exactly ``size`` (h, w) (an aspect-ratio bucket's cover size), and its
+    original (h, w); ``crop_pixels(img, bucket)`` then takes the bucket out of it."""
+    resample = resize_filter(interpolation)
+    try:
+        img = decode_rgb(path)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise JaxboothError(f"cannot load image {path}: {exc}; remove or re-save the file.") from exc
+    original = (img.height, img.width)
+    height, width = int(size[0]), int(size[1])
+    if (img.height, img.width) != (height, width):
+        img = img.resize((width, height), resample)
+    return img, original
+
+
+def load_bucketed(path: str | Path, resized: tuple[int, int], bucket: tuple[int, int], *, center_crop: bool,
+                  flip: bool = False, crop_rng: np.random.Generator | None = None,
+                  interpolation: str = DEFAULT_INTERPOLATION
+                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """``load_image_with_info`` for an aspect-ratio bucket: resize to ``resized`` (h, w, covering the bucket),
+    flip, crop the (h, w) ``bucket`` (centre, or random from ``crop_rng``); pixels, original (h, w), crop (y, x)."""
+    img, original = load_resized_to(path, resized, interpolation=interpolation)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels, offset = crop_pixels(img, bucket, center_crop=center_crop, crop_rng=crop_rng)
+    return pixels, original, offset
 
 
 def load_image(

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbooth import ema
 from jaxbooth.errors import JaxboothError
 
 LR_SCHEDULERS = (
@@ -295,6 +296,7 @@ def make_optimizer(
     gradient_accumulation_steps: int = 1,
     trainable_mask: Any = None,
     param_groups: Mapping[str, ParamGroup] | None = None,
+    ema_decay: float | None = None,
 ) -> optax.GradientTransformation:
     """The train_dreambooth.py update: accumulate -> clip -> AdamW, as one optax transform.
 
@@ -309,7 +311,8 @@ def make_optimizer(
     `param_groups` maps top-level keys of the params dict (e.g. ``"text_encoder"``) to their
     own schedule and weight decay; other keys use `learning_rate_schedule` and
     `adam_weight_decay`. The clip norm is over all groups together, as torch's. The state
-    records the norm the clip sees (`accumulated_grad_norm`).
+    records the norm the clip sees (`accumulated_grad_norm`). `ema_decay` (``--use_ema``): the state also
+    keeps the EMA of the params (`with_ema`).
     """
     if gradient_accumulation_steps < 1:
         raise JaxboothError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
@@ -325,11 +328,57 @@ def make_optimizer(
     tx = optax.chain(record_grad_norm(), tx)
     if gradient_accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=gradient_accumulation_steps).gradient_transformation()
-    if trainable_mask is None:
-        return tx
-    return optax.multi_transform(
-        {"trainable": tx, "frozen": optax.set_to_zero()}, _mask_labels(trainable_mask)
-    )
+    if trainable_mask is not None:
+        tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, _mask_labels(trainable_mask))
+    return tx if ema_decay is None else with_ema(tx, ema_decay, gradient_accumulation_steps)
+
+
+class EmaState(NamedTuple):
+    """`with_ema`'s state: the wrapped optimizer's, the micro-steps seen, and the EMA of the params."""
+
+    inner: Any
+    ema_micro_steps: jax.Array
+    ema_params: Any
+
+
+def with_ema(tx: optax.GradientTransformation, decay: float, every_k: int = 1) -> optax.GradientTransformation:
+    """`tx`, whose state also tracks the EMA of the params it updates (``jaxbooth.ema``: diffusers' warmup
+    decay), refreshed after every optimizer step, i.e. every `every_k`-th micro-step under accumulation.
+
+    Living in the optimizer state, the average is sharded like it, saved and restored by orbax with it (a
+    resume continues it exactly) and needs no change to the train step.
+    """
+
+    def init(params: Any) -> EmaState:
+        return EmaState(tx.init(params), jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params))
+
+    def update(updates: Any, state: EmaState, params: Any = None) -> tuple[Any, EmaState]:
+        if params is None:
+            raise ValueError("with_ema needs the params in update(); call tx.update(grads, state, params)")
+        updates, inner = tx.update(updates, state.inner, params)
+        micro = state.ema_micro_steps + 1
+        new_params = optax.apply_updates(params, updates)
+        decay_now = ema.ema_decay(micro // every_k, decay)
+        stepped = micro % every_k == 0
+
+        def average(old: jax.Array, new: jax.Array) -> jax.Array:
+            return jnp.where(stepped, ema.ema_update(old, new, decay_now).astype(old.dtype), old)
+
+        return updates, EmaState(inner, micro, jax.tree.map(average, state.ema_params, new_params))
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The EMA of the params kept by `with_ema` (the state of `make_optimizer(..., ema_decay=...)`)."""
+    if not isinstance(opt_state, EmaState):
+        raise ValueError("the optimizer state keeps no EMA; build the optimizer with make_optimizer(ema_decay=...)")
+    return opt_state.ema_params
+
+
+def output_params(params: Any, opt_state: Any, use_ema: bool) -> Any:
+    """What validation samples and the output holds: the EMA of the params under ``--use_ema``, else them."""
+    return ema_params(opt_state) if use_ema else params
 
 
 def count_optimizer_state_bytes(opt_state: Any) -> int:

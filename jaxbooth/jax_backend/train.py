@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbooth import data, output, sdxl
+from jaxbooth import data, ema, output, sdxl
 from jaxbooth import log as jaxbooth_log
+from jaxbooth import loss_options as loss_lib
 from jaxbooth import spec as spec_lib
 from jaxbooth.host_memory import release_freed_memory
+from jaxbooth.jax_backend import bucket_steps, checkpoint, encode, loading, optim, pretrained
 from jaxbooth.jax_backend import caches as caches_lib
-from jaxbooth.jax_backend import checkpoint, encode, loading, optim, pretrained
 from jaxbooth.jax_backend import lora as lora_lib
 from jaxbooth.jax_backend import mesh as mesh_lib
 from jaxbooth.jax_backend.class_images import ensure_class_images
@@ -146,7 +147,7 @@ def make_optimizer(run: RunInputs, *, text_encoders: tuple[str, ...] | None = No
                               adam_beta2=o.adam_beta2, adam_epsilon=o.adam_epsilon,
                               adam_weight_decay=o.adam_weight_decay, max_grad_norm=o.max_grad_norm,
                               gradient_accumulation_steps=o.gradient_accumulation_steps, param_groups=groups,
-                              trainable_mask=trainable_mask)
+                              trainable_mask=trainable_mask, ema_decay=o.ema_decay if o.use_ema else None)
     return tx, schedule
 
 
@@ -275,13 +276,15 @@ def put_batch(batch: dict[str, np.ndarray], shardings) -> dict:
             for key, value in batch.items()}
 
 
-def trained_params_host(state: TrainState) -> dict:
-    """Params gathered to host numpy (works for sharded and multi-host arrays)."""
+def trained_params_host(state: TrainState, use_ema: bool = False) -> dict:
+    """Params (``use_ema``: their EMA, ``optim.output_params``) gathered to host numpy (works for sharded and
+    multi-host arrays)."""
+    params = optim.output_params(state.params, state.opt_state, use_ema)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        return multihost_utils.process_allgather(state.params, tiled=True)
-    return jax.device_get(state.params)
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def export_trained(params_host: dict, models: LoadedModels, out_dir: Path, components: tuple[str, ...]) -> None:
@@ -325,10 +328,11 @@ def save_pipeline(run: RunInputs, models: LoadedModels, params_host: dict, steps
                                  validation_images=validation_images)
 
 
-def step_text_apply(spec: spec_lib.RunSpec, models: LoadedModels) -> Callable | None:
+def step_text_apply(spec: spec_lib.RunSpec, models: LoadedModels, row_ids: bool = False) -> Callable | None:
     """The step's ``text_apply`` (``train_step.text_conditioning``): None with frozen encoders (cached
-    embeddings), SDXL's ``encode.sdxl_conditioning`` of both encoders, or SD's last hidden state."""
-    if not spec.model.train_text_encoder:
+    embeddings) unless rows carry token ids (``caches.Caches.row_ids``), SDXL's ``encode.sdxl_conditioning``
+    of both encoders, or SD's last hidden state."""
+    if not (spec.model.train_text_encoder or row_ids):
         return None
     if models.is_sdxl:
         return functools.partial(encode.sdxl_conditioning, (models.text_encoder, models.text_encoder_2))
@@ -343,7 +347,8 @@ def loss_options(spec: spec_lib.RunSpec, models: LoadedModels) -> LossOptions:
         prior_loss_weight=spec.prior.prior_loss_weight, train_text_encoder=spec.model.train_text_encoder,
         text_encoder_use_attention_mask=spec.model.text_encoder_use_attention_mask,
         latent_scaling_factor=float(vae_config.scaling_factor),
-        latent_shift_factor=sdxl.latent_shift(getattr(vae_config, "shift_factor", None), models.is_sdxl))
+        latent_shift_factor=sdxl.latent_shift(getattr(vae_config, "shift_factor", None), models.is_sdxl),
+        **loss_lib.spec_loss_options(spec.optim))
 
 
 def load_for_training(spec: spec_lib.RunSpec) -> LoadedModels:
@@ -360,9 +365,13 @@ def train(spec: spec_lib.RunSpec) -> Path:
     instances = data.instance_dataset(spec)  # a missing or broken image source fails before any model loads
     models = loading.load_models(spec, paths)
     run = prepare_inputs(spec, models, instances)
-    caches = caches_lib.build_caches(spec, models, run.dataset, run.seed)
+    # what this run trains on and validates with (class images came from the base's): --zero_terminal_snr
+    models.noise_schedule = loss_lib.training_schedule(models.noise_schedule, spec.optim.zero_terminal_snr)
+    models.scheduler_config = loss_lib.training_scheduler_config(models.scheduler_config, spec.optim.zero_terminal_snr)
+    buckets = bucket_steps.plan(spec, models, run.dataset)  # None without enable_bucket
+    caches = caches_lib.build_caches(spec, models, run.dataset, run.seed, buckets)
     crops = "centre crops" if spec.data.center_crop else f"up to {caches_lib.CROPS_PER_IMAGE} random crops each"
-    log(f"cached {caches.latent_index.num_rows} latent posteriors of {len(run.dataset.examples)} images ({crops}"
+    log(f"cached {caches.num_latent_rows} latent posteriors of {len(run.dataset.examples)} images ({crops}"
         f"{', both orientations' if spec.data.random_flip else ''})")
     validator = make_validator(spec, models, output_dir=run.output_dir, seed=run.seed, mesh=mesh)
     models.vae_params = None  # latents are cached: the VAE leaves memory (validation keeps a host copy)
@@ -370,11 +379,13 @@ def train(spec: spec_lib.RunSpec) -> Path:
     tx, lr_schedule = run_optimizer(run, models)
     state, shardings = init_state(params_host, tx, mesh, run.seed)
     log_placement(state, mesh)
+    if spec.optim.use_ema:
+        log(ema.EMA_LOG.format(decay=spec.optim.ema_decay))
     # the state (and frozen["base"]) hold them; a frozen encoder's embeddings are cached
     models.unet_params = models.text_params = models.text_params_2 = params_host = None
     iterator = data.BatchIterator(run.dataset, resolution=spec.data.resolution, batch_size=global_batch_size(spec),
                                   seed=run.seed, center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
-                                  interpolation=spec.data.image_interpolation_mode)
+                                  interpolation=spec.data.image_interpolation_mode, buckets=buckets)
     writer = checkpoint.CheckpointWriter(run.output_dir, keep=spec.checkpointing.checkpoints_total_limit)
     state, resumed_from = checkpoint.maybe_resume(spec, run.output_dir, state, shardings, iterator)
     accumulation = spec.optim.gradient_accumulation_steps
@@ -382,22 +393,29 @@ def train(spec: spec_lib.RunSpec) -> Path:
         log(f"resumed from {resumed_from} at optimizer step {int(state.step) // accumulation}")
     step_fn = make_train_step(
         unet_apply=models.unet.apply,
-        text_apply=step_text_apply(spec, models),
+        text_apply=step_text_apply(spec, models, caches.row_ids),
         tx=tx, lr_schedule=lr_schedule, tables=models.noise_schedule.as_tables(),
         options=loss_options(spec, models), gradient_accumulation_steps=accumulation,
         merge=None if base_host is None else lora_lib.step_merge(adapter_settings(spec, models).scale))
+    tokenize = caches_lib.row_tokenizer(spec, models) if caches.row_ids else None  # shuffled captions, encoded per row
     rows = functools.partial(caches_lib.global_rows, prompt_index={p: i for i, p in enumerate(caches.prompts)},
-                             latent_index=caches.latent_index)
+                             latent_index=caches.latent_index, tokenize=tokenize)
     frozen_host = caches.frozen if base_host is None else {**caches.frozen, "base": base_host}
     frozen = jax.device_put(frozen_host, frozen_shardings(frozen_host, mesh))
+    if buckets is not None:  # one step per bucket shape, compiled when its first batch comes (bucket_steps.py)
+        compiled = bucket_steps.BucketSteps.build(step_fn, state, shardings, frozen, caches, mesh, log=log,
+                                                  compile_step=compile_step, frozen_shardings=frozen_shardings,
+                                                  tokenize=tokenize)
+        rows, batch_shardings = compiled.rows, compiled.batch_shardings
     del caches, frozen_host, base_host  # the host copies; the device holds them now
     jax.clear_caches()  # the VAE / text-encoder cache builders' executables are never run again (~50 MB on SDXL-small)
     release_freed_memory()  # the caches' scratch and the host copies, before the compile stacks on top
-    compiled, compile_seconds, batch_shardings = compile_step(step_fn, state, shardings, frozen,
-                                                              rows(iterator, 0, 0), mesh)
-    release_freed_memory()  # the compile's scratch, before the steps' buffers
-    log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
+    if buckets is None:
+        compiled, compile_seconds, batch_shardings = compile_step(step_fn, state, shardings, frozen,
+                                                                  rows(iterator, 0, 0), mesh)
+        release_freed_memory()  # the compile's scratch, before the steps' buffers
+        log(f"compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} {jax.devices()[0].platform} "
+            f"device(s), mesh {dict(mesh.shape)}, global batch {global_batch_size(spec)}")
     state = run_loop(run, compiled, state, frozen, iterator, rows, batch_shardings, writer, models, validator)
     writer.wait()
     return _finish(run, models, state, tuple(validator.written) if validator is not None else ())
@@ -406,8 +424,10 @@ def train(spec: spec_lib.RunSpec) -> Path:
 def _finish(run: RunInputs, models: LoadedModels, state: TrainState, validation_images: tuple[str, ...]) -> Path:
     """Gather the trained params and write the pipeline, resolved spec and (optionally) the Hub upload."""
     spec = run.spec
-    params_host = trained_params_host(state)
+    params_host = trained_params_host(state, spec.optim.use_ema)
     steps_done = int(jax.device_get(state.step)) // spec.optim.gradient_accumulation_steps
+    if spec.optim.use_ema:
+        log(f"writing the EMA weights (after {steps_done} optimizer steps) as the output")
     if jax.process_index() == 0:
         out = save_pipeline(run, models, params_host, steps_done, validation_images)
         if spec.hub.push_to_hub:
@@ -437,7 +457,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
             if micro % accumulation == 0:
                 epoch_before = iterator.epoch  # an epoch may end inside an accumulation window
             batch = rows(iterator, iterator.epoch, iterator.position)
-            iterator.epoch, iterator.position = _next_position(iterator)
+            iterator.epoch, iterator.position = iterator.next_key((iterator.epoch, iterator.position))
             state, metrics = compiled(state, frozen, put_batch(batch, batch_shardings))
             micro += 1
             if micro % accumulation:
@@ -448,7 +468,7 @@ def run_loop(run: RunInputs, compiled, state: TrainState, frozen, iterator: data
                 progress.report(step, metrics)
             epochs_done = iterator.epoch if iterator.epoch > epoch_before else None
             if validator is not None and validator.should_run(step, epochs_done):
-                params = model_params(state.params)
+                params = model_params(optim.output_params(state.params, state.opt_state, spec.optim.use_ema))
                 validator.run(step, params["unet"], validation_text_params(params), writer=progress.tensorboard)
             stop = preemption.requested(step)
             if (save_every and step % save_every == 0) or stop:
@@ -495,9 +515,3 @@ def _export_lora_checkpoint(path: Path, adapters: dict, *, settings: AdapterSett
     from jaxbooth.lora import outputs as lora_outputs
 
     lora_outputs.write_checkpoint_lora(path, lora_lib.to_lora_state(adapters, settings), settings)
-
-
-def _next_position(iterator: data.BatchIterator) -> tuple[int, int]:
-    if iterator.position + 1 < iterator.num_batches_per_epoch:
-        return iterator.epoch, iterator.position + 1
-    return iterator.epoch + 1, 0

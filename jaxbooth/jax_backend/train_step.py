@@ -16,12 +16,12 @@ import flax
 import jax
 import optax
 
-from jaxbooth import diffusion, sdxl
-from jaxbooth.diffusion import LossOptions
+from jaxbooth import diffusion, loss_options, sdxl
 from jaxbooth.jax_backend import optim
+from jaxbooth.loss_options import LossOptions
 
-__all__ = ["SDXL_INPUT_IDS", "LossOptions", "TrainState", "added_conditions", "denoising_loss", "gradient_step",
-           "make_train_step", "step_halves", "text_conditioning", "train_step", "update_step"]
+__all__ = ["SDXL_INPUT_IDS", "LossOptions", "TrainState", "added_conditions", "denoising_loss", "draw_noise_from",
+           "gradient_step", "make_train_step", "step_halves", "text_conditioning", "train_step", "update_step"]
 
 # SDXL with trained text encoders: the frozen keys of each tokenizer's ids per prompt, in
 # ``sdxl.TEXT_ENCODERS`` order (``caches.build_caches`` fills them).
@@ -75,6 +75,20 @@ def added_conditions(frozen: dict, batch: dict, text_embeds: jax.Array | None = 
     return {"text_embeds": text_embeds, "time_ids": frozen["time_ids"][batch["example_idx"]]}
 
 
+def row_text_conditioning(params: Any, frozen: dict, batch: dict, text_apply: Callable,
+                          options: LossOptions) -> tuple[jax.Array, dict | None]:
+    """:func:`text_conditioning` of token ids the batch carries per row (``caches.row_tokenizer``): through the
+    trained encoders in ``params``, or the frozen ones in ``frozen["text_encoders"]`` (no gradient reaches them);
+    SDXL's pooled embeds come from the same pass, the time ids stay the latent rows' cached ones."""
+    encoders = params if options.train_text_encoder else frozen["text_encoders"]
+    if SDXL_INPUT_IDS[-1] in batch:
+        hidden, pooled = text_apply(tuple(encoders[name] for name in sdxl.TEXT_ENCODERS),
+                                    tuple(batch[key] for key in SDXL_INPUT_IDS))
+        return hidden, added_conditions(frozen, batch, pooled)
+    mask = batch["attention_mask"] if options.text_encoder_use_attention_mask else None
+    return text_apply({"params": encoders["text_encoder"]}, batch["input_ids"], mask), added_conditions(frozen, batch)
+
+
 def text_conditioning(params: Any, frozen: dict, batch: dict, text_apply: Callable | None,
                       options: LossOptions) -> tuple[jax.Array, dict | None]:
     """(encoder hidden states, SDXL ``added_cond_kwargs`` or None) of the batch.
@@ -83,6 +97,8 @@ def text_conditioning(params: Any, frozen: dict, batch: dict, text_apply: Callab
     both tuples in ``sdxl.TEXT_ENCODERS`` order, is ``encode.sdxl_conditioning`` of the two encoders and
     gives the prompt embeds and the pooled embeds; the time ids stay the latent rows' cached ones.
     """
+    if "input_ids" in batch:  # the rows' own token ids (shuffled captions past caches.MAX_CACHED_CAPTIONS)
+        return row_text_conditioning(params, frozen, batch, text_apply, options)
     if options.train_text_encoder and SDXL_INPUT_IDS[-1] in frozen:
         ids = tuple(frozen[key][batch["prompt_idx"]] for key in SDXL_INPUT_IDS)
         hidden, pooled = text_apply(tuple(params[name] for name in sdxl.TEXT_ENCODERS), ids)
@@ -101,7 +117,29 @@ def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, times
     noisy = diffusion.add_noise(latents, noise, timesteps, tables)
     extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states, **extra)
-    return diffusion.loss_from_prediction(pred, latents, noise, timesteps, tables, options)
+    return loss_options.loss_from_prediction(pred, latents, noise, timesteps, tables, options)
+
+
+def _resize(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Bilinear resize with half-pixel centres: torch's ``interpolate(mode="bilinear")`` when upsampling."""
+    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+
+
+def draw_noise_from(noise_key: jax.Array, offset_key: jax.Array, latents: jax.Array,
+                    options: LossOptions) -> jax.Array:
+    """The training noise (NHWC): a standard normal, plus offset noise and kohya's multires noise when asked,
+    in that order (kohya's), from the shared formulas in ``jaxbooth.diffusion`` / ``jaxbooth.loss_options``.
+    The multires draws come from ``fold_in(noise_key, 1)``, so the other draws stay what they were."""
+    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    if options.offset_noise:
+        offsets = jax.random.normal(offset_key, diffusion.offset_noise_shape(latents.shape), latents.dtype)
+        noise = diffusion.offset_noise(noise, offsets)
+    if options.multires_noise_iterations:
+        shapes = loss_options.multires_noise_shapes(latents.shape, options.multires_noise_iterations)
+        keys = jax.random.split(jax.random.fold_in(noise_key, 1), len(shapes))
+        draws = [jax.random.normal(k, shape, latents.dtype) for k, shape in zip(keys, shapes, strict=True)]
+        noise = loss_options.multires_noise(noise, draws, _resize, options.multires_noise_discount)
+    return noise
 
 
 def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet_apply: Callable,
@@ -116,10 +154,7 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
         params = merge(params, frozen)
     latent_key, noise_key, offset_key, time_key = jax.random.split(key, 4)
     latents = sample_latents(frozen, batch["example_idx"], latent_key, options)
-    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
-    if options.offset_noise:
-        offsets = jax.random.normal(offset_key, diffusion.offset_noise_shape(latents.shape), latents.dtype)
-        noise = diffusion.offset_noise(noise, offsets)
+    noise = draw_noise_from(noise_key, offset_key, latents, options)
     num_train_timesteps = tables.snr.shape[0]
     timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
     encoder_hidden_states, added_cond_kwargs = text_conditioning(params, frozen, batch, text_apply, options)

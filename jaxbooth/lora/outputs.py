@@ -65,6 +65,10 @@ def write_lora_output(out_dir: str | Path, state: LoraState, *, settings: Adapte
     tmp = spec_path.with_name(f".{spec_path.name}.tmp{os.getpid()}")
     spec_lib.write_resolved_spec(spec, tmp)
     os.replace(tmp, spec_path)
+    if spec.checkpointing.save_single_file and not merge:  # with merge, write_pipeline above wrote it
+        from jaxbooth import single_file
+
+        single_file.write(single_file.resolve_source(out_dir), precision=spec.checkpointing.save_precision)
     vae = spec.model.pretrained_vae_name_or_path or (str(vae_dir) if vae_dir is not None else None)
     targets = {c: settings.peft_config(c, present=state[c])["target_modules"] for c in adapted}
     card = lora_model_card(

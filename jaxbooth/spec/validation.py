@@ -68,7 +68,7 @@ def validate_spec(spec: RunSpec, sources: Mapping[str, str] | None = None) -> li
     """
     report = _Report(spec.flat(), sources or {})
     for check in (_check_ranges, _check_prior, _check_lr_scheduler, _check_schedule, _check_conflicts,
-                  _check_multihost, _check_lora_mode, _check_inert):
+                  _check_multihost, _check_lora_mode, _check_inert, _check_dataset_config):
         check(report)
     if len(report.errors) == 1:
         raise JaxboothError(report.errors[0])
@@ -103,6 +103,8 @@ def _check_ranges(r: _Report) -> None:
 def _check_prior(r: _Report) -> None:
     """diffusers: prior preservation needs both class keys; class keys alone are only a warning."""
     v = r.values
+    if v["dataset_config"] is not None:  # its is_reg subsets are the class images (_check_dataset_config)
+        return
     if v["with_prior_preservation"]:
         for name, example in (("class_data_dir", "class_images"), ("class_prompt", "a photo of dog")):
             if v[name] is None:
@@ -113,6 +115,25 @@ def _check_prior(r: _Report) -> None:
             if v[name] is not None:
                 r.warnings.append(f"{r.at(name)} has no effect without --with_prior_preservation; "
                                   "add that flag to use class images")
+
+
+def _check_dataset_config(r: _Report) -> None:
+    """``--dataset_config`` replaces the image-folder flags, and its file is checked now (structure, keys
+    with their lines), before anything loads; its folders are scanned later, by ``instance_dataset``."""
+    v = r.values
+    if v["dataset_config"] is None:
+        return
+    for name in ("instance_data_dir", "dataset_name", "class_data_dir"):
+        if v[name] is not None:
+            r.errors.append(f"{r.at('dataset_config')} and {r.at(name)}: the config file's subsets are the images "
+                            f"(its is_reg ones the class images); drop --{name} or add it to the file as a "
+                            "[[datasets.subsets]] image_dir")
+    from jaxbooth.data.dataset_config import check_file
+
+    try:
+        check_file(v["dataset_config"])
+    except JaxboothError as error:
+        r.errors.append(str(error))
 
 
 def _check_lr_scheduler(r: _Report) -> None:
@@ -203,7 +224,8 @@ def _check_lora_outputs(r: _Report) -> None:
 # key -> (is the gate open?, what opens it). Set while the gate is closed, they draw a warning.
 _GATES: Mapping[str, tuple[Callable[[Mapping[str, Any]], bool], str]] = types.MappingProxyType({
     **dict.fromkeys(["prior_loss_weight", "num_class_images", "sample_batch_size", "prior_generation_precision"],
-                    (lambda v: v["with_prior_preservation"], "without --with_prior_preservation")),
+                    (lambda v: v["with_prior_preservation"] or v["dataset_config"] is not None,
+                     "without --with_prior_preservation")),
     **dict.fromkeys(["text_encoder_lr", "adam_weight_decay_text_encoder"],
                     (lambda v: v["train_text_encoder"], "without --train_text_encoder")),
     "lr_warmup_steps": (lambda v: v["lr_scheduler"] != "constant" or v["lr_warmup_steps"] == 0,
@@ -214,12 +236,37 @@ _GATES: Mapping[str, tuple[Callable[[Mapping[str, Any]], bool], str]] = types.Ma
     **dict.fromkeys(["num_validation_images", "validation_steps", "validation_epochs", "validation_scheduler",
                      "validation_images"],
                     (lambda v: v["validation_prompt"] is not None, "without --validation_prompt")),
+    "sample_prompts": (lambda v: v["sample_every_n_steps"] is not None or v["sample_every_n_epochs"] is not None,
+                       "without --sample_every_n_steps or --sample_every_n_epochs (as in kohya, which samples "
+                       "only when one is set); add one of them"),
+    "sample_every_n_steps": (lambda v: v["sample_prompts"] is not None and v["sample_every_n_epochs"] is None,
+                             "without --sample_prompts, or with --sample_every_n_epochs (which wins, as in kohya)"),
+    "sample_every_n_epochs": (lambda v: v["sample_prompts"] is not None, "without --sample_prompts"),
     "hub_model_id": (lambda v: v["push_to_hub"], "without --push_to_hub"),
     **dict.fromkeys(["dataset_config_name", "image_column", "caption_column"],
                     (lambda v: v["dataset_name"] is not None, "without --dataset_name")),
     "logging_dir": (lambda v: v["report_to"] != "none", "with --report_to=none"),
+    **dict.fromkeys(["min_bucket_reso", "max_bucket_reso"],
+                    (lambda v: v["enable_bucket"] and not v["bucket_no_upscale"],
+                     "without --enable_bucket, or with --bucket_no_upscale (each image's bucket comes from its size)")),
+    **dict.fromkeys(["bucket_reso_steps", "bucket_no_upscale"],
+                    (lambda v: v["enable_bucket"], "without --enable_bucket")),
+    "multires_noise_discount": (lambda v: v["multires_noise_iterations"] > 0, "without --multires_noise_iterations"),
+    **dict.fromkeys(["huber_schedule", "huber_c"],
+                    (lambda v: v["loss_type"] != "l2", "with --loss_type=l2 (use huber or smooth_l1)")),
+    "ema_decay": (lambda v: v["use_ema"], "without --use_ema"),
+    **dict.fromkeys(["keep_tokens", "caption_separator"],
+                    (lambda v: v["shuffle_caption"] or v["dataset_config"] is not None, "without --shuffle_caption")),
+    "remat_policy": (lambda v: v["gradient_checkpointing"], "without --gradient_checkpointing"),
+    "encoding_cache_dir": (lambda v: v["cache_latents_to_disk"] or v["cache_text_embeddings_to_disk"],
+                           "without --cache_latents_to_disk or --cache_text_embeddings_to_disk"),
+    "cache_latents_to_disk": (lambda v: v["cache_latents"], "with --cache_latents=false (latents are encoded "
+                                                            "every step, never cached)"),
+    "cache_text_embeddings_to_disk": (lambda v: not v["train_text_encoder"], "with --train_text_encoder (a "
+                                      "trained encoder's embeddings change every step, so none are cached)"),
     **dict.fromkeys(["prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"],
                     (lambda v: v["optimizer"] == "prodigy", "unless --optimizer=prodigy")),
+    "save_precision": (lambda v: v["save_single_file"], "without --save_single_file"),
     **dict.fromkeys(["adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay"],
                     (lambda v: v["optimizer"] != "adafactor", "with --optimizer=adafactor (optax's adafactor "
                                                                "has its own decay rates)")),

@@ -42,7 +42,7 @@ from jaxbooth.torch_backend.models import trained_components
 STATE_DIR = "state"
 
 __all__ = ["MARKER", "STATE_DIR", "StopOnSignal", "TrainingStopped", "checkpoint_record", "clear_incomplete",
-           "maybe_resume", "register_state_hooks", "save_checkpoint"]
+           "maybe_resume", "register_ema", "register_state_hooks", "save_checkpoint"]
 
 
 def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = None) -> None:
@@ -76,6 +76,13 @@ def register_state_hooks(accelerator: Any, adapters: AdapterSettings | None = No
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def register_ema(accelerator: Any, averages: Any) -> None:
+    """``--use_ema``: ``save_state`` pickles the averages (``optim.EmaWeights.state_dict``) into ``state/`` beside
+    the optimizer (accelerate's ``custom_checkpoint_0.pkl``) and ``load_state`` puts them back, so a resume
+    continues the average exactly. Register before ``maybe_resume``."""
+    accelerator.register_for_checkpointing(averages)
 
 
 def register_lora_hooks(accelerator: Any, adapters: AdapterSettings) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from jaxbooth import edm, output, sdxl
 from jaxbooth.lora import AdapterSettings
+from jaxbooth.loss_options import training_scheduler_config
 from jaxbooth.torch_backend import lora, models, validation
 from jaxbooth.torch_backend.loop import log
 
@@ -33,7 +34,9 @@ def make_validator(run: RunInputs, accelerator: Any, m: models.Models, unet: Any
         return None
     from diffusers import DDPMScheduler
 
-    scheduler_config = DDPMScheduler.load_config(m.model_dir, subfolder="scheduler")
+    # sample as this run trains: rescaled betas and trailing timesteps under --zero_terminal_snr
+    scheduler_config = training_scheduler_config(DDPMScheduler.load_config(m.model_dir, subfolder="scheduler"),
+                                                 spec.optim.zero_terminal_snr)
     # EDM-style runs sample with the pipeline's own scheduler, as diffusers' SDXL script
     edm_style = edm.training_scheduler(m.model_dir, spec.sdxl.do_edm_style_training) is not None
     validation_name = edm.pipeline_scheduler_class(m.model_dir) if edm_style else spec.validation.validation_scheduler

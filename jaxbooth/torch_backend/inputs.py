@@ -14,19 +14,24 @@ encoder (all prompts up front and the encoder freed with
 ``encode_sdxl_prompt`` (cached for frozen encoders, a forward pass of both trained encoders every
 step with ``--train_text_encoder``), and per row the time ids of the crop actually taken.
 ``unet_inputs(conditioner, batch)`` is what the UNet call needs beyond latents and timesteps.
-Never imports jax.
+
+With ``--cache_latents_to_disk`` / ``--cache_text_embeddings_to_disk`` (``disk_stores``) both caches consult
+``jaxbooth.encoding_cache`` before encoding and store what they encode, so a later run (of either backend)
+encodes nothing it has seen. Never imports jax.
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from jaxbooth import sdxl
+from jaxbooth import data, encoding_cache, sdxl
+from jaxbooth.hub import vae_component_folder
 from jaxbooth.torch_backend.loss import encode_prompt
 
 
@@ -37,7 +42,8 @@ def pixels_nchw(batch: dict[str, np.ndarray], device: torch.device, dtype: torch
 
 def row_keys(batch: dict[str, np.ndarray]) -> list[tuple]:
     """What decides a row's pixels: the file's content, its crop offset and its flip."""
-    return [(str(h), tuple(int(v) for v in c), bool(f))
+    shape = tuple(int(v) for v in batch["pixel_values"].shape[1:3])  # a class image differs per bucket
+    return [(str(h), tuple(int(v) for v in c), bool(f), shape)
             for h, c, f in zip(batch["content_hash"], batch["crop_top_left"], batch["flipped"], strict=True)]
 
 
@@ -49,36 +55,67 @@ def release_memory() -> None:
 
 
 class LatentCache:
-    """VAE posterior (mean, std) per row, encoded at most once per key when ``enabled``."""
+    """VAE posterior (mean, std) per row, encoded at most once per key when ``enabled``; with ``disk``
+    (``--cache_latents_to_disk``) read from that store when there and put there when encoded, keyed with the
+    resize filter ``interpolation`` too."""
 
     def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, *, enabled: bool,
-                 statistics: tuple[np.ndarray, np.ndarray] | None = None):
+                 statistics: tuple[np.ndarray, np.ndarray] | None = None,
+                 disk: encoding_cache.EncodingStore | None = None, interpolation: str = data.DEFAULT_INTERPOLATION):
         self.vae, self.device, self.dtype, self.enabled = vae, device, dtype, enabled
+        self.disk, self.interpolation = disk if enabled else None, interpolation
         self._store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # SDXL VAE latents_mean / latents_std (jaxbooth.sdxl.latent_statistics), per channel of NCHW
         self.statistics = None if statistics is None else tuple(
             torch.from_numpy(np.asarray(v, np.float32)).reshape(1, -1, 1, 1).to(device) for v in statistics)
 
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior; with latent statistics, of (latent - latents_mean) / latents_std (linear in the noise)."""
+    def _encode_raw(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
+        return dist.mean.float(), dist.std.float()
+
+    def _normalised(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With latent statistics, the posterior of (latent - latents_mean) / latents_std (linear in the noise)."""
         if self.statistics is not None:
             latents_mean, latents_std = self.statistics
             mean, std = (mean - latents_mean) / latents_std, std / latents_std
         return mean, std
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._normalised(*self._encode_raw(pixels))
+
+    def _disk_keys(self, batch: dict[str, np.ndarray], rows: list[int]) -> dict[int, str]:
+        """``encoding_cache.latent_key`` of ``rows``: the crop is the pixels' shape; a bucketed batch's
+        ``resized_size`` (each row's exact resize) keys its resize, else the ``resolution`` squares' rule."""
+        size, resized = batch["pixel_values"].shape[1:3], batch.get("resized_size")
+        return {i: encoding_cache.latent_key(
+            str(batch["content_hash"][i]), size=size, crop=batch["crop_top_left"][i], flip=bool(batch["flipped"][i]),
+            interpolation=self.interpolation, encoder=self.disk.encoder,
+            resize=encoding_cache.resize_label(None if resized is None else resized[i])) for i in rows}
 
     def posterior(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), float32 [R, C, h, w], of every row of ``batch``."""
         if not self.enabled:
             return self._encode(pixels_nchw(batch, self.device, self.dtype))
         keys = row_keys(batch)
+        first: dict[tuple, int] = {}  # each key not yet in memory -> its first row
         for i, key in enumerate(keys):
-            if key not in self._store:  # one image per VAE call: the result never depends on the batch
-                mean, std = self._encode(pixels_nchw({"pixel_values": batch["pixel_values"][i:i + 1]},
-                                                     self.device, self.dtype))
-                self._store[key] = (mean[0], std[0])
+            if key not in self._store:
+                first.setdefault(key, i)
+        new = list(first.values())
+        disk_keys = self._disk_keys(batch, new) if self.disk is not None and new else {}
+        found = self.disk.get_many(disk_keys.values()) if disk_keys else {}
+        for i in new:
+            entry = found.get(disk_keys.get(i, ""))
+            if entry is not None:  # stored [C, h, w] float32, before latent statistics
+                raw = tuple(torch.from_numpy(entry[name][None]).to(self.device) for name in ("mean", "std"))
+            else:  # one image per VAE call: the result never depends on the batch
+                raw = self._encode_raw(pixels_nchw({"pixel_values": batch["pixel_values"][i:i + 1]},
+                                                   self.device, self.dtype))
+                if i in disk_keys:
+                    self.disk.put(disk_keys[i], {"mean": raw[0][0].cpu().numpy(), "std": raw[1][0].cpu().numpy()})
+            mean, std = self._normalised(*raw)
+            self._store[keys[i]] = (mean[0], std[0])
         return (torch.stack([self._store[k][0] for k in keys]), torch.stack([self._store[k][1] for k in keys]))
 
     def __len__(self) -> int:
@@ -102,30 +139,62 @@ class PixelSource:
         return 0
 
 
+def _encoder_dtype(encoder: Any | None) -> torch.dtype:
+    return next(encoder.parameters()).dtype if encoder is not None else torch.float32
+
+
+def _from_disk(disk: encoding_cache.EncodingStore | None, keys: dict[str, str]) -> dict[str, dict[str, np.ndarray]]:
+    """prompt -> stored arrays, for the prompts (of ``keys``: prompt -> disk key) the store has."""
+    if disk is None or not keys:
+        return {}
+    found = disk.get_many(keys.values())
+    return {prompt: found[key] for prompt, key in keys.items() if key in found}
+
+
 class TextConditioner:
-    """Encoder hidden states for a batch: cached per prompt (frozen encoder) or computed live (trained)."""
+    """Encoder hidden states for a batch: cached per prompt (frozen encoder) or computed live (trained).
+
+    ``disk`` (``--cache_text_embeddings_to_disk``, frozen encoder): prompts are read from that store when there
+    (keyed by token ids, the mask when the encoder sees it, and the encoder) and put there when encoded."""
 
     def __init__(self, text_encoder: Any | None, tokenize: Any, device: torch.device, *, trained: bool,
-                 use_attention_mask: bool):
+                 use_attention_mask: bool, disk: encoding_cache.EncodingStore | None = None):
         self.text_encoder, self.tokenize, self.device = text_encoder, tokenize, device
         self.trained, self.use_attention_mask = trained, use_attention_mask
+        self.disk = None if trained else disk
+        self.dtype = _encoder_dtype(text_encoder)  # a stored row comes back in the dtype the encoder gives
         self._cache: dict[str, torch.Tensor] = {}
 
     def _ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenize(prompts)
         return torch.from_numpy(ids).long().to(self.device), torch.from_numpy(mask).long().to(self.device)
 
+    def _disk_keys(self, prompts: list[str]) -> dict[str, str]:
+        if self.disk is None:
+            return {}
+        ids, mask = self.tokenize(prompts)
+        return {p: encoding_cache.text_key(ids[i], encoder=self.disk.encoder,
+                                           attention_mask=mask[i] if self.use_attention_mask else None)
+                for i, p in enumerate(prompts)}
+
     @torch.no_grad()
     def precompute(self, prompts: Iterable[str]) -> None:
-        """Encode ``prompts`` now (frozen encoder only); each is kept for the rest of the run."""
+        """Encode ``prompts`` now (frozen encoder only), or read them from ``disk``; each is kept for the rest of
+        the run."""
         todo = sorted({p for p in prompts if p not in self._cache})
         if not todo:
             return
-        if self.text_encoder is None:
+        keys = self._disk_keys(todo)
+        for prompt, entry in _from_disk(self.disk, keys).items():
+            self._cache[prompt] = torch.from_numpy(entry["embeds"]).to(self.device, self.dtype)
+        todo = [p for p in todo if p not in self._cache]
+        if todo and self.text_encoder is None:
             raise RuntimeError(f"prompts {todo} were not precomputed before the text encoder was freed")
         for prompt in todo:  # one prompt per call, so a cached row never depends on its batch
             ids, mask = self._ids([prompt])
             self._cache[prompt] = encode_prompt(self.text_encoder, ids, mask, self.use_attention_mask)[0]
+            if self.disk is not None:
+                self.disk.put(keys[prompt], {"embeds": self._cache[prompt].float().cpu().numpy()})
 
     def free_encoder(self) -> None:
         """Drop the text encoder (``pre_compute_text_embeddings``): only cached prompts remain."""
@@ -177,28 +246,47 @@ class SdxlTextConditioner:
     or encoded live by ``text_encoder`` (the trained ``models.SdxlTextEncoders``, as prepared) once it is set;
     time ids per row from the batch's ``original_size`` and ``crop_top_left`` (``sdxl.add_time_ids``)."""
 
-    def __init__(self, text_encoders: tuple, tokenize_fns: tuple, device: torch.device, *, resolution: int):
-        """``tokenize_fns``: one ``jaxbooth.text.make_tokenize_fn`` per encoder (max-length padding, no mask)."""
+    def __init__(self, text_encoders: tuple, tokenize_fns: tuple, device: torch.device, *, resolution: int,
+                 disk: encoding_cache.EncodingStore | None = None):
+        """``tokenize_fns``: one ``jaxbooth.text.make_tokenize_fn`` per encoder (max-length padding, no mask);
+        ``disk``: as ``TextConditioner``'s, keyed by both tokenizers' ids (frozen encoders only)."""
         self.text_encoders: tuple | None = tuple(text_encoders)
         self.tokenize_fns, self.device, self.resolution = tuple(tokenize_fns), device, resolution
         self.text_encoder: Any | None = None  # the trained encoders' module: set, every call encodes through it
+        self.disk = disk
+        self.dtype = _encoder_dtype(self.text_encoders[0] if self.text_encoders else None)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(np.asarray(tokenize(prompts)[0])).long().to(self.device)
                      for tokenize in self.tokenize_fns)
 
+    def _disk_keys(self, prompts: list[str]) -> dict[str, str]:
+        if self.disk is None:
+            return {}
+        ids = [np.asarray(tokenize(prompts)[0]) for tokenize in self.tokenize_fns]
+        return {p: encoding_cache.text_key([rows[i] for rows in ids], encoder=self.disk.encoder, output="sdxl")
+                for i, p in enumerate(prompts)}
+
     @torch.no_grad()
     def precompute(self, prompts: Iterable[str]) -> None:
-        """Encode ``prompts`` now; each is kept for the rest of the run."""
+        """Encode ``prompts`` now, or read them from ``disk``; each is kept for the rest of the run."""
         todo = sorted({p for p in prompts if p not in self._cache})
         if not todo:
             return
-        if self.text_encoders is None:
+        keys = self._disk_keys(todo)
+        for prompt, entry in _from_disk(self.disk, keys).items():
+            self._cache[prompt] = tuple(torch.from_numpy(entry[name]).to(self.device, self.dtype)
+                                        for name in ("embeds", "pooled"))
+        todo = [p for p in todo if p not in self._cache]
+        if todo and self.text_encoders is None:
             raise RuntimeError(f"prompts {todo} were not precomputed before the text encoders were freed")
         for prompt in todo:  # one prompt per call, so a cached row never depends on its batch
             embeds, pooled = encode_sdxl_prompt(self.text_encoders, self._ids([prompt]))
             self._cache[prompt] = (embeds[0], pooled[0])
+            if self.disk is not None:
+                self.disk.put(keys[prompt], {"embeds": embeds[0].float().cpu().numpy(),
+                                             "pooled": pooled[0].float().cpu().numpy()})
 
     def free_encoder(self) -> None:
         """Drop both text encoders (``pre_compute_text_embeddings``): only cached prompts remain."""
@@ -215,7 +303,8 @@ class SdxlTextConditioner:
 
     def time_ids(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
         """[R, 6] float32: each row's (original h, w, crop y, x, resolution, resolution)."""
-        ids = sdxl.add_time_ids(batch["original_size"], batch["crop_top_left"], self.resolution)
+        ids = sdxl.add_time_ids(batch["original_size"], batch["crop_top_left"],
+                                batch.get("target_size", self.resolution))
         return torch.from_numpy(ids).to(self.device)
 
     def unet_inputs(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -223,3 +312,26 @@ class SdxlTextConditioner:
         time ids)."""
         embeds, pooled = self.embeddings([str(caption) for caption in batch["caption"]])
         return embeds, {"text_embeds": pooled, "time_ids": self.time_ids(batch)}
+
+
+def disk_stores(spec: Any, *, model_dir: Path, vae_dir: Path | None, vae_dtype: torch.dtype, text_dtype: torch.dtype,
+                is_sdxl: bool) -> tuple[encoding_cache.EncodingStore | None, encoding_cache.EncodingStore | None]:
+    """(latent store, text store) of a run's ``--cache_latents_to_disk`` / ``--cache_text_embeddings_to_disk``,
+    None where off: latents also without ``cache_latents`` or a VAE (pixel space), text with
+    ``train_text_encoder``. The frozen models run in the dtype their weights are cast to (``models.freeze``)."""
+    p = spec.precision
+
+    def tag(dtype: torch.dtype) -> str:
+        return encoding_cache.precision_tag(str(dtype).removeprefix("torch."), "weights")
+
+    latents = text = None
+    if vae_dir is not None and p.cache_latents_to_disk and p.cache_latents:
+        latents = encoding_cache.open_store(
+            encoding_cache.LATENTS, enabled=True, encoding_cache_dir=p.encoding_cache_dir,
+            folders=[vae_component_folder(vae_dir)], precision=tag(vae_dtype))
+    if p.cache_text_embeddings_to_disk and not spec.model.train_text_encoder:
+        encoders = ["text_encoder", "text_encoder_2"] if is_sdxl else ["text_encoder"]
+        text = encoding_cache.open_store(
+            encoding_cache.TEXT, enabled=True, encoding_cache_dir=p.encoding_cache_dir,
+            folders=[Path(model_dir) / name for name in encoders], precision=tag(text_dtype))
+    return latents, text

@@ -4,7 +4,8 @@ One micro-step draws its randomness from (seed, micro-step, process) (see ``loss
 runs ``loss.denoising_loss`` (``loss.edm_denoising_loss`` when ``edm`` is set; DeepFloyd IF stage II
 also draws its upscaler inputs, ``upscaler``) and ``accelerator.backward``; at the end of each
 accumulation window the gradients are clipped and the optimizer and LR scheduler step (accelerate
-skips them inside the window, as in diffusers).
+skips them inside the window, as in diffusers); with ``--use_ema`` the average of the trained parameters
+(``optim.EmaWeights``) then steps too, and validation samples it (``validate_with_ema``).
 The host reads values back only at log steps. Metrics are the shared ``output.metric_record``
 (the JAX backend's names) and go to ``metrics.jsonl`` and accelerate's trackers; validation
 follows the shared cadence (``validation_files.should_validate``). Never imports jax.
@@ -35,6 +36,7 @@ from jaxbooth.torch_backend.loss import (
     edm_denoising_loss,
     make_generator,
 )
+from jaxbooth.torch_backend.optim import EmaWeights
 from jaxbooth.validation_files import should_validate
 
 
@@ -64,6 +66,8 @@ class Trainer:
     validate: Callable[[int], None] | None = None
     edm: edm.EdmSchedule | None = None  # EDM-style training (tables on the device), else DDPM with ``tables``
     upscaler: UpscalerConditioning | None = None  # DeepFloyd IF stage II's conditioning input, else None
+    ema: EmaWeights | None = None  # --use_ema: the average of ``trained_parameters``, stepped after each update
+    sample: Any = None  # --sample_prompts: ``samples.SampleHook``, ``due(step, epochs_done)`` then ``sample(step)``
 
     @property
     def trained_models(self) -> list[Any]:
@@ -119,6 +123,8 @@ def optimizer_step(t: Trainer, micro_step: int) -> dict[str, torch.Tensor]:
             t.optimizer.step()
             t.lr_scheduler.step()
             t.optimizer.zero_grad(set_to_none=spec.precision.set_grads_to_none)
+            if accelerator.sync_gradients and t.ema is not None:
+                t.ema.step()
         if accelerator.sync_gradients:
             break
     metrics = {key: value / count for key, value in sums.items() if key not in ("grad_norm", "lr")}
@@ -145,6 +151,20 @@ class Progress:
         self.metrics_log.write(step, record)
         accelerator.log(record, step=step)
         self.display.show(step, record["train/loss"], record["train/lr"], record["perf/steps_per_sec"])
+
+
+def validate_with_ema(t: Trainer, step: int, validate: Callable[[int], None] | None = None) -> None:
+    """``validate(step)`` (default ``t.validate``), sampling the EMA weights under ``--use_ema`` (swapped in,
+    then back)."""
+    validate = validate or t.validate
+    if t.ema is None:
+        validate(step)
+        return
+    raw = t.ema.copy_to_parameters()
+    try:
+        validate(step)
+    finally:
+        t.ema.restore(raw)
 
 
 def run_loop(t: Trainer, start_step: int) -> int:
@@ -177,7 +197,9 @@ def run_loop(t: Trainer, start_step: int) -> int:
                                            seed=t.seed, keep=spec.checkpointing.checkpoints_total_limit)
             epochs_done = t.iterator.epoch if t.iterator.epoch > epoch_before else None
             if t.validate is not None and should_validate(validation, step, epochs_done):
-                t.validate(step)
+                validate_with_ema(t, step)
+            if t.sample is not None and t.sample.due(step, epochs_done):
+                validate_with_ema(t, step, t.sample)
             if stop.requested:
                 progress.display.close()
                 log(accelerator, f"stopped by signal after step {step}; resume with --resume_from_checkpoint=latest")

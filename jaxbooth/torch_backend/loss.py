@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jaxbooth import diffusion, edm
-from jaxbooth.diffusion import LossOptions
+from jaxbooth import diffusion, edm, loss_options
+from jaxbooth.loss_options import LossOptions
 
 __all__ = ["LossOptions", "denoising_loss", "draw_inputs", "draw_upscaler_inputs", "edm_denoising_loss",
            "edm_schedule", "make_generator", "step_seed"]
@@ -51,7 +51,7 @@ def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, t
         noisy = torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
     pred = diffusion.drop_learned_variance(pred, latents_nchw.shape[1], channel_axis=1)
-    return diffusion.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
+    return loss_options.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
 
 
 def edm_denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor,
@@ -110,7 +110,8 @@ class RandomInputs:
 def draw_inputs(mean: torch.Tensor, std: torch.Tensor | None, generator: torch.Generator, num_train_timesteps: int,
                 options: LossOptions) -> RandomInputs:
     """Sample scaled latents from N(mean, std) (diffusers' ``latent_dist.sample()``), noise
-    (plus offset noise, drawn [B, C, 1, 1] as diffusers) and uniform timesteps, in that order.
+    (plus offset noise, drawn [B, C, 1, 1] as diffusers, then kohya's multires noise) and uniform timesteps,
+    in that order.
     ``std`` None (pixel space, ``inputs.PixelSource``): ``mean`` is the input as is, with no draw and no
     scale or shift."""
     device = mean.device
@@ -125,8 +126,18 @@ def draw_inputs(mean: torch.Tensor, std: torch.Tensor | None, generator: torch.G
         shape = diffusion.offset_noise_shape(tuple(latents.shape), channel_axis=1)
         offsets = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         noise = diffusion.offset_noise(noise, offsets, channel_axis=1)
+    if options.multires_noise_iterations:
+        shapes = loss_options.multires_noise_shapes(tuple(latents.shape), options.multires_noise_iterations,
+                                                    channel_axis=1)
+        draws = [torch.randn(shape, generator=generator, device=device, dtype=torch.float32) for shape in shapes]
+        noise = loss_options.multires_noise(noise, draws, _upsample, options.multires_noise_discount)
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
     return RandomInputs(latents, noise, timesteps.long())
+
+
+def _upsample(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear resize of NCHW ``x`` to ``shape`` (``align_corners=False``, as kohya's ``nn.Upsample``)."""
+    return torch.nn.functional.interpolate(x, size=tuple(shape[2:]), mode="bilinear", align_corners=False)
 
 
 def draw_upscaler_inputs(shape: tuple[int, ...], generator: torch.Generator, num_noise_levels: int

@@ -113,3 +113,54 @@ def make_lr_scheduler(spec: spec_lib.RunSpec, optimizer: torch.optim.Optimizer, 
     return get_scheduler(o.lr_scheduler, optimizer=optimizer, num_warmup_steps=o.lr_warmup_steps * num_processes,
                          num_training_steps=max_train_steps * num_processes, num_cycles=o.lr_num_cycles,
                          power=o.lr_power)
+
+
+class EmaWeights:
+    """The EMA of the trained parameters (``--use_ema``): diffusers' ``EMAModel`` behaviour from the shared
+    ``jaxbooth.ema`` formulas, over a list of parameters (the UNet's and trained encoders', or a LoRA run's
+    adapters). ``state_dict`` / ``load_state_dict`` let ``accelerator.register_for_checkpointing`` save it
+    in each checkpoint's ``state/``, so a resume continues it exactly.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float):
+        self.parameters = list(parameters)
+        self.decay = float(decay)
+        self.optimizer_steps = 0
+        self.averages = [p.detach().float().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """After an optimizer step: move each average toward its parameter by the step's warmup decay."""
+        from jaxbooth import ema
+
+        self.optimizer_steps += 1
+        decay = ema.ema_decay(self.optimizer_steps, self.decay)
+        for average, param in zip(self.averages, self.parameters, strict=True):
+            average.copy_(ema.ema_update(average, param.detach().float(), decay))
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> list[torch.Tensor]:
+        """Write the averages into the parameters; returns the raw weights they held (for `restore`)."""
+        raw = [p.detach().clone() for p in self.parameters]
+        for average, param in zip(self.averages, self.parameters, strict=True):
+            param.copy_(average.to(param.dtype))
+        return raw
+
+    @torch.no_grad()
+    def restore(self, raw: list[torch.Tensor]) -> None:
+        for saved, param in zip(raw, self.parameters, strict=True):
+            param.copy_(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "optimizer_steps": self.optimizer_steps,
+                "averages": [average.cpu() for average in self.averages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        averages = state["averages"]
+        if len(averages) != len(self.averages) or any(a.shape != b.shape for a, b in zip(averages, self.averages,
+                                                                                        strict=True)):
+            raise JaxboothError("the checkpoint's EMA weights do not fit this run's trained parameters; resume with "
+                                "the same model and options, or start a new output_dir")
+        self.optimizer_steps = int(state["optimizer_steps"])
+        for average, saved in zip(self.averages, averages, strict=True):
+            average.copy_(saved)

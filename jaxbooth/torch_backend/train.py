@@ -54,8 +54,9 @@ from typing import Any
 
 import torch
 
-from jaxbooth import data, deepfloyd, edm, output, pipelines, sdxl
+from jaxbooth import data, deepfloyd, edm, ema, output, pipelines, sample_prompts, sdxl
 from jaxbooth import log as jaxbooth_log
+from jaxbooth import loss_options as loss_lib
 from jaxbooth import spec as spec_lib
 from jaxbooth.checkpoints import clear_incomplete
 from jaxbooth.errors import JaxboothError
@@ -64,9 +65,10 @@ from jaxbooth.text import load_tokenizer, make_tokenize_fn
 from jaxbooth.torch_backend import checkpoint, class_images, lora, memory, models, optim
 from jaxbooth.torch_backend.deepfloyd import UpscalerConditioning
 from jaxbooth.torch_backend.finish import make_validator, save_lora, save_pipeline
-from jaxbooth.torch_backend.inputs import LatentCache, PixelSource, SdxlTextConditioner, TextConditioner
+from jaxbooth.torch_backend.inputs import LatentCache, PixelSource, SdxlTextConditioner, TextConditioner, disk_stores
 from jaxbooth.torch_backend.loop import Trainer, log, run_loop
 from jaxbooth.torch_backend.loss import LossOptions, edm_schedule
+from jaxbooth.torch_backend.samples import make_sample_hook
 
 __all__ = ["RunInputs", "build_trainer", "check_supported", "make_validator", "save_lora", "save_pipeline",
            "start_run", "train"]
@@ -95,8 +97,21 @@ def check_supported(spec: spec_lib.RunSpec, model_dir: Path) -> None:
     problems = deepfloyd.option_problems(spec, pipeline_class)
     problems += edm.pipeline_problems(model_dir, spec.sdxl.do_edm_style_training, "torch",
                                       snr_gamma=spec.optim.snr_gamma)
+    problems += edm_loss_problems(spec, model_dir)
     if problems:
         raise JaxboothError("\n".join(problems))
+
+
+def edm_loss_problems(spec: spec_lib.RunSpec, model_dir: Path) -> list[str]:
+    """The DDPM-schedule loss options an EDM-style run cannot take (its loss is on sigmas, not betas/SNR)."""
+    if edm.training_scheduler(model_dir, spec.sdxl.do_edm_style_training) is None:
+        return []
+    o = spec.optim
+    keys = [f"--{key}" for key, on in (("zero_terminal_snr", o.zero_terminal_snr),
+                                       ("debiased_estimation_loss", o.debiased_estimation_loss),
+                                       ("loss_type", o.loss_type != "l2")) if on]
+    return [f"{key} works on the DDPM noise schedule and the EDM-style loss has none; drop it or train without "
+            "--do_edm_style_training (on a non-EDM pipeline)" for key in keys]
 
 
 def refuse_sdxl_options(spec: spec_lib.RunSpec, model_dir: Path) -> None:
@@ -188,8 +203,8 @@ def ddp_handlers(run: RunInputs) -> list[Any]:
 def prepare_class_images(run: RunInputs, accelerator: Any) -> None:
     """Generate missing class images (prior preservation), split over processes, before the dataset scan."""
     spec = run.spec
-    if not spec.prior.with_prior_preservation:
-        return
+    if not spec.prior.with_prior_preservation or spec.prior.class_data_dir is None:
+        return  # no class folder: a --dataset_config's is_reg subsets are read as they are
     plan = class_images.plan_for_spec(spec, process_index=accelerator.process_index,
                                       num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process plans before any writes
@@ -212,7 +227,9 @@ def make_iterator(spec: spec_lib.RunSpec, dataset: data.Dataset, accelerator: An
                               center_crop=spec.data.center_crop, random_flip=spec.data.random_flip,
                               process_index=accelerator.process_index, process_count=accelerator.num_processes,
                               num_workers=spec.data.dataloader_num_workers,
-                              interpolation=spec.data.image_interpolation_mode)
+                              interpolation=spec.data.image_interpolation_mode,
+                              buckets=data.buckets.plan_for_dataset(dataset,
+                                                                    data.buckets.BucketSettings.from_spec(spec)))
 
 
 def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
@@ -222,7 +239,7 @@ def loss_options(spec: spec_lib.RunSpec, m: models.Models) -> LossOptions:
                        offset_noise=spec.optim.offset_noise,
                        with_prior_preservation=spec.prior.with_prior_preservation,
                        prior_loss_weight=spec.prior.prior_loss_weight, latent_scaling_factor=scale,
-                       latent_shift_factor=shift)
+                       latent_shift_factor=shift, **loss_lib.spec_loss_options(spec.optim))
 
 
 def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_train_steps: int):
@@ -251,24 +268,26 @@ def setup_optimization(run: RunInputs, accelerator: Any, m: models.Models, max_t
 
 
 def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, dataset: data.Dataset,
-                          device: torch.device) -> TextConditioner | SdxlTextConditioner:
+                          device: torch.device, disk: Any = None) -> TextConditioner | SdxlTextConditioner:
     """Frozen encoder(s): embeddings cached per prompt; with pre_compute_text_embeddings all are
     computed now (validation prompt and the empty negative prompt too) and the encoders freed.
     SDXL: both encoders, each with its own tokenizer. A trained encoder is set on it afterwards
-    (``conditioner.text_encoder``): then every batch is encoded live."""
+    (``conditioner.text_encoder``): then every batch is encoded live. ``disk``: the
+    ``--cache_text_embeddings_to_disk`` store (``inputs.disk_stores``)."""
     spec = run.spec
     conditioner: TextConditioner | SdxlTextConditioner
     is_sdxl = sdxl.is_sdxl_pipeline(run.model_dir)
     if is_sdxl:
         conditioner = SdxlTextConditioner(m.text_encoders, (tokenize, make_tokenize_fn(m.tokenizer_2)), device,
-                                          resolution=spec.data.resolution)
+                                          resolution=spec.data.resolution, disk=disk)
     else:
         conditioner = TextConditioner(m.text_encoder, tokenize, device, trained=spec.model.train_text_encoder,
-                                      use_attention_mask=spec.model.text_encoder_use_attention_mask)
+                                      use_attention_mask=spec.model.text_encoder_use_attention_mask, disk=disk)
     if spec.precision.pre_compute_text_embeddings:
         prompts = {example.caption for example in dataset.examples} | {""}
         if spec.validation.validation_prompt is not None:
             prompts.add(spec.validation.validation_prompt)
+        prompts |= sample_prompts.prompt_texts(sample_prompts.spec_sample_prompts(spec))
         conditioner.precompute(prompts)
         conditioner.free_encoder()
         m.text_encoder = None
@@ -327,14 +346,17 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         run.model_dir) else None
     m = models.load_models(run.model_dir, vae_dir=run.vae_dir, variant=spec.model.variant, tokenizer=tokenizer,
                            tokenizer_2=tokenizer_2)
+    m.schedule = loss_lib.training_schedule(m.schedule, spec.optim.zero_terminal_snr)
     dtype = models.weight_dtype(accelerator.mixed_precision)
+    latent_disk, text_disk = disk_stores(spec, model_dir=run.model_dir, vae_dir=m.vae_dir,
+                                         vae_dtype=models.vae_dtype(m, dtype), text_dtype=dtype, is_sdxl=m.is_sdxl)
     tokenize = make_tokenize_fn(tokenizer, spec.model.tokenizer_max_length)
     if m.if_stage is not None:  # train on the prompt text the IF pipelines encode at inference
         tokenize = deepfloyd.sampled_prompts(tokenize)
     conditioner = None
     if spec.precision.pre_compute_text_embeddings:  # encode and free the encoders before the UNet is prepared
         models.prepare_frozen_text_encoders(m, device=device, dtype=dtype)
-        conditioner = make_text_conditioner(run, m, tokenize, dataset, device)
+        conditioner = make_text_conditioner(run, m, tokenize, dataset, device, text_disk)
     in_effect = memory.apply_memory_options(spec, m.unet, m.text_encoder, device, text_encoder_2=m.text_encoder_2)
     adapters = AdapterSettings.from_spec(spec, sdxl=m.is_sdxl) if spec.lora.use_lora else None
     if adapters is not None:  # only the adapters train; the frozen base is kept in the weight dtype
@@ -342,11 +364,12 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
     unet, text_encoder, optimizer, lr_scheduler = setup_optimization(run, accelerator, m, max_train_steps)
     models.prepare_frozen(m, train_text_encoder=spec.model.train_text_encoder, device=device, dtype=dtype)
     if conditioner is None:
-        conditioner = make_text_conditioner(run, m, tokenize, dataset, device)
+        conditioner = make_text_conditioner(run, m, tokenize, dataset, device, text_disk)
     if text_encoder is not None:
         conditioner.text_encoder = text_encoder
     iterator = make_iterator(spec, dataset, accelerator, run.seed)
     checkpoint.register_state_hooks(accelerator, adapters)
+    averages = make_ema(spec, accelerator, unet, text_encoder)
     record, resumed_from = checkpoint.maybe_resume(accelerator, spec, run.output_dir)
     start_step = 0
     if record is not None:
@@ -358,14 +381,15 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
         lr_scheduler=lr_scheduler, iterator=iterator,
         latents=PixelSource(device) if m.vae is None else LatentCache(
             m.vae, device, models.vae_dtype(m, dtype), enabled=spec.precision.cache_latents,
-            statistics=m.latent_statistics),
+            statistics=m.latent_statistics, disk=latent_disk, interpolation=spec.data.image_interpolation_mode),
         text=conditioner,
         tables=m.schedule.as_tables().map(lambda table: torch.from_numpy(table).to(device)),
         options=loss_options(spec, m), seed=run.seed, max_train_steps=max_train_steps, output_dir=run.output_dir,
         validate=make_validator(run, accelerator, m, unet, text_encoder, conditioner, written),
         edm=edm_schedule(run.model_dir, spec.sdxl.do_edm_style_training, device),
         upscaler=UpscalerConditioning.from_model_dir(run.model_dir, spec.data.resolution, device)
-        if m.if_stage == 2 else None)
+        if m.if_stage == 2 else None, ema=averages,
+        sample=make_sample_hook(run, accelerator, m, unet, text_encoder, conditioner))
     if adapters is not None:
         log(accelerator, f"LoRA: rank {adapters.rank}, alpha {adapters.alpha:g}, dropout {adapters.dropout:g}"
                          f"{', DoRA' if adapters.use_dora else ''}; trained parameters: "
@@ -374,6 +398,24 @@ def build_trainer(run: RunInputs, accelerator: Any, written: list[str]) -> tuple
                      f"device {device}, mixed precision {accelerator.mixed_precision}, attention "
                      f"{in_effect['attention']}, gradient checkpointing {in_effect['gradient_checkpointing']}")
     return trainer, start_step
+
+
+def make_ema(spec: spec_lib.RunSpec, accelerator: Any, unet: Any, text_encoder: Any | None) -> optim.EmaWeights | None:
+    """``--use_ema``: the average of what trains (the prepared models' parameters that need a gradient: full
+    weights, or a LoRA run's adapters), registered with accelerate so checkpoints save and resume it."""
+    if not spec.optim.use_ema:
+        return None
+    plugin = memory.deepspeed_plugin(accelerator)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise JaxboothError("--use_ema under DeepSpeed ZeRO-3: each process holds only a shard of every weight, so "
+                            "there is no whole weight to average; use ZeRO-2 (scripts/accelerate_deepspeed_zero2_"
+                            "offload.yaml) or drop --use_ema")
+    trained = [unet] + ([text_encoder] if text_encoder is not None else [])
+    averages = optim.EmaWeights([p for model in trained for p in model.parameters() if p.requires_grad],
+                                spec.optim.ema_decay)
+    checkpoint.register_ema(accelerator, averages)
+    log(accelerator, ema.EMA_LOG.format(decay=spec.optim.ema_decay))
+    return averages
 
 
 def train(spec: spec_lib.RunSpec) -> Path:
@@ -386,7 +428,13 @@ def train(spec: spec_lib.RunSpec) -> Path:
         steps_done = run_loop(trainer, start_step)
     finally:
         trainer.iterator.close()
+    for source in (trainer.latents, trainer.text):  # --cache_*_to_disk: "encoded N, read M from the disk cache"
+        if getattr(source, "disk", None) is not None:
+            log(accelerator, source.disk.summary())
     accelerator.wait_for_everyone()
+    if trainer.ema is not None:  # the output holds the averages, not the raw weights
+        trainer.ema.copy_to_parameters()
+        log(accelerator, f"writing the EMA weights (after {trainer.ema.optimizer_steps} optimizer steps) as the output")
     if accelerator.is_main_process:
         save = save_lora if spec.lora.use_lora else save_pipeline
         out = save(run, accelerator, trainer.unet, trainer.text_encoder, steps_done, written)

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jaxbooth import deepfloyd, sdxl, validation_files
+from jaxbooth import deepfloyd, sample_prompts, sdxl, validation_files
 from jaxbooth.validation_files import NUM_INFERENCE_STEPS, VALIDATION_DIR, image_grid
 
 __all__ = ["IF_CALL", "NUM_INFERENCE_STEPS", "VALIDATION_DIR", "generate_images", "if_calls", "image_grid",
-           "make_if_pipeline", "make_pipeline", "make_sdxl_pipeline", "save_and_log", "sdxl_prompt_inputs",
-           "validation_scheduler"]
+           "make_if_pipeline", "make_pipeline", "make_sdxl_pipeline", "sample_prompt_images", "save_and_log",
+           "save_and_log_samples", "sdxl_prompt_inputs", "validation_scheduler"]
 
 IF_CALL = {"clean_caption": False}
 """Extra keywords of every jaxbooth call of an IF pipeline (``generate_images(extra=IF_CALL)``): sample the
@@ -157,4 +157,42 @@ def save_and_log(images: list[Any], output_dir: Path, step: int, trackers: list[
             validation_files.log_validation_images(tracker.writer, images, step)
         elif tracker.name == "wandb":
             tracker.log_images({"validation": images}, step=step)
+    return path
+
+
+def sample_prompt_images(pipeline: Any, prompts: Sequence[sample_prompts.SamplePrompt], *,
+                         scheduler: Callable[[str | None], Any], device: torch.device,
+                         autocast_dtype: torch.dtype | None,
+                         prompt_inputs: Callable[[sample_prompts.SamplePrompt], dict[str, Any]] | None = None) -> list:
+    """One PIL image per sample prompt (``--sample_prompts``), each with its own size, steps, guidance, negative
+    prompt and sampler (``scheduler(name)``: the pipeline scheduler for a ``--ss`` class name, or for None the
+    run's), from a generator seeded with its seed (the same seed and settings give the same image).
+    ``prompt_inputs``: the pipeline's prompt keywords of a prompt when its text cannot be encoded here
+    (precomputed embeddings), else the prompt and negative go in as text."""
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    images = []
+    with autocast, torch.no_grad():
+        for p in prompts:
+            pipeline.scheduler = scheduler(p.sampler)
+            text = (prompt_inputs(p) if prompt_inputs is not None
+                    else {"prompt": p.prompt, "negative_prompt": p.negative})
+            generator = torch.Generator(device=device).manual_seed(p.seed)
+            images.append(pipeline(**text, height=p.height, width=p.width, num_inference_steps=p.steps,
+                                   guidance_scale=p.guidance, generator=generator).images[0])
+    return images
+
+
+def save_and_log_samples(images: list[Any], output_dir: Path, step: int, trackers: list[Any]) -> Path:
+    """``sample_prompts.save_samples`` (grid and one file per prompt), and the grid to tensorboard, the
+    images to wandb; returns the grid's path."""
+    path = sample_prompts.save_samples(images, output_dir, step)
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            from PIL import Image
+
+            with Image.open(path) as grid:
+                sample_prompts.log_samples(tracker.writer, grid, step)
+        elif tracker.name == "wandb":
+            tracker.log_images({sample_prompts.TENSORBOARD_TAG: images}, step=step)
     return path

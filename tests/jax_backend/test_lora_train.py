@@ -36,8 +36,26 @@ def losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "out"
-    assert lora_train(tiny_model_dir, out, "--max_train_steps=4", "--checkpointing_steps=2") == 0
+    assert lora_train(tiny_model_dir, out, "--max_train_steps=4", "--checkpointing_steps=2",
+                      "--save_single_file") == 0
     return out
+
+
+def test_save_single_file_writes_the_base_with_the_lora_merged(trained: Path, tiny_model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """The one-file form A1111/ComfyUI load: the base's weights but the adapted attention projections."""
+    from safetensors.numpy import load_file
+
+    from jaxbooth import single_file
+
+    written = list(trained.glob("*.safetensors"))
+    written = [p for p in written if p.name != LORA_FILE]
+    assert len(written) == 1, written
+    merged = load_file(written[0])
+    base = load_file(single_file.export(tiny_model_dir, tmp_path / "base.safetensors", None))
+    assert merged.keys() == base.keys()
+    changed = [key for key in merged if not np.array_equal(merged[key], base[key])]
+    assert changed and all(key.startswith("model.diffusion_model.") and ".attn" in key for key in changed), changed
 
 
 def test_lora_run_writes_the_lora_file_and_checkpoints(trained: Path) -> None:

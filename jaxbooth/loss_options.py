@@ -246,18 +246,22 @@ def loss_weights(timesteps: Array, tables: NoiseTables, options: LossOptions) ->
 
 
 def loss_from_prediction(pred: Array, x0: Array, noise: Array, timesteps: Array, tables: NoiseTables,
-                         options: LossOptions) -> tuple[Array, dict[str, Array]]:
+                         options: LossOptions, mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Target, per-example weights and the train_dreambooth.py loss for a model prediction.
 
     Both backends call this after their own forward pass of ``add_noise(x0, noise, t)``; returns
     (loss, {"instance_loss", "prior_loss"}) in float32. ``loss_type`` applies to every row (class rows
     too); the weights (Min-SNR, debiased estimation) to the instance rows, as diffusers weights them.
+    ``mask`` (``--masked_loss``, ``jaxbooth.data.masks``): per-row weights broadcastable to ``pred`` (NHWC
+    ``[B, h, w, 1]`` on jax, NCHW ``[B, 1, h, w]`` on torch) that multiply the per-element loss.
     """
     target = diffusion.training_target(x0, noise, timesteps, tables, options.prediction_type)
     thresholds = None
     if options.loss_type != "l2":
         thresholds = huber_thresholds(timesteps, tables, options.huber_schedule, options.huber_c)
     errors = elementwise_loss(pred, target, options.loss_type, thresholds)
+    if mask is not None:  # --masked_loss: per-row masks, broadcast over channels (kohya multiplies before the mean)
+        errors = errors * _float32(mask)
     loss, instance_loss, prior_loss = diffusion.reduce_dreambooth_loss(
         errors, with_prior_preservation=options.with_prior_preservation,
         prior_loss_weight=options.prior_loss_weight, snr_weights=loss_weights(timesteps, tables, options))

@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxbooth import data, encoding_cache, sdxl
 from jaxbooth import spec as spec_lib
+from jaxbooth.data import masks
 from jaxbooth.data.batches import row_caption, subset_flips
 from jaxbooth.data.buckets import BucketPlan, Shape
 from jaxbooth.data.images import load_resized_to
@@ -326,6 +327,18 @@ def latent_arrays(models: LoadedModels, mean: np.ndarray, std: np.ndarray, index
             "time_ids": sdxl.add_time_ids(index.original_sizes, index.crops_top_left, target)}
 
 
+def loss_mask_array(dataset: data.Dataset, index: LatentIndex, crop: Shape,
+                    resized_for: Callable[[int], Shape], interpolation: str, factor: int = 8) -> np.ndarray:
+    """``--masked_loss``: every cache row's mask ``[num_rows, h/factor, w/factor, 1]`` (``data.masks``; factor: the
+    VAE's downsampling), in the rows' order (``LatentIndex.row``: per example, each orientation's crops)."""
+    rows = [(example, bool(flipped)) for example in range(len(index.crops))
+            for flipped in range(index.orientations) for _ in range(int(index.crops[example]))]
+    paths = [example.path for example in dataset.examples]
+    found = masks.cache_loss_masks(paths, rows, index.crops_top_left, crop, resized_for, interpolation=interpolation,
+                                   factor=factor)
+    return found[..., None]
+
+
 def text_arrays(spec: spec_lib.RunSpec, models: LoadedModels, prompts: list[str],
                 disk: encoding_cache.EncodingStore | None = None) -> dict[str, np.ndarray]:
     """Token ids (trained encoders) or embeddings (frozen; read from ``disk`` where it has them) of every
@@ -368,15 +381,29 @@ def build_caches(spec: spec_lib.RunSpec, models: LoadedModels, dataset: data.Dat
     if row_ids:
         prompts = sorted({example.caption for example in dataset.examples} | {""})
     text.update(text_arrays(spec, models, prompts, text_disk))
+    masked = spec.optim.masked_loss
     if buckets is None:
         mean, std, latent_index = encode_latents()
         frozen = latent_arrays(models, mean, std, latent_index, d.resolution)
+        if masked:
+            first = latent_index.first
+
+            def resized(example: int) -> Shape:
+                return masks.short_side_size(latent_index.original_sizes[first[example]], d.resolution)
+
+            frozen["loss_mask"] = loss_mask_array(dataset, latent_index, (d.resolution, d.resolution), resized,
+                                                  d.image_interpolation_mode, d.resolution // mean.shape[1])
         encode.log_disk_summaries(latent_disk, text_disk)
         return Caches(frozen={**frozen, **text}, prompts=prompts, latent_index=latent_index, row_ids=row_ids)
     per_bucket = {}
     for shape in buckets.shapes:
         mean, std, latent_index = encode_latents(buckets=buckets, shape=shape)
-        per_bucket[shape] = BucketCache(latent_arrays(models, mean, std, latent_index, shape), latent_index)
+        arrays = latent_arrays(models, mean, std, latent_index, shape)
+        if masked:
+            arrays["loss_mask"] = loss_mask_array(dataset, latent_index, shape,
+                                                  functools.partial(buckets.resized_for, shape=shape),
+                                                  d.image_interpolation_mode, shape[0] // mean.shape[1])
+        per_bucket[shape] = BucketCache(arrays, latent_index)
     encode.log_disk_summaries(latent_disk, text_disk)
     return Caches(frozen=text, prompts=prompts, latent_index=None, buckets=per_bucket, row_ids=row_ids)
 

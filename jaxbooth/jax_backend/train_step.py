@@ -108,16 +108,17 @@ def text_conditioning(params: Any, frozen: dict, batch: dict, text_apply: Callab
 
 def denoising_loss(unet_params: Any, latents: jax.Array, noise: jax.Array, timesteps: jax.Array,
                    encoder_hidden_states: jax.Array, *, unet_apply: Callable, tables: diffusion.NoiseTables,
-                   options: LossOptions, added_cond_kwargs: dict | None = None):
+                   options: LossOptions, added_cond_kwargs: dict | None = None, mask: jax.Array | None = None):
     """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
 
     Shared by the train step and the cross-backend parity test; returns (loss, aux metrics).
-    ``added_cond_kwargs`` (SDXL: ``text_embeds``, ``time_ids``) reaches the UNet only when given.
+    ``added_cond_kwargs`` (SDXL: ``text_embeds``, ``time_ids``) reaches the UNet only when given;
+    ``mask`` ``[B, h, w, 1]`` (``--masked_loss``) weights the per-element loss.
     """
     noisy = diffusion.add_noise(latents, noise, timesteps, tables)
     extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     pred = unet_apply({"params": unet_params}, noisy, timesteps, encoder_hidden_states, **extra)
-    return loss_options.loss_from_prediction(pred, latents, noise, timesteps, tables, options)
+    return loss_options.loss_from_prediction(pred, latents, noise, timesteps, tables, options, mask)
 
 
 def _resize(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -158,8 +159,9 @@ def compute_loss(params: Any, frozen: dict, batch: dict, key: jax.Array, *, unet
     num_train_timesteps = tables.snr.shape[0]
     timesteps = jax.random.randint(time_key, (latents.shape[0],), 0, num_train_timesteps)
     encoder_hidden_states, added_cond_kwargs = text_conditioning(params, frozen, batch, text_apply, options)
+    mask = frozen["loss_mask"][batch["example_idx"]] if "loss_mask" in frozen else None  # --masked_loss
     return denoising_loss(params["unet"], latents, noise, timesteps, encoder_hidden_states, unet_apply=unet_apply,
-                          tables=tables, options=options, added_cond_kwargs=added_cond_kwargs)
+                          tables=tables, options=options, added_cond_kwargs=added_cond_kwargs, mask=mask)
 
 
 def gradient_step(state: TrainState, frozen: dict, batch: dict, *, unet_apply: Callable,

@@ -96,7 +96,19 @@ def micro_step_loss(t: Trainer, batch: dict, micro_step: int) -> tuple[torch.Ten
         levels, upscaler_noise = draw_upscaler_inputs(shape, generator, t.upscaler.num_noise_levels)
         condition = t.upscaler.condition(drawn.latents, levels, upscaler_noise)
     return denoising_loss(t.unet, drawn.latents, drawn.noise, drawn.timesteps, hidden, t.tables, t.options,
-                          added_cond_kwargs=added, condition=condition, class_labels=levels)
+                          added_cond_kwargs=added, condition=condition, class_labels=levels,
+                          mask=loss_masks(t, batch, drawn.latents) if t.spec.optim.masked_loss else None)
+
+
+def loss_masks(t: Trainer, batch: dict, latents: torch.Tensor) -> torch.Tensor:
+    """``--masked_loss``: the batch rows' alpha masks on the latent grid (``data.masks``), NCHW ``[R, 1, h, w]``."""
+    from jaxbooth.data import masks
+
+    paths = [t.iterator.dataset.examples[int(i)].path for i in batch["example_index"]]
+    factor = batch["pixel_values"].shape[1] // latents.shape[2]  # 8 for a VAE, 1 in pixel space (DeepFloyd IF)
+    found = masks.batch_loss_masks(paths, batch, resolution=t.spec.data.resolution,
+                                   interpolation=t.spec.data.image_interpolation_mode, factor=factor)
+    return torch.from_numpy(found[:, None]).to(latents.device)
 
 
 def optimizer_step(t: Trainer, micro_step: int) -> dict[str, torch.Tensor]:

@@ -29,15 +29,16 @@ __all__ = ["LossOptions", "denoising_loss", "draw_inputs", "draw_upscaler_inputs
 def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, tables: diffusion.NoiseTables,
                    options: LossOptions, *, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-                   condition: torch.Tensor | None = None, class_labels: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   condition: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DreamBooth loss for given latents, noise and timesteps (no randomness inside).
 
     latents_nchw, noise: float [B, C, H, W] (scaled latents, or pixels for IF; with prior preservation
     the instance rows come first, then the class rows); timesteps: int [B]; encoder_hidden_states:
     [B, L, D]; added_cond_kwargs: SDXL's ``{"text_embeds": [B, P], "time_ids": [B, 6]}``, passed to
     the UNet only when given; condition: [B, C', H, W] appended to the noisy input's channels (IF stage
-    II's upscaled image); class_labels: [B], passed when given (stage II's noise level). A prediction
+    II's upscaled image); class_labels: [B], passed when given (stage II's noise level); mask: [B, 1, H, W]
+    loss weights (``--masked_loss``). A prediction
     with twice the input's channels (IF's learned variance) is cut to its noise half, as diffusers'
     scripts do. Returns (loss, {"instance_loss", "prior_loss"}), all float32 scalars.
     Mirrors diffusers ``train_dreambooth.py``'s loss block; the JAX twin is
@@ -51,7 +52,7 @@ def denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, t
         noisy = torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
     pred = diffusion.drop_learned_variance(pred, latents_nchw.shape[1], channel_axis=1)
-    return loss_options.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options)
+    return loss_options.loss_from_prediction(pred.float(), latents_nchw, noise, timesteps, tables, options, mask)
 
 
 def edm_denoising_loss(unet: Any, latents_nchw: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor,

@@ -110,8 +110,12 @@ def edm_loss_problems(spec: spec_lib.RunSpec, model_dir: Path) -> list[str]:
     keys = [f"--{key}" for key, on in (("zero_terminal_snr", o.zero_terminal_snr),
                                        ("debiased_estimation_loss", o.debiased_estimation_loss),
                                        ("loss_type", o.loss_type != "l2")) if on]
-    return [f"{key} works on the DDPM noise schedule and the EDM-style loss has none; drop it or train without "
-            "--do_edm_style_training (on a non-EDM pipeline)" for key in keys]
+    problems = [f"{key} works on the DDPM noise schedule and the EDM-style loss has none; drop it or train without "
+                "--do_edm_style_training (on a non-EDM pipeline)" for key in keys]
+    if o.masked_loss:
+        problems.append("--masked_loss is not implemented for the EDM-style loss; drop it or train without "
+                        "--do_edm_style_training")
+    return problems
 
 
 def refuse_sdxl_options(spec: spec_lib.RunSpec, model_dir: Path) -> None:

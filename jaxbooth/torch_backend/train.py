@@ -288,7 +288,12 @@ def make_text_conditioner(run: RunInputs, m: models.Models, tokenize: Any, datas
         conditioner = TextConditioner(m.text_encoder, tokenize, device, trained=spec.model.train_text_encoder,
                                       use_attention_mask=spec.model.text_encoder_use_attention_mask, disk=disk)
     if spec.precision.pre_compute_text_embeddings:
-        prompts = {example.caption for example in dataset.examples} | {""}
+        drawn = dataset.possible_captions()  # every tag order and the dropped caption, when they vary
+        if drawn is None:
+            raise JaxboothError("--pre_compute_text_embeddings frees the text encoder, but --shuffle_caption gives "
+                                "more tag orders than can be encoded up front (over 4096); drop "
+                                "--pre_compute_text_embeddings (the encoder then encodes each batch)")
+        prompts = set(drawn) | {""}
         if spec.validation.validation_prompt is not None:
             prompts.add(spec.validation.validation_prompt)
         prompts |= sample_prompts.prompt_texts(sample_prompts.spec_sample_prompts(spec))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from jaxbooth import data
 from jaxbooth.text import load_tokenizer, make_tokenize_fn
@@ -51,3 +54,39 @@ def test_text_conditioner_caches_frozen_embeddings_and_frees_the_encoder(tiny_mo
         frozen.embeddings(["another prompt"])
     ids, mask = tokenize(["a photo of sks toy"])
     assert np.asarray(mask).sum() < 16  # padding exists, so the mask matters
+
+
+
+def test_precomputed_embeddings_cover_every_caption_a_row_can_draw(tiny_model_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pre_compute_text_embeddings frees the encoder, so every shuffle and the dropped caption are encoded
+    up front; past the limit of tag orders it is refused, naming the flags, instead of failing mid-run."""
+    from jaxbooth import spec as spec_lib
+    from jaxbooth.errors import JaxboothError
+    from jaxbooth.torch_backend import train
+
+    encoded: list[set] = []
+
+    class Conditioner:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def precompute(self, prompts) -> None:
+            encoded.append(set(prompts))
+
+        def free_encoder(self) -> None:
+            pass
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    spec = spec_lib.replace_flat(spec_lib.load_spec_from_dict({}), pre_compute_text_embeddings=True)
+    run = SimpleNamespace(spec=spec, model_dir=tiny_model_dir)
+    models = SimpleNamespace(text_encoder=None)
+    monkeypatch.setattr(train, "TextConditioner", Conditioner)
+    subset = data.Subset(folder, "sks, dog, red, ball", shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.1)
+    train.make_text_conditioner(run, models, None, data.make_dataset([subset]), "cpu")
+    assert encoded[0] == {"", *(f"sks, {', '.join(tags)}" for tags in itertools.permutations(["dog", "red", "ball"]))}
+    many = data.Subset(folder, ", ".join(f"tag{k}" for k in range(9)), shuffle_caption=True)
+    with pytest.raises(JaxboothError, match="--pre_compute_text_embeddings.*--shuffle_caption"):
+        train.make_text_conditioner(run, models, None, data.make_dataset([many]), "cpu")

@@ -216,7 +216,7 @@ def torch_loss(spec: spec_lib.RunSpec, env: Env) -> tuple:
     rng = np.random.default_rng(0)
     mean = torch.as_tensor(rng.normal(size=(2, 4, 8, 8)), dtype=torch.float32)
     trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu"), process_index=0), seed=0, options=options,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), process_index=0), seed=0, options=options, spec=spec,
         latents=SimpleNamespace(posterior=lambda batch: (mean, torch.full_like(mean, 0.1))),
         text=SimpleNamespace(embeddings=lambda prompts: torch.zeros(len(prompts), 77, 32)),
         tables=m.schedule.as_tables().map(torch.from_numpy), edm=None, upscaler=None,

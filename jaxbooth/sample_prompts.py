@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from jaxbooth import log as jaxbooth_log
+from jaxbooth.config_syntax import toml_module
 from jaxbooth.errors import JaxboothError
 
 SAMPLES_DIR = "samples"
@@ -186,24 +187,11 @@ def _table_options(entry: Mapping[str, Any], where: str) -> tuple[str, list[tupl
     return prompt, [(_TABLE_KEYS[key], str(value)) for key, value in entry.items() if key != "prompt"]
 
 
-def _toml_module(path: Path) -> Any:
-    """tomllib (Python 3.11+), else its backport tomli."""
-    try:
-        import tomllib
-    except ImportError:
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise JaxboothError(f"{path}: reading a TOML prompt file needs Python 3.11+ or the tomli package "
-                                "(pip install tomli); or write the prompts one per line in a .txt file") from None
-    return tomllib
-
-
 def _entries(path: Path) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """(where, prompt, options) of each prompt in the file, by its format."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
-        toml = _toml_module(path)
+        toml = toml_module(path, "write the prompts one per line in a .txt file")
         try:
             data = toml.loads(text)
         except toml.TOMLDecodeError as error:

@@ -13,21 +13,11 @@ import pytest
 
 from jaxbooth import diffusion, ema, loss_options
 from jaxbooth.loss_options import LossOptions
+from tests.test_diffusion import _converter
 
 KINDS = ("numpy", "torch", "jax")
 SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
-
-
-def _converter(kind):
-    """(to_kind, to_numpy) for one array kind."""
-    if kind == "numpy":
-        return np.asarray, np.asarray
-    if kind == "torch":
-        torch = pytest.importorskip("torch")
-        return torch.from_numpy, lambda t: t.detach().numpy()
-    jnp = pytest.importorskip("jax.numpy")
-    return jnp.asarray, np.asarray
 
 
 def _tables(kind, zero_snr=False):

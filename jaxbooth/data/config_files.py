@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from jaxbooth.config_syntax import compose_yaml, toml_module
 from jaxbooth.errors import JaxboothError
 
 TOML_SUFFIXES = (".toml",)
@@ -40,7 +41,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise JaxboothError(f"dataset config {path} (--dataset_config) cannot be read as UTF-8 text ({exc})") from None
     if suffix in TOML_SUFFIXES:
-        toml = _toml_module(path)
+        toml = toml_module(path, "write the same structure as .yaml")
         try:
             data = toml.loads(text)
         except toml.TOMLDecodeError as exc:
@@ -49,17 +50,6 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     return _read_yaml(text, path)
 
 
-def _toml_module(path: Path) -> Any:
-    """tomllib (Python 3.11+), else the tomli backport it came from."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise JaxboothError(f"reading the TOML file {path} needs Python 3.11+ or the tomli package: "
-                                "pip install tomli (or write the same structure as .yaml)") from None
-    return tomllib
 
 
 def key_line(lines: Mapping[tuple, int], loc: tuple) -> int | None:
@@ -127,14 +117,7 @@ def _bracket_balance(text: str) -> int:
 
 
 def _read_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise JaxboothError(f"{path}{line}: invalid YAML ({getattr(error, 'problem', error)}); "
-                            "fix the syntax there") from None
+    root, data = compose_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

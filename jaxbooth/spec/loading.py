@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from jaxbooth import capabilities  # module object only: capabilities imports jaxbooth.spec.schema
+from jaxbooth.config_syntax import compose_yaml
 from jaxbooth.errors import JaxboothError
 from jaxbooth.spec.coercion import Item, coerce, suggest_key
 from jaxbooth.spec.command_line import parse_command_line
@@ -113,14 +114,7 @@ def _read_yaml_items(path: str, chain: tuple[Path, ...] = ()) -> list[Item]:
 
 def _parse_yaml(text: str, path: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """(data, line of each key) from YAML text; syntax errors and repeated keys name the line."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise JaxboothError(f"{path}{line}: invalid YAML ({problem}); fix the syntax there") from None
+    root, data = compose_yaml(text, path)
     lines: dict[tuple[str, ...], int] = {}
     _collect_key_lines(root, (), lines, path)
     return data, lines
